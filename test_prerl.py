@@ -158,3 +158,394 @@ def test_non_string_inputs_never_raise():
     assert verify.reward(None, "1") == 0.0
     assert verify.is_equiv(None, "1") is False
     assert verify.reward("\\boxed{1}", 1) == 1.0
+
+
+# ---------------------------------------------------------------------------
+# prerl.py: a tiny model and tokenizer built here, from a config (no download)
+
+import torch  # noqa: E402
+
+import prerl  # noqa: E402
+
+CHARS = list("0123456789+-=?., abcdefghijklmnopqrstuvwxyzWQ\\{}")
+
+
+def tiny_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
+def rms_norm_full_precision(self, x):
+    """LlamaRMSNorm upcasts to float32 inside; this keeps float64 so gradient checks can be tight."""
+    return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+def tiny_model(dtype=torch.float64, seed=0):
+    import types
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(CHARS) + 4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(dtype)
+    if dtype == torch.float64:
+        for module in model.modules():
+            if type(module).__name__ == "LlamaRMSNorm":
+                module.forward = types.MethodType(rms_norm_full_precision, module)
+    return model
+
+
+def reference_logprobs(model, context, response):
+    """Independent log P(y_t | context, y_<t): one plain forward per token, full log-softmax."""
+    values = []
+    for t in range(len(response)):
+        ids = torch.tensor([context + response[:t]])
+        logits = model(input_ids=ids).logits[0, -1]
+        values.append(torch.log_softmax(logits, -1)[response[t]])
+    return torch.stack(values)
+
+
+def test_pretrain_logprobs_equal_hand_computation_and_differ_from_conditional():
+    model = tiny_model()
+    response, prompt = [10, 11, 12, 13, 2], [20, 21, 22]
+    ids, mask = torch.tensor([response]), torch.ones(1, len(response), dtype=torch.long)
+    with torch.no_grad():
+        got = prerl.pretrain_logprobs(model, 1, ids, mask)[0]
+        expected = reference_logprobs(model, [1], response)
+        conditional = prerl.conditional_logprobs(model, torch.tensor([prompt]), torch.ones(1, 3, dtype=torch.long), ids, mask)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(conditional, reference_logprobs(model, prompt, response), rtol=1e-10, atol=1e-10)
+    assert (got - conditional).abs().max() > 1e-3
+
+
+def test_padding_invariance():
+    model = tiny_model(torch.float32)
+    prompt_a, prompt_b = [20, 21], [20, 21, 22, 23, 24]
+    resp_a, resp_b = [10, 11, 2], [12, 13, 14, 15, 2]
+    with torch.no_grad():
+        alone = prerl.conditional_logprobs(model, torch.tensor([prompt_a]), torch.ones(1, 2, dtype=torch.long),
+                                           torch.tensor([resp_a]), torch.ones(1, 3, dtype=torch.long))[0]
+        prompts = torch.tensor([[3, 3, 3] + prompt_a, prompt_b])
+        prompt_mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+        responses = torch.tensor([resp_a + [3, 3], resp_b])
+        response_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+        batched = prerl.conditional_logprobs(model, prompts, prompt_mask, responses, response_mask)
+        pre_alone = prerl.pretrain_logprobs(model, 1, torch.tensor([resp_a]), torch.ones(1, 3, dtype=torch.long))[0]
+        pre_batched = prerl.pretrain_logprobs(model, 1, responses, response_mask)
+    torch.testing.assert_close(batched[0, :3], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pre_batched[0, :3], pre_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_response_mask_keeps_first_eos_even_when_pad_is_eos():
+    ids = torch.tensor([[5, 6, 2, 2, 2], [5, 2, 7, 2, 2], [5, 6, 7, 8, 9]])
+    mask = prerl.response_mask_from_positions(ids, [2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+# --- advantages on hand-worked groups
+
+REWARDS = torch.tensor([[0., 0., 0., 0.], [1., 0., 0., 0.], [1., 1., 1., 1.], [1., 1., 0., 0.]], dtype=torch.float64)
+
+
+def test_grpo_advantages_hand_worked():
+    adv = prerl.grpo_advantages(REWARDS, eps=1e-6)
+    # group [1,0,0,0]: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
+    expected = torch.tensor([[0, 0, 0, 0], [0.75 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001, -0.25 / 0.500001],
+                             [0, 0, 0, 0], [0.5 / (1 / math.sqrt(3) + 1e-6)] * 2 + [-0.5 / (1 / math.sqrt(3) + 1e-6)] * 2],
+                            dtype=torch.float64)
+    torch.testing.assert_close(adv, expected)
+
+
+def test_prerl_advantage_tables_hand_worked():
+    cfg = prerl.Config(w_reinforce_lambda=0.1, prerl_coef=0.01)
+    table = {stage: prerl.advantages_for(stage, REWARDS, cfg) for stage in prerl.MODES if stage != "dsrl"}
+    centered = [[0, 0, 0, 0], [0.75, -0.25, -0.25, -0.25], [0, 0, 0, 0], [0.5, 0.5, -0.5, -0.5]]
+    assert table["prerl"][0].tolist() == centered
+    assert table["nsr-prerl"][0].tolist() == [[0, 0, 0, 0], [0, -0.25, -0.25, -0.25], [0, 0, 0, 0], [0, 0, -0.5, -0.5]]
+    assert table["psr-prerl"][0].tolist() == [[0, 0, 0, 0], [0.75, 0, 0, 0], [0, 0, 0, 0], [0.5, 0.5, 0, 0]]
+    assert table["nsr"][0].tolist() == [[-1, -1, -1, -1], [0, -1, -1, -1], [0, 0, 0, 0], [0, 0, -1, -1]]
+    assert table["psr"][0].tolist() == [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+    torch.testing.assert_close(table["w-reinforce"][0], torch.tensor(
+        [[-1, -1, -1, -1], [0.1, -1, -1, -1], [0.1] * 4, [0.1, 0.1, -1, -1]], dtype=torch.float64))
+    assert {stage: (space, coef) for stage, (_, space, coef) in table.items()} == {
+        "grpo": ("conditional", 1.0), "psr": ("conditional", 1.0), "nsr": ("conditional", 1.0),
+        "w-reinforce": ("conditional", 1.0), "prerl": ("pretrain", 0.01), "psr-prerl": ("pretrain", 0.01),
+        "nsr-prerl": ("pretrain", 0.01)}
+
+
+def test_clipped_surrogate_and_k3_hand_worked():
+    lp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss = prerl.clipped_surrogate(lp, old, adv, 0.2, 0.28)
+    # rho 1.5, A>0: min(1.5, 1.28) -> -1.28 ; A<0: min(-1.5, -1.28) = -1.5 -> 1.5
+    # rho 0.5, A>0: min(0.5, 0.8) -> -0.5  ; A<0: min(-0.5, -0.8) = -0.8 -> 0.8
+    torch.testing.assert_close(loss, torch.tensor([-1.28, 1.5, -0.5, 0.8]))
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    torch.testing.assert_close(prerl.k3_kl(lp, ref), torch.tensor([math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1 - 1]))
+
+
+# --- gradients of every loss against an independently written formula
+
+
+def toy_batch(n_groups=2, group=4, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(4, 40, (n_groups, 4), generator=gen).repeat_interleave(group, 0)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[:group, :1] = 0  # the first group's prompt is left-padded
+    prompt_ids[:group, :1] = 3
+    response_ids = torch.randint(4, 40, (n_groups * group, 6), generator=gen)
+    lengths = torch.randint(2, 7, (n_groups * group,), generator=gen)
+    response_mask = (torch.arange(6)[None, :] < lengths[:, None]).long()
+    response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, 3))
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids, "response_mask": response_mask}
+
+
+def hand_advantages(stage, rewards, lam=0.1):
+    """Advantages written out with Python loops, independently of prerl.advantages_for."""
+    out = []
+    for group in rewards.tolist():
+        mean = sum(group) / len(group)
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (len(group) - 1))
+        for r in group:
+            out.append({"grpo": (r - mean) / (std + 1e-6), "psr": 1.0 if r == 1 else 0.0, "nsr": -1.0 if r == 0 else 0.0,
+                        "w-reinforce": lam if r == 1 else -1.0, "prerl": r - mean, "psr-prerl": max(r - mean, 0.0),
+                        "nsr-prerl": min(r - mean, 0.0)}[stage])
+    return out
+
+
+def hand_loss(model, batch, rewards, stage, coef):
+    """coef * token-mean of -A_i log pi(y_t | context): plain per-token forward passes, Python sums."""
+    advantages = hand_advantages(stage, rewards)
+    pretrain = stage.endswith("prerl")
+    total, tokens = 0.0, 0
+    for i, a in enumerate(advantages):
+        n = int(batch["response_mask"][i].sum())
+        if pretrain and a == 0:
+            continue  # PreRL: zero-advantage responses leave the denominator too
+        tokens += n
+        prompt = [t for t, m in zip(batch["prompt_ids"][i].tolist(), batch["prompt_mask"][i].tolist()) if m]
+        context = [1] if pretrain else prompt
+        total = total + (-a) * reference_logprobs(model, context, batch["response_ids"][i, :n].tolist()).sum()
+    return coef * total / tokens
+
+
+def flat_grad(model):
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("stage", ["grpo", "psr", "nsr", "w-reinforce", "prerl", "psr-prerl", "nsr-prerl"])
+def test_loss_gradient_equals_hand_formula(stage):
+    model = tiny_model()
+    batch, rewards = toy_batch(), torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
+    cfg = prerl.Config(micro_batch_size=3)
+    prerl.accumulate_gradients(model, batch, rewards, stage, cfg, start_id=1)
+    got = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    model.zero_grad()
+    coef = cfg.prerl_coef if stage.endswith("prerl") else 1.0
+    hand_loss(model, batch, rewards, stage, coef).backward()
+    for g, p in zip(got, model.parameters()):
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(g, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_loss_matches_finite_difference():
+    model = tiny_model()
+    batch, rewards = toy_batch(), torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
+    cfg = prerl.Config()
+    prerl.accumulate_gradients(model, batch, rewards, "nsr-prerl", cfg, start_id=1)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    analytic = weight.grad[3, 5].item()
+    h = 1e-6
+    with torch.no_grad():
+        weight[3, 5] += h
+        plus = hand_loss(model, batch, rewards, "nsr-prerl", cfg.prerl_coef).item()
+        weight[3, 5] -= 2 * h
+        minus = hand_loss(model, batch, rewards, "nsr-prerl", cfg.prerl_coef).item()
+    assert abs((plus - minus) / (2 * h) - analytic) < 1e-7 * max(1.0, abs(analytic))
+    assert abs(analytic) > 1e-8
+
+
+@pytest.mark.parametrize("stage", ["nsr-prerl", "nsr"])
+def test_negative_modes_ignore_correct_responses_and_all_equal_groups(stage):
+    rewards = torch.tensor([[1., 0., 0., 1.], [1., 1., 1., 1.]], dtype=torch.float64)
+    cfg = prerl.Config()
+    grads = []
+    for scramble in (False, True):
+        model, batch = tiny_model(), toy_batch()
+        if scramble:  # change every token of every correct response (and the all-correct group)
+            correct = rewards.reshape(-1) == 1
+            batch["response_ids"][correct] = torch.randint(4, 40, batch["response_ids"][correct].shape)
+        prerl.accumulate_gradients(model, batch, rewards, stage, cfg, start_id=1)
+        grads.append(flat_grad(model))
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+
+
+def test_positive_modes_ignore_wrong_responses():
+    rewards = torch.tensor([[1., 0., 0., 1.], [0., 0., 0., 0.]], dtype=torch.float64)
+    grads = []
+    for scramble in (False, True):
+        model, batch = tiny_model(), toy_batch()
+        if scramble:
+            wrong = rewards.reshape(-1) == 0
+            batch["response_ids"][wrong] = torch.randint(4, 40, batch["response_ids"][wrong].shape)
+        prerl.accumulate_gradients(model, batch, rewards, "psr-prerl", prerl.Config(), start_id=1)
+        grads.append(flat_grad(model))
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+def test_all_equal_groups_give_no_gradient():
+    rewards = torch.tensor([[1., 1., 1., 1.], [0., 0., 0., 0.]], dtype=torch.float64)
+    for stage in ("grpo", "prerl", "nsr-prerl", "psr-prerl"):
+        model = tiny_model()
+        loss, kept = prerl.accumulate_gradients(model, toy_batch(), rewards, stage, prerl.Config(), start_id=1)
+        assert kept == 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_gradient_accumulation_equals_full_batch():
+    rewards = torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
+    for stage in ("grpo", "nsr-prerl"):
+        grads = []
+        for micro in (1, 3, 100):
+            model = tiny_model()
+            prerl.accumulate_gradients(model, toy_batch(), rewards, stage, prerl.Config(micro_batch_size=micro), start_id=1)
+            grads.append(flat_grad(model))
+        torch.testing.assert_close(grads[0], grads[2], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(grads[1], grads[2], rtol=1e-10, atol=1e-14)
+
+
+def test_dsrl_stage_switch():
+    stages = [prerl.stage_for_step("dsrl", step, 5) for step in range(8)]
+    assert stages == ["nsr-prerl"] * 5 + ["grpo"] * 3
+    assert prerl.stage_for_step("grpo", 0, 5) == "grpo"
+
+
+# --- end to end on the tiny model
+
+
+def test_nsr_prerl_lowers_probability_of_penalised_responses():
+    torch.manual_seed(0)
+    model, batch = tiny_model(torch.float32), toy_batch()
+    rewards = torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]])
+    wrong = (rewards.reshape(-1) == 0)
+    cfg = prerl.Config(lr=1e-2, prerl_coef=1.0)
+    optimizer = prerl.make_optimizer(model, cfg)
+
+    def logp():
+        with torch.no_grad():
+            lp = prerl.pretrain_logprobs(model, 1, batch["response_ids"], batch["response_mask"])
+            return (lp * batch["response_mask"]).sum(1)
+
+    before = logp()
+    for _ in range(5):
+        prerl.accumulate_gradients(model, batch, rewards, "nsr-prerl", cfg, start_id=1)
+        prerl.optimizer_step(model, optimizer, cfg)
+    after = logp()
+    assert (after[wrong] < before[wrong] - 0.5).all(), (before, after)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model(torch.float32).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    data = folder / "toy.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"what is {a}+{b}?", "answer": str(a + b)}) + "\n"
+                            for a in range(4) for b in range(4)))
+    return folder
+
+
+def run_args(folder, out, *extra):
+    return ["--model", str(folder), "--data", str(folder / "toy.jsonl"), "--eval-data", str(folder / "toy.jsonl"),
+            "--out-dir", str(out), "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6",
+            "--eval-size", "4", "--eval-every", "0", "--lr", "1e-3", *extra]
+
+
+def state_of(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_train_checkpoint_resume_is_exact_and_optimizer_carries_over(tiny_model_folder, tmp_path):
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "full", "--steps", "3", "--switch-step", "2")))
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "part", "--steps", "2", "--switch-step", "2")))
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "part", "--steps", "3", "--switch-step", "2", "--resume")))
+    full, part = state_of(tmp_path / "full" / "checkpoint.pt"), state_of(tmp_path / "part" / "checkpoint.pt")
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, part["model"][name]), name
+    metrics = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [m["stage"] for m in metrics] == ["nsr-prerl", "nsr-prerl", "grpo"]
+    # one optimizer across the DSRL switch: Adam counts every step that had a gradient, before and
+    # after the switch (a step with no mixed group has no gradient, and AdamW skips it)
+    updates = [m["stage"] for m in metrics if m["kept_tokens"] > 0]
+    assert "nsr-prerl" in updates and "grpo" in updates
+    assert {int(s["step"]) for s in full["optimizer"]["state"].values()} == {len(updates)}
+    resumed = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
+    assert [m["step"] for m in resumed] == [0, 1, 2]
+    assert not list((tmp_path / "full").glob("*.tmp*"))  # atomic writes leave no temporary files
+
+
+def test_broken_checkpoint_gives_clear_error(tiny_model_folder, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="checkpoint .* unreadable"):
+        prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path, "--steps", "1", "--resume")))
+
+
+# --- bad input
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"problem": "1+1", "answer": "2"}\n{not json\n', r"bad\.jsonl:2: not valid JSON"),
+    ('{"problem": "1+1"}\n', r"bad\.jsonl:1: field 'answer'"),
+    ('{"answer": "2"}\n', r"bad\.jsonl:1: field 'problem'"),
+    ('[1, 2]\n', r"bad\.jsonl:1: expected a JSON object"),
+    ('\n\n', r"bad\.jsonl: no problems"),
+])
+def test_bad_data_files_fail_with_file_line_field(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(SystemExit, match=message):
+        prerl.load_problems(str(path))
+
+
+def test_data_formats(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [
+        {"problem": "p1", "answer": "\\frac12"},
+        {"problem": "p2", "solution": "so $\\boxed{7}$."},
+        {"question": "q3", "answer": "work...\n#### 1,234"},
+        {"problem": "p4", "answer": 5},
+    ]))
+    assert [p["answer"] for p in prerl.load_problems(str(path))] == ["\\frac12", "7", "1234", "5"]
+
+
+def test_missing_data_file_and_unknown_model(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        prerl.load_problems(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(SystemExit, match="no such folder"):
+        prerl.load_model(str(tmp_path / "no_model"), torch.device("cpu"))
+    (tmp_path / "empty_model").mkdir()
+    with pytest.raises(SystemExit, match="could not be loaded"):
+        prerl.load_model(str(tmp_path / "empty_model"), torch.device("cpu"))
+
+
+def test_builtin_problems_are_disjoint_and_correct():
+    train = prerl.make_problems(200, ",".join(prerl.TASK_FAMILIES), 2, seed=0, held_out=False)
+    held = prerl.make_problems(50, ",".join(prerl.TASK_FAMILIES), 2, seed=1, held_out=True)
+    assert not {p["problem"] for p in train} & {p["problem"] for p in held}
+    for p in train[:60]:  # each built-in answer is its own gold under the verifier
+        assert verify.reward(f"\\boxed{{{p['answer']}}}", p["answer"]) == 1.0
+    assert len({p["problem"].split()[0] for p in train}) > 3
+
+
+def test_config_flags_and_errors():
+    cfg = prerl.parse_config(["--mode", "nsr-prerl", "--switch-step", "3", "--no-resume"])
+    assert (cfg.mode, cfg.switch_step, cfg.resume) == ("nsr-prerl", 3, False)
+    with pytest.raises(SystemExit):
+        prerl.parse_config(["--mode", "ppo"])

