@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -45,56 +46,60 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 EMBEDDED_MODEL = "embedded"
 
 
+def opt(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
     # model
-    model: str = EMBEDDED_MODEL        # hub id, local folder, or "embedded" (SmolLM2-135M-Instruct, offline)
-    device: str = "auto"               # auto | cpu | cuda
-    gradient_checkpointing: bool = False
+    model: str = opt(EMBEDDED_MODEL, "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)")
+    device: str = opt("auto", "auto | cpu | cuda")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30%% slower)")
     # data
-    data: str = ""                     # training JSONL (MATH or GSM8K style); empty = built-in generator
-    eval_data: str = ""                # held-out JSONL; empty = built-in held-out set
-    tasks: str = "add,mul"             # built-in families: add sub mul fraction percent linear expand
-    difficulty: int = 1                # built-in: digits per operand (1 = single digit)
-    eval_size: int = 64                # held-out problems per evaluation
+    data: str = opt("", "training JSONL (MATH or GSM8K style); empty = built-in generator")
+    eval_data: str = opt("", "held-out JSONL; empty = built-in held-out set")
+    tasks: str = opt("add,mul", "built-in families, comma-separated: " + ",".join(TASK_FAMILIES))
+    difficulty: int = opt(1, "built-in generator: digits per operand (1 = single digit)")
+    eval_size: int = opt(64, "held-out problems per evaluation (at most)")
     # method
-    mode: str = "dsrl"                 # dsrl | grpo | psr | nsr | w-reinforce | prerl | psr-prerl | nsr-prerl
-    switch_step: int = 6               # DSRL: NSR-PreRL for steps < S, GRPO from S on
-    prerl_coef: float = 0.01           # reference code's coefficient on the pre-train-space loss
-    w_reinforce_lambda: float = 0.1    # W-REINFORCE weight of correct responses (NSR paper)
-    clip_eps_low: float = 0.2          # PPO clip range (inactive at one optimizer step per batch)
-    clip_eps_high: float = 0.28        # reference baseline's clip-higher
-    kl_coef: float = 0.0               # k3 KL to a frozen reference; off as in the reference runs
+    mode: str = opt("dsrl", " | ".join(MODES))
+    switch_step: int = opt(10, "DSRL: NSR-PreRL for steps 0..S-1, GRPO from step S on")
+    prerl_coef: float = opt(0.01, "coefficient on the pre-train-space loss (reference code: 0.01)")
+    w_reinforce_lambda: float = opt(0.1, "W-REINFORCE weight of correct responses (NSR paper: 0.1)")
+    clip_eps_low: float = opt(0.2, "PPO clip range below 1 (inactive at one optimizer step per batch)")
+    clip_eps_high: float = opt(0.28, "PPO clip range above 1 (reference baseline's clip-higher)")
+    kl_coef: float = opt(0.0, "k3 KL penalty to a frozen copy of the start model; 0 = off, as in the paper")
     # sampling
-    prompts_per_step: int = 8
-    group_size: int = 4                # G responses per prompt
-    max_new_tokens: int = 40
-    temperature: float = 1.0
-    top_p: float = 1.0
+    prompts_per_step: int = opt(8, "prompts per step")
+    group_size: int = opt(4, "G: responses sampled per prompt")
+    max_new_tokens: int = opt(48, "longest response, in tokens")
+    temperature: float = opt(0.7, "sampling temperature (the paper uses 1.0; a 135M model needs less)")
+    top_p: float = opt(1.0, "nucleus sampling; 1.0 = off")
     # optimisation
-    steps: int = 16
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    micro_batch_size: int = 16         # responses per forward/backward; bounds memory
+    steps: int = opt(30, "optimizer steps (one per batch of prompts_per_step x group_size responses)")
+    lr: float = opt(2e-5, "AdamW learning rate, constant (the paper: 1e-6 for 4B-8B models)")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "gradient-norm clipping")
+    micro_batch_size: int = opt(16, "responses per forward/backward; bounds memory, not the result")
     # evaluation, logging, checkpoints
-    eval_every: int = 8                # held-out eval every N steps (0 = start and end only)
-    eval_temperature: float = 0.0      # 0 = greedy
-    out_dir: str = "runs/prerl"
-    save_every: int = 0                # checkpoint every N steps (0 = only at the end)
-    resume: bool = False
-    seed: int = 0
+    eval_every: int = opt(10, "held-out evaluation every N steps (0 = only at the start and end)")
+    eval_temperature: float = opt(0.0, "evaluation temperature; 0 = greedy")
+    out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
+    seed: int = opt(0, "seed for data order, sampling and the built-in problems")
 
 
 def parse_config(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
-        if field.type is bool or isinstance(field.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        help = f"{field.metadata['help']} (default: {field.default!r})"
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help)
         else:
-            parser.add_argument(flag, type=type(field.default), default=field.default,
-                                help=f"(default: {field.default!r})")
+            parser.add_argument(flag, type=type(field.default), default=field.default, help=help)
     cfg = Config(**vars(parser.parse_args(argv)))
     if cfg.mode not in MODES:
         parser.error(f"--mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
@@ -297,24 +302,68 @@ def response_mask_from_positions(response_ids, eos_ids):
     return (positions[None, :] <= first_eos[:, None]).long()
 
 
+def pick_next_token(logits, temperature, top_p):
+    """Greedy at temperature 0; else softmax(logits / T), restricted to the top-p nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p   # keep the smallest set reaching top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1).squeeze(1)
+
+
 @torch.no_grad()
+def generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_p, eos_ids, pad_id):
+    """Sample group_size responses per left-padded prompt. Each prompt is prefilled once and its KV
+    cache copied G times; rows that have ended leave the batch, and decoding stops when all have."""
+    device = prompt_ids.device
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    with autocast(device):
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                    use_cache=True, logits_to_keep=1)
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = getattr(out, cache_name)                   # transformers 5 renamed past_key_values -> cache
+    cache.batch_repeat_interleave(group_size)
+    logits = out.logits[:, -1].repeat_interleave(group_size, 0)
+    mask = prompt_mask.repeat_interleave(group_size, 0)
+    next_position = positions[:, -1:].repeat_interleave(group_size, 0) + 1
+    rows = len(logits)
+    responses = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    active = torch.arange(rows, device=device)          # original row of each row still decoding
+    eos = torch.tensor(eos_ids, device=device)
+    for t in range(max_new_tokens):
+        next_token = pick_next_token(logits, temperature, top_p)
+        responses[active, t] = next_token
+        running = ~torch.isin(next_token, eos)
+        if not running.any() or t == max_new_tokens - 1:
+            break
+        if not running.all():                           # drop finished rows from every tensor and the cache
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            active, next_token, mask, next_position = active[keep], next_token[keep], mask[keep], next_position[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        with autocast(device):
+            logits = model(input_ids=next_token[:, None], attention_mask=mask, position_ids=next_position,
+                           use_cache=True, **{cache_name: cache}).logits[:, -1]
+        next_position = next_position + 1
+    return responses[:, :t + 1]                          # up to the longest response
+
+
 def sample(model, tokenizer, problems, cfg, group_size, temperature=None):
-    """Sample group_size responses per problem. Returns left-padded prompts, right-padded responses."""
+    """Sample group_size responses per problem. Returns left-padded prompts, right-padded responses,
+    the response mask (through the first EOS) and the decoded texts."""
     device = next(model.parameters()).device
     temperature = cfg.temperature if temperature is None else temperature
     prompts = [format_prompt(tokenizer, p["problem"]) for p in problems]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     eos_ids = eos_token_ids(model, tokenizer)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=cfg.top_p) if temperature > 0 else dict(do_sample=False)
     model.eval()
-    with autocast(device):
-        sequences = model.generate(**encoded, **sampling, max_new_tokens=cfg.max_new_tokens,
-                                   num_return_sequences=group_size, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=eos_ids, use_cache=True, top_k=0 if temperature > 0 else None)
-    prompt_len = encoded["input_ids"].shape[1]
-    response_ids = sequences[:, prompt_len:]
+    response_ids = generate(model, encoded["input_ids"], encoded["attention_mask"], group_size, cfg.max_new_tokens,
+                            temperature, cfg.top_p, eos_ids, tokenizer.pad_token_id)
     response_mask = response_mask_from_positions(response_ids, eos_ids)
-    texts = tokenizer.batch_decode(response_ids * response_mask + tokenizer.pad_token_id * (1 - response_mask),
+    texts = tokenizer.batch_decode(torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
     return {
         "prompt_ids": encoded["input_ids"].repeat_interleave(group_size, 0),

@@ -248,6 +248,41 @@ def test_response_mask_keeps_first_eos_even_when_pad_is_eos():
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
+def test_generate_greedy_matches_transformers_generate():
+    model = tiny_model(torch.float32)
+    prompt_ids = torch.tensor([[3, 3, 20, 21], [22, 23, 24, 25]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    eos_ids = list(range(4, 40, 3))  # many "end" tokens: rows stop at different steps and leave the batch
+    ours = prerl.generate(model, prompt_ids, prompt_mask, 2, 12, 0.0, 1.0, eos_ids, pad_id=3)
+    reference = model.generate(input_ids=prompt_ids.repeat_interleave(2, 0), attention_mask=prompt_mask.repeat_interleave(2, 0),
+                               do_sample=False, max_new_tokens=12, eos_token_id=eos_ids, pad_token_id=3)[:, 4:]
+    mask = prerl.response_mask_from_positions(ours, eos_ids)
+    assert 1 < mask.sum(1).min() and mask.sum(1).min() < 12  # some rows really ended early
+    assert torch.equal(mask, prerl.response_mask_from_positions(reference, eos_ids))
+    assert torch.equal(ours * mask, reference * mask)
+
+
+def test_sampled_first_token_follows_softmax_over_temperature():
+    torch.manual_seed(0)
+    model = tiny_model(torch.float32)
+    prompt = torch.tensor([[20, 21, 22]])
+    with torch.no_grad():
+        expected = torch.softmax(model(input_ids=prompt).logits[0, -1] / 0.5, -1)
+    first = prerl.generate(model, prompt, torch.ones_like(prompt), 20000, 1, 0.5, 1.0, [2], pad_id=3)[:, 0]
+    observed = torch.bincount(first, minlength=expected.numel()).float() / first.numel()
+    assert (observed - expected).abs().max() < 0.015
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]])).repeat(20000, 1)
+    picks = prerl.pick_next_token(logits, 1.0, 0.7)  # nucleus {0.5, 0.3}, renormalised to 0.625 / 0.375
+    counts = torch.bincount(picks, minlength=4).float() / len(picks)
+    assert counts[0] == 0 and counts[2] == 0
+    assert abs(counts[1] - 0.625) < 0.015 and abs(counts[3] - 0.375) < 0.015
+    assert prerl.pick_next_token(logits[:1], 0.0, 1.0).item() == 1  # temperature 0 = greedy
+
+
 # --- advantages on hand-worked groups
 
 REWARDS = torch.tensor([[0., 0., 0., 0.], [1., 0., 0., 0.], [1., 1., 1., 1.], [1., 1., 0., 0.]], dtype=torch.float64)
