@@ -1,12 +1,14 @@
 """
-bench_verify.py -- accuracy and latency of verify.py on the development data in ../shared/data.
+bench_verify.py -- accuracy and latency of verify.py on the development data in ../shared/data,
+side by side with Hugging Face's math-verify when it is installed (`pip install math-verify`).
 
     python bench_verify.py                  # needs ../shared/data (not shipped with the repo)
-    python bench_verify.py --data DIR       # or point it at a folder with the same files
+    python bench_verify.py --data DIR       # or a folder with the same files
 
-Prints: accuracy on verify_dev_cases.jsonl (misses listed), on the MATH answers the rate at which
-reward("... \\boxed{a}", a) is 1.0, the false-positive rate on pairs of different answers, per-call
-latency median / p99, and batch throughput of rewards().
+For each verifier: accuracy on verify_dev_cases.jsonl (misses listed), the rate at which
+reward("... \\boxed{a}", a) is 1.0 over the MATH answers, the rate at which two different MATH answers
+are judged equal (each listed, for review), per-call latency median / p99 / max; and for verify.py
+the batch throughput of rewards().
 """
 
 import argparse
@@ -25,72 +27,95 @@ def load_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def timed(fn, *args):
-    start = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - start
+def ours():
+    return verify.is_equiv, verify.reward
+
+
+def math_verify_peer():
+    """math-verify's documented use: verify(parse(gold), parse(answer)); None when not installed."""
+    try:
+        from math_verify import parse, verify as mv_verify
+    except ImportError:
+        return None
+
+    def is_equiv(pred, gold):
+        return mv_verify(parse(f"${gold}$"), parse(f"${pred}$"))
+
+    def reward(completion, gold):
+        return 1.0 if mv_verify(parse(f"${gold}$"), parse(completion)) else 0.0
+    return is_equiv, reward
+
+
+def measure(name, is_equiv, reward, cases, answers, pairs):
+    latencies, out = [], {"name": name}
+
+    def timed(fn, *args):
+        start = time.perf_counter()
+        try:
+            result = fn(*args)
+        except Exception:  # a peer that raises scores as a wrong answer
+            result = None
+        latencies.append(time.perf_counter() - start)
+        return result
+
+    out["dev_misses"] = [c for c in cases if bool(timed(is_equiv, c["pred"], c["gold"])) != c["expected"]]
+    out["self_misses"] = [a for a in answers if timed(reward, f"Some reasoning... so the result is \\boxed{{{a}}}.", a) != 1.0]
+    out["false_positives"] = [(a, b) for a, b in pairs if timed(reward, f"\\boxed{{{a}}}", b) == 1.0]
+    latencies.sort()
+    out["median_ms"] = 1000 * statistics.median(latencies)
+    out["p99_ms"] = 1000 * latencies[int(0.99 * (len(latencies) - 1))]
+    out["max_ms"] = 1000 * latencies[-1]
+    out["calls"] = len(latencies)
+    return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data"))
-    parser.add_argument("--pairs", type=int, default=5000, help="random pairs for the false-positive rate")
+    parser.add_argument("--pairs", type=int, default=5000, help="random pairs of different answers")
     args = parser.parse_args()
     if not os.path.isdir(args.data):
         sys.exit(f"bench_verify.py: no data folder at {args.data} (pass --data DIR)")
-    verify.warmup()
-    latencies = []
-
-    # 1. labelled development cases
     cases = load_jsonl(os.path.join(args.data, "verify_dev_cases.jsonl"))
-    misses = []
-    for case in cases:
-        got, seconds = timed(verify.is_equiv, case["pred"], case["gold"])
-        latencies.append(seconds)
-        if got != case["expected"]:
-            misses.append(case)
-    print(f"dev cases: {len(cases) - len(misses)}/{len(cases)} = {100 * (1 - len(misses) / len(cases)):.1f}% correct")
-    for case in misses:
-        print(f"  miss: gold={case['gold']!r} pred={case['pred']!r} expected={case['expected']}")
-
-    # 2. MATH answers against themselves, inside a boxed completion
     answers = [row["answer"] for row in load_jsonl(os.path.join(args.data, "math_train.jsonl"))]
-    self_misses = []
-    for answer in answers:
-        got, seconds = timed(verify.reward, f"Some reasoning... so the result is \\boxed{{{answer}}}.", answer)
-        latencies.append(seconds)
-        if got != 1.0:
-            self_misses.append(answer)
-    rate = 1 - len(self_misses) / len(answers)
-    print(f"MATH self-match: {100 * rate:.2f}% of {len(answers)} (target >= 99.5%)")
-    for answer in self_misses[:20]:
-        print(f"  not matched: {answer!r}")
+    rng, distinct = random.Random(0), sorted(set(answers))
+    pairs = [tuple(rng.sample(distinct, 2)) for _ in range(args.pairs)]
+    verify.warmup()
 
-    # 3. false positives: random pairs of answers whose strings differ
-    rng = random.Random(0)
-    distinct = sorted(set(answers))
-    false_positives, pairs = [], 0
-    while pairs < args.pairs:
-        a, b = rng.sample(distinct, 2)
-        pairs += 1
-        got, seconds = timed(verify.reward, f"\\boxed{{{a}}}", b)
-        latencies.append(seconds)
-        if got == 1.0:
-            false_positives.append((a, b))
-    print(f"different-answer pairs judged equal: {len(false_positives)}/{pairs} = "
-          f"{100 * len(false_positives) / pairs:.2f}% (target <= 0.2%; each listed for review)")
-    for a, b in false_positives:
-        print(f"  equal? {a!r} vs {b!r}")
+    verifiers = [("verify.py", *ours())]
+    peer = math_verify_peer()
+    if peer:
+        verifiers.append(("math-verify", *peer))
+    else:
+        print("math-verify is not installed (pip install math-verify): only verify.py is measured\n")
+    results = [measure(name, eq, rw, cases, answers, pairs) for name, eq, rw in verifiers]
 
-    # 4. latency and batch throughput
-    latencies.sort()
-    p99 = latencies[int(0.99 * (len(latencies) - 1))]
-    print(f"per-call latency over {len(latencies)} calls: median {1000 * statistics.median(latencies):.3f} ms, "
-          f"p99 {1000 * p99:.2f} ms, max {1000 * latencies[-1]:.1f} ms (targets <= 1 ms, <= 20 ms)")
+    print(f"| verifier | dev cases correct ({len(cases)}) | MATH self-match ({len(answers)}) | "
+          f"different answers judged equal ({len(pairs)}) | median ms | p99 ms | max ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['name']} | {100 * (1 - len(r['dev_misses']) / len(cases)):.1f}% | "
+              f"{100 * (1 - len(r['self_misses']) / len(answers)):.2f}% | "
+              f"{100 * len(r['false_positives']) / len(pairs):.2f}% | {r['median_ms']:.3f} | {r['p99_ms']:.2f} | {r['max_ms']:.0f} |")
+    print("targets for verify.py: dev >= 95%, self-match >= 99.5%, different-equal <= 0.2%, median <= 1 ms, p99 <= 20 ms")
+
+    for r in results:
+        print(f"\n{r['name']}: dev-case misses")
+        for case in r["dev_misses"]:
+            print(f"  gold={case['gold']!r} pred={case['pred']!r} expected={case['expected']}  ({case.get('note', '')[:60]})")
+        print(f"{r['name']}: MATH answers not matching themselves ({len(r['self_misses'])}, first 15)")
+        for answer in r["self_misses"][:15]:
+            print(f"  {answer!r}")
+        print(f"{r['name']}: different answers judged equal")
+        for a, b in r["false_positives"][:30]:
+            print(f"  {a!r} vs {b!r}")
+
     completions = [f"We compute step by step and get \\boxed{{{a}}}." for a in answers]
     golds = answers[1:] + answers[:1]
-    _, seconds = timed(verify.rewards, completions, golds)
-    print(f"batch rewards(): {len(completions)} calls in {seconds:.2f} s = {len(completions) / seconds:.0f} calls/s")
+    start = time.perf_counter()
+    verify.rewards(completions, golds)
+    seconds = time.perf_counter() - start
+    print(f"\nverify.rewards() batch: {len(completions)} calls in {seconds:.2f} s = {len(completions) / seconds:,.0f} calls/s")
 
 
 if __name__ == "__main__":

@@ -22,16 +22,13 @@ import hashlib
 import importlib.util
 import inspect
 import json
-import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -172,7 +169,7 @@ def load_problems(path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {where}: not valid JSON ({e.msg})")
+                raise SystemExit(f"error: {where}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise SystemExit(f"error: {where}: expected a JSON object, got {type(row).__name__}")
             text = row.get("problem", row.get("question"))
@@ -248,7 +245,7 @@ def load_model(name, device, gradient_checkpointing=False):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --model {name!r} could not be loaded: {e}")
+        raise SystemExit(f"error: --model {name!r} could not be loaded: {e}") from None
     if getattr(model.config, "final_logit_softcapping", None):
         raise SystemExit(f"error: --model {name!r}: final-logit soft-capping is not supported by the scorer")
     if gradient_checkpointing:
@@ -530,14 +527,16 @@ def accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model=
     advantages, space, coef = advantages_for(stage, rewards, cfg)
     advantages = advantages.reshape(-1).to(batch["response_ids"].device)
     denominator = loss_denominator(space, batch["response_mask"], advantages)
-    rows = (advantages != 0).nonzero().squeeze(1).tolist()   # all-equal groups / zero weights: skipped
+    use_kl = ref_model is not None and cfg.kl_coef > 0
+    # A = 0 (all-equal groups, zero weights) carries no gradient and is skipped -- unless the KL term is on
+    rows = list(range(len(advantages))) if use_kl else (advantages != 0).nonzero().squeeze(1).tolist()
     lengths = batch["response_mask"].sum(1).tolist()
     total_loss, kept_tokens = 0.0, 0
     model.train()
     for chunk in micro_batches(rows, lengths, cfg.micro_batch_size):
         token_lp, mask = scored_logprobs(model, space, batch, chunk, start_id)
         ref_lp = None
-        if ref_model is not None and cfg.kl_coef > 0:
+        if use_kl:
             with torch.no_grad():
                 ref_lp, _ = scored_logprobs(ref_model, space, batch, chunk, start_id)
         loss = policy_loss(token_lp, mask.float(), advantages[chunk], denominator, cfg, coef, ref_lp)
@@ -545,6 +544,26 @@ def accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model=
         total_loss += loss.item()
         kept_tokens += int(mask.sum())
     return total_loss, kept_tokens
+
+
+def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_model=None):
+    """One RL step: sample G responses per prompt, verify them, one optimizer update. Returns the metrics."""
+    stage = stage_for_step(cfg.mode, step, cfg.switch_step)
+    t0 = time.perf_counter()
+    batch = sample(model, tokenizer, problems, cfg, cfg.group_size)
+    t1 = time.perf_counter()
+    golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
+    rewards = torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
+    t2 = time.perf_counter()
+    loss, kept_tokens = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model)
+    grad_norm = optimizer_step(model, optimizer, cfg)
+    t3 = time.perf_counter()
+    return {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
+            "accuracy": (rewards > 0.5).float().mean().item(),
+            "mixed_groups": int(((rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)).sum()),
+            "response_length": batch["response_mask"].sum(1).float().mean().item(),
+            "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
+            "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3), "train_s": round(t3 - t2, 3)}
 
 
 def optimizer_step(model, optimizer, cfg):
@@ -555,7 +574,10 @@ def optimizer_step(model, optimizer, cfg):
 
 
 def make_optimizer(model, cfg):
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW; the fused kernel (CPU and CUDA) updates in place without per-step temporaries."""
+    device = next(model.parameters()).device
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 # -----------------------------------------------------------------------------
@@ -579,7 +601,7 @@ def load_checkpoint(path, model, optimizer):
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
     except Exception as e:  # truncated file, pickle garbage, other model's weights: one clear message
-        raise SystemExit(f"error: checkpoint {path} is unreadable or does not fit this model: {type(e).__name__}: {e}")
+        raise SystemExit(f"error: checkpoint {path} is unreadable or does not fit this model: {type(e).__name__}: {e}") from None
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -638,28 +660,13 @@ def train(cfg):
     log = open(metrics_path, "a" if first_step else "w")
     progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl")
     for step in progress:
-        stage = stage_for_step(cfg.mode, step, cfg.switch_step)
-        problems = batch_for_step(train_set, step, cfg)
-        t0 = time.perf_counter()
-        batch = sample(model, tokenizer, problems, cfg, cfg.group_size)
-        t1 = time.perf_counter()
-        golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
-        rewards = torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
-        t2 = time.perf_counter()
-        loss, kept_tokens = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model)
-        grad_norm = optimizer_step(model, optimizer, cfg)
-        t3 = time.perf_counter()
-        record = {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
-                  "accuracy": (rewards > 0.5).float().mean().item(),
-                  "mixed_groups": int(((rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)).sum()),
-                  "response_length": batch["response_mask"].sum(1).float().mean().item(),
-                  "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
-                  "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3), "train_s": round(t3 - t2, 3)}
+        record = rl_step(model, tokenizer, optimizer, batch_for_step(train_set, step, cfg), step, cfg, start_id, ref_model)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             record["eval_accuracy"] = evaluate(model, tokenizer, eval_set, cfg)
         log.write(json.dumps(record) + "\n")
         log.flush()
-        progress.set_postfix(stage=stage, reward=f"{record['reward_mean']:.2f}", len=f"{record['response_length']:.0f}")
+        progress.set_postfix(stage=record["stage"], reward=f"{record['reward_mean']:.2f}",
+                             acc=f"{record['accuracy']:.2f}", len=f"{record['response_length']:.0f}")
         if "eval_accuracy" in record:
             tqdm.write(f"step {step + 1}: held-out accuracy {record['eval_accuracy']:.3f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0:

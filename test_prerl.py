@@ -6,7 +6,6 @@ Tests for prerl.py and verify.py. Offline, CPU, a tiny model built from a config
 
 import json
 import math
-import os
 import threading
 import time
 
@@ -390,6 +389,27 @@ def test_loss_gradient_equals_hand_formula(stage):
         torch.testing.assert_close(g, expected, rtol=1e-9, atol=1e-12)
 
 
+def test_kl_term_gradient_equals_hand_formula():
+    """GRPO + beta * k3(pi || pi_ref): the hand loss adds beta * token-mean of exp(r - l) - (r - l) - 1."""
+    model, reference = tiny_model(seed=0), tiny_model(seed=1)
+    batch, rewards = toy_batch(), torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
+    rewards[1] = 1.0  # an all-correct group: A = 0, yet its KL term still has a gradient
+    cfg = prerl.Config(kl_coef=0.3)
+    prerl.accumulate_gradients(model, batch, rewards, "grpo", cfg, start_id=1, ref_model=reference)
+    got = flat_grad(model)
+    model.zero_grad()
+    kl, tokens = 0.0, int(batch["response_mask"].sum())
+    for i in range(len(rewards.reshape(-1))):  # the KL covers every response, A = 0 or not
+        n = int(batch["response_mask"][i].sum())
+        prompt = [t for t, m in zip(batch["prompt_ids"][i].tolist(), batch["prompt_mask"][i].tolist()) if m]
+        lp = reference_logprobs(model, prompt, batch["response_ids"][i, :n].tolist())
+        with torch.no_grad():
+            ref = reference_logprobs(reference, prompt, batch["response_ids"][i, :n].tolist())
+        kl = kl + (torch.exp(ref - lp) - (ref - lp) - 1).sum()
+    (hand_loss(model, batch, rewards, "grpo", 1.0) + 0.3 * kl / tokens).backward()
+    torch.testing.assert_close(got, flat_grad(model), rtol=1e-9, atol=1e-12)
+
+
 def test_loss_matches_finite_difference():
     model = tiny_model()
     batch, rewards = toy_batch(), torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
@@ -584,3 +604,71 @@ def test_config_flags_and_errors():
     assert (cfg.mode, cfg.switch_step, cfg.resume) == ("nsr-prerl", 3, False)
     with pytest.raises(SystemExit):
         prerl.parse_config(["--mode", "ppo"])
+
+
+# ---------------------------------------------------------------------------
+# analyze.py: pass@k, behaviours, gradient alignment
+
+import itertools  # noqa: E402
+
+import analyze  # noqa: E402
+
+
+def brute_force_pass_at_k(n, c, k):
+    """Share of all size-k subsets of n samples (c of them correct) that hold a correct one."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
+def test_pass_at_k_matches_enumeration(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert analyze.pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_edges():
+    assert analyze.pass_at_k(8, 0, 4) == 0.0        # nothing correct
+    assert analyze.pass_at_k(8, 8, 1) == 1.0        # all correct
+    assert analyze.pass_at_k(8, 5, 4) == 1.0        # k > n - c: every subset holds a correct one
+    assert analyze.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        analyze.pass_at_k(4, 1, 5)
+
+
+@pytest.mark.parametrize("text,transitions,reflections", [
+    ("Wait, let me check. Hmm... However, alternatively we could await it.", 2, 3),
+    ("We are waiting; the awaited result is nowhere; Otherwise-fine.", 1, 0),
+    ("WAIT. Let me verify this. Double-check: on the other hand, instead of that...", 2, 3),
+    ("No behaviour here: 3 + 4 = 7.", 0, 0),
+    ("verify verified verifying", 0, 1),
+])
+def test_behaviour_counts_use_word_boundaries(text, transitions, reflections):
+    assert analyze.count_behaviours(text) == (transitions, reflections)
+
+
+def test_alignment_equals_hand_dot_product_of_flattened_gradients():
+    model = tiny_model()
+    prompt, prompt_mask = torch.tensor([[20, 21, 22]]), torch.ones(1, 3, dtype=torch.long)
+    response, mask = torch.tensor([[10, 11, 12, 13, 2]]), torch.ones(1, 5, dtype=torch.long)
+    got = analyze.gradient_alignment(model, prompt, prompt_mask, response, mask, start_id=1)
+    params = list(model.parameters())
+    cond = torch.autograd.grad(reference_logprobs(model, [20, 21, 22], [10, 11, 12, 13, 2]).sum(), params, allow_unused=True)
+    pre = torch.autograd.grad(reference_logprobs(model, [1], [10, 11, 12, 13, 2]).sum(), params, allow_unused=True)
+    flat = lambda grads: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    g_cond, g_pre = flat(cond), flat(pre)
+    assert got["inner_product"] == pytest.approx(float(g_cond @ g_pre), rel=1e-9)
+    assert got["cosine"] == pytest.approx(float(g_cond @ g_pre / (g_cond.norm() * g_pre.norm())), rel=1e-9)
+    assert all(p.grad is None for p in params)  # nothing left behind
+
+
+def test_evaluate_samples_on_tiny_model(tiny_model_folder):
+    model, tokenizer = prerl.load_model(str(tiny_model_folder), torch.device("cpu"))
+    problems = prerl.load_problems(str(tiny_model_folder / "toy.jsonl"))[:3]
+    cfg = prerl.Config(max_new_tokens=5, temperature=1.0)
+    result = analyze.evaluate_samples(model, tokenizer, problems, cfg, n=4)
+    assert sorted(result["pass_at_k"]) == [1, 2, 4]
+    assert result["pass_at_k"][1] <= result["pass_at_k"][2] <= result["pass_at_k"][4]
+    assert result["pass_at_k"][1] == pytest.approx(result["avg_at_n"])
+    assert 0 <= result["parseable_share"] <= 1 and result["mean_response_tokens"] <= 5

@@ -44,7 +44,6 @@ import os
 import random
 import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
@@ -124,10 +123,8 @@ def extract_answer(completion):
             answer = rule(completion)
             if answer is not None and answer.strip():
                 return answer.strip()
-        last = None
-        for last in _NUMBER_RE.finditer(completion):
-            pass
-        return last.group(0) if last else None
+        numbers = _NUMBER_RE.findall(completion)
+        return numbers[-1] if numbers else None
     except Exception:  # hostile input must never raise
         return None
 
@@ -518,7 +515,7 @@ def _expressions_equal(a, b, a_text, b_text, percent=False, proportional=False):
     if a == b:
         return True
     ratios, checked = [], 0
-    for trial in range(6):
+    for _ in range(6):
         point = {s: sympy.Float(_RNG.uniform(1.1, 3.9), 30) for s in symbols}
         try:
             x = complex(a.evalf(30, subs=point))
