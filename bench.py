@@ -227,14 +227,16 @@ def bench_trl(model_folder, tokenizer, cfg, problems, rows, steps=3):
     return mean
 
 
-def memory_probe(model_config, micro_batch_size):
+def memory_probe(model_config, micro_batch_tokens, gradient_checkpointing=False):
     """Run in a subprocess: build a model, do training steps, report peak RSS. Prints one JSON line."""
     from transformers import AutoConfig, AutoModelForCausalLM
     rss_before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     shape = dict(MODEL_SHAPES[model_config])
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(shape.pop("model_type"), **shape),
                                              attn_implementation="sdpa")
-    cfg = prerl.Config(micro_batch_size=micro_batch_size)
+    if gradient_checkpointing:
+        prerl.enable_gradient_checkpointing(model)
+    cfg = prerl.Config(micro_batch_tokens=micro_batch_tokens)
     rows, prompt_len, response_len = cfg.prompts_per_step * cfg.group_size, 40, 64
     gen = torch.Generator().manual_seed(0)
     batch = {"prompt_ids": torch.randint(100, 10000, (rows, prompt_len), generator=gen),
@@ -251,16 +253,18 @@ def memory_probe(model_config, micro_batch_size):
     print(json.dumps({"peak": peak, "before": rss_before, "params": params}))
 
 
-def bench_memory(model_config, micro_batch_size, rows):
-    out = subprocess.run([sys.executable, __file__, "--memory-probe", model_config, "--micro-batch-size",
-                          str(micro_batch_size)], capture_output=True, text=True)
+def bench_memory(model_config, micro_batch_tokens, gradient_checkpointing, rows):
+    out = subprocess.run([sys.executable, __file__, "--memory-probe", model_config, "--micro-batch-tokens",
+                          str(micro_batch_tokens)] + (["--gradient-checkpointing"] if gradient_checkpointing else []),
+                         capture_output=True, text=True)
     if out.returncode != 0:
         rows.append(("peak memory", "failed", out.stderr.strip().splitlines()[-1][:200]))
         return
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     state = 16 * probe["params"]  # fp32 weights + gradients + AdamW exp_avg + exp_avg_sq
     used = probe["peak"] - probe["before"]
-    rows.append((f"peak memory, training {model_config} (32 x 104 tokens, micro-batch {micro_batch_size})",
+    checkpointing = ", gradient checkpointing" if gradient_checkpointing else ""
+    rows.append((f"peak memory, training {model_config} (32 x 104 tokens, micro-batches of {micro_batch_tokens} tokens{checkpointing})",
                  f"{used / 2**30:.2f} GiB", f"{used / state:.2f}x weights+grads+AdamW ({state / 2**30:.2f} GiB); "
                  f"process total {probe['peak'] / 2**30:.2f} GiB incl. {probe['before'] / 2**30:.2f} GiB of runtime"))
 
@@ -289,14 +293,15 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--only", default="matmul,sampling,training,e2e,memory,verify")
     parser.add_argument("--new-tokens", default="64,256", help="sampling lengths to measure")
-    parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--micro-batch-tokens", type=int, default=prerl.Config.micro_batch_tokens)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="as in prerl.py, for training and memory")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
-        return memory_probe(args.memory_probe, args.micro_batch_size)
+        return memory_probe(args.memory_probe, args.micro_batch_tokens, args.gradient_checkpointing)
     sections = set(args.only.split(","))
     device = prerl.pick_device(prerl.Config(device=args.device))
-    cfg = prerl.Config(max_new_tokens=64, micro_batch_size=args.micro_batch_size)
+    cfg = prerl.Config(max_new_tokens=64, micro_batch_tokens=args.micro_batch_tokens)
     problems = prerl.make_problems(cfg.prompts_per_step, cfg.tasks, cfg.difficulty, seed=0, held_out=False)
     rows = []
     peak = matmul_flops(device)
@@ -307,6 +312,8 @@ def main():
         model, tokenizer, name = build_model(args, device)
         rows.append(("model", name, f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
                                      f"{matmul_parameters(model) / 1e6:.0f}M in matmuls, {device}"))
+    if need_model and args.gradient_checkpointing:
+        prerl.enable_gradient_checkpointing(model)
     if "sampling" in sections:
         bench_sampling(model, tokenizer, cfg, problems, [int(n) for n in args.new_tokens.split(",")], rows)
     if "training" in sections:
@@ -318,7 +325,7 @@ def main():
         if ours and theirs:
             rows.append(("RL step ratio, prerl nsr-prerl / TRL", f"{ours / theirs:.2f}x", "target <= 0.6x"))
     if "memory" in sections:
-        bench_memory(args.model_config or "smollm2-135m", args.micro_batch_size, rows)
+        bench_memory(args.model_config or "smollm2-135m", args.micro_batch_tokens, args.gradient_checkpointing, rows)
     if "verify" in sections:
         bench_verify(rows)
     width = max(len(r[0]) for r in rows)

@@ -378,7 +378,7 @@ def flat_grad(model):
 def test_loss_gradient_equals_hand_formula(stage):
     model = tiny_model()
     batch, rewards = toy_batch(), torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
-    cfg = prerl.Config(micro_batch_size=3)
+    cfg = prerl.Config(micro_batch_tokens=25)
     prerl.accumulate_gradients(model, batch, rewards, stage, cfg, start_id=1)
     got = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
     model.zero_grad()
@@ -468,12 +468,20 @@ def test_gradient_accumulation_equals_full_batch():
     rewards = torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
     for stage in ("grpo", "nsr-prerl"):
         grads = []
-        for micro in (1, 3, 100):
+        for tokens in (1, 25, 10_000):  # one row at a time, a few rows, everything at once
             model = tiny_model()
-            prerl.accumulate_gradients(model, toy_batch(), rewards, stage, prerl.Config(micro_batch_size=micro), start_id=1)
+            prerl.accumulate_gradients(model, toy_batch(), rewards, stage, prerl.Config(micro_batch_tokens=tokens), start_id=1)
             grads.append(flat_grad(model))
         torch.testing.assert_close(grads[0], grads[2], rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(grads[1], grads[2], rtol=1e-10, atol=1e-14)
+
+
+def test_micro_batches_respect_the_token_budget():
+    lengths = {0: 5, 1: 9, 2: 3, 3: 9, 4: 30}
+    batches = prerl.micro_batches(list(lengths), lengths, 20)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
+    assert batches == [[2, 0], [1, 3], [4]]  # sorted by length; 3 rows of 9 would pad to 27 > 20
+    assert all(len(b) * max(lengths[i] for i in b) <= 20 or len(b) == 1 for b in batches)
 
 
 def test_dsrl_stage_switch():
