@@ -527,7 +527,7 @@ def tiny_model_folder(tmp_path_factory):
 
 def run_args(folder, out, *extra):
     return ["--model", str(folder), "--data", str(folder / "toy.jsonl"), "--eval-data", str(folder / "toy.jsonl"),
-            "--out-dir", str(out), "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6",
+            "--out-dir", str(out), "--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "6",
             "--eval-size", "4", "--eval-every", "0", "--lr", "1e-3", *extra]
 
 
