@@ -20,7 +20,6 @@ Sections, printed as one table with ratios at the end:
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -250,7 +249,10 @@ def memory_probe(model_config, micro_batch_tokens, gradient_checkpointing=False)
         prerl.accumulate_gradients(model, batch, rewards, "grpo", cfg, start_id=1)
         prerl.optimizer_step(model, optimizer, cfg)
     params = sum(p.numel() for p in model.parameters())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not getrusage's ru_maxrss: on Linux ru_maxrss survives fork + exec, so a child of a large
+    # process (this benchmark, after TRL) would report its parent's peak.
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    peak = int(status["VmHWM"].split()[0]) * 1024
     print(json.dumps({"peak": peak, "before": rss_before, "params": params}))
 
 
