@@ -128,7 +128,7 @@ def print_eval_table(results):
 
 def command_eval(args, cfg):
     device = prerl.pick_device(cfg)
-    problems = eval_problems(cfg)
+    problems = prerl.eval_problems(cfg)
     results = {}
     model, tokenizer = load_for_analysis(cfg.model, args.checkpoint, device)
     name = args.checkpoint or cfg.model
@@ -146,12 +146,6 @@ def command_eval(args, cfg):
         json.dump(results, f, indent=2)
     print(f"\nwritten: {args.json}")
     return results
-
-
-def eval_problems(cfg):
-    if cfg.eval_data:
-        return prerl.load_problems(cfg.eval_data)[:cfg.eval_size]
-    return prerl.make_problems(cfg.eval_size, cfg.tasks, cfg.difficulty, cfg.seed + 1, held_out=True)
 
 
 # -----------------------------------------------------------------------------
@@ -197,7 +191,7 @@ def command_align(args, cfg):
     device = prerl.pick_device(cfg)
     model, tokenizer = load_for_analysis(cfg.model, args.checkpoint, device)
     start_id, start_desc = prerl.start_token_id(tokenizer)
-    problems = eval_problems(cfg)[:args.problems]
+    problems = prerl.eval_problems(cfg)[:args.problems]
     batch = prerl.sample(model, tokenizer, problems, cfg, group_size=args.samples)
     model.train()
     rows = []
@@ -232,7 +226,7 @@ def command_compare(args, cfg):
         if mode not in prerl.MODES:
             raise SystemExit(f"error: --modes: unknown mode {mode!r}; choose from {', '.join(prerl.MODES)}")
     device = prerl.pick_device(cfg)
-    problems = eval_problems(cfg)
+    problems = prerl.eval_problems(cfg)
     model, tokenizer = load_for_analysis(cfg.model, None, device)
     results = {"base": {"eval": evaluate_samples(model, tokenizer, problems, cfg, args.n), "seconds": 0.0}}
     del model

@@ -191,6 +191,13 @@ def load_problems(path):
     return problems
 
 
+def eval_problems(cfg):
+    """The held-out set: --eval-data, else built-in problems from the held-out side of the split."""
+    if cfg.eval_data:
+        return load_problems(cfg.eval_data)[:cfg.eval_size]
+    return make_problems(cfg.eval_size, cfg.tasks, cfg.difficulty, cfg.seed + 1, held_out=True)
+
+
 def batch_for_step(problems, step, cfg):
     """The prompts of one step: a deterministic function of (seed, step), so --resume replays exactly."""
     rng = random.Random(f"{cfg.seed}-{step}")
@@ -653,9 +660,7 @@ def train(cfg):
         train_set = load_problems(cfg.data)
     else:
         train_set = make_problems(4096, cfg.tasks, cfg.difficulty, cfg.seed, held_out=False)
-    eval_set = load_problems(cfg.eval_data) if cfg.eval_data else \
-        make_problems(cfg.eval_size, cfg.tasks, cfg.difficulty, cfg.seed + 1, held_out=True)
-    eval_set = eval_set[:cfg.eval_size]
+    eval_set = eval_problems(cfg)
     model, tokenizer = load_model(cfg.model, device, cfg.gradient_checkpointing)
     ref_model = None
     if cfg.kl_coef > 0:
