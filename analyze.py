@@ -20,7 +20,6 @@ import re
 import statistics
 import time
 
-import torch
 
 import prerl
 import verify
@@ -67,11 +66,7 @@ def load_for_analysis(model_name, checkpoint_path, device):
     """A model by hub id / folder / 'embedded', optionally with the weights of one of our checkpoints."""
     model, tokenizer = prerl.load_model(model_name, device)
     if checkpoint_path:
-        try:
-            state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"])
-        except Exception as e:
-            raise SystemExit(f"error: checkpoint {checkpoint_path} is unreadable or does not fit {model_name}: {e}") from None
+        prerl.load_checkpoint(checkpoint_path, model)
     return model, tokenizer
 
 

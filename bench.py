@@ -75,13 +75,19 @@ def matmul_parameters(model):
     return total if embedding is head else total - embedding.numel()
 
 
+def model_from_shape(name):
+    """A causal LM of a named shape (MODEL_SHAPES) with random weights: no download."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    shape = dict(MODEL_SHAPES[name])
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
 def build_model(args, device):
     if args.model_config:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-        shape = dict(MODEL_SHAPES[args.model_config])
-        config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+        from transformers import AutoTokenizer
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
+        model = model_from_shape(args.model_config).to(device)
         # A shape without its tokenizer: use the embedded tokenizer, ids stay inside any of these vocabularies.
         tokenizer = AutoTokenizer.from_pretrained(prerl.embedded_model_folder())
         tokenizer.padding_side = "left"
@@ -92,8 +98,7 @@ def build_model(args, device):
 
 def bench_sampling(model, tokenizer, cfg, problems, new_tokens, rows):
     device = next(model.parameters()).device
-    prompts = [prerl.format_prompt(tokenizer, p["problem"]) for p in problems]
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    encoded = prerl.encode_prompts(tokenizer, problems, device)
     eos = prerl.eos_token_ids(model, tokenizer)
     model.eval()
     for n in new_tokens:
@@ -117,8 +122,7 @@ def bench_sampling(model, tokenizer, cfg, problems, new_tokens, rows):
 
 def synthetic_batch(tokenizer, problems, cfg, response_tokens, device, seed=0):
     """A batch shaped like a real step: chat prompts, G responses of response_tokens random tokens."""
-    prompts = [prerl.format_prompt(tokenizer, p["problem"]) for p in problems]
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    encoded = prerl.encode_prompts(tokenizer, problems, device)
     gen = torch.Generator().manual_seed(seed)
     rows = len(problems) * cfg.group_size
     response_ids = torch.randint(100, 10000, (rows, response_tokens), generator=gen).to(device)
@@ -229,11 +233,9 @@ def bench_trl(model_folder, tokenizer, cfg, problems, rows, steps=3):
 
 def memory_probe(model_config, micro_batch_tokens, gradient_checkpointing=False):
     """Run in a subprocess: build a model, do training steps, report peak RSS. Prints one JSON line."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401  (before the baseline, as always)
     rss_before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    shape = dict(MODEL_SHAPES[model_config])
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(shape.pop("model_type"), **shape),
-                                             attn_implementation="sdpa")
+    model = model_from_shape(model_config)
     if gradient_checkpointing:
         prerl.enable_gradient_checkpointing(model)
     cfg = prerl.Config(micro_batch_tokens=micro_batch_tokens)

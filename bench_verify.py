@@ -27,10 +27,6 @@ def load_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def ours():
-    return verify.is_equiv, verify.reward
-
-
 def math_verify_peer():
     """math-verify's documented use: verify(parse(gold), parse(answer)); None when not installed."""
     try:
@@ -82,7 +78,7 @@ def main():
     pairs = [tuple(rng.sample(distinct, 2)) for _ in range(args.pairs)]
     verify.warmup()
 
-    verifiers = [("verify.py", *ours())]
+    verifiers = [("verify.py", verify.is_equiv, verify.reward)]
     peer = math_verify_peer()
     if peer:
         verifiers.append(("math-verify", *peer))

@@ -303,6 +303,12 @@ def format_prompt(tokenizer, problem):
     return f"{SYSTEM_PROMPT}\n\nProblem: {problem}\nSolution:"
 
 
+def encode_prompts(tokenizer, problems, device):
+    """Left-padded token ids and attention mask of the problems' prompts."""
+    prompts = [format_prompt(tokenizer, p["problem"]) for p in problems]
+    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+
+
 def response_mask_from_positions(response_ids, eos_ids):
     """1 for response tokens up to and including the first EOS, 0 after it. Positions, not pad ids:
     many models pad with EOS, so comparing token values with the pad id would drop the real EOS."""
@@ -371,8 +377,7 @@ def sample(model, tokenizer, problems, cfg, group_size, temperature=None):
     the response mask (through the first EOS) and the decoded texts."""
     device = next(model.parameters()).device
     temperature = cfg.temperature if temperature is None else temperature
-    prompts = [format_prompt(tokenizer, p["problem"]) for p in problems]
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    encoded = encode_prompts(tokenizer, problems, device)
     eos_ids = eos_token_ids(model, tokenizer)
     model.eval()
     response_ids = generate(model, encoded["input_ids"], encoded["attention_mask"], group_size, cfg.max_new_tokens,
@@ -618,19 +623,22 @@ def save_checkpoint(path, model, optimizer, step, cfg):
     os.replace(temporary, path)
 
 
-def load_checkpoint(path, model, optimizer):
-    """Restore model, optimizer and RNG; returns the step to continue from."""
+def load_checkpoint(path, model, optimizer=None):
+    """Restore the model's weights and, when resuming a run (optimizer given), the optimizer and RNG.
+    Returns the step to continue from."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
     except Exception as e:  # truncated file, pickle garbage, other model's weights: one clear message
         raise SystemExit(f"error: checkpoint {path} is unreadable or does not fit this model: {type(e).__name__}: {e}") from None
-    random.setstate(state["rng"]["python"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if optimizer is not None:
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return step
 
 

@@ -354,6 +354,11 @@ def hand_advantages(stage, rewards, lam=0.1):
     return out
 
 
+def real_prompt(batch, i):
+    """Row i's prompt tokens without its left padding."""
+    return [t for t, m in zip(batch["prompt_ids"][i].tolist(), batch["prompt_mask"][i].tolist()) if m]
+
+
 def hand_loss(model, batch, rewards, stage, coef):
     """coef * token-mean of -A_i log pi(y_t | context): plain per-token forward passes, Python sums."""
     advantages = hand_advantages(stage, rewards)
@@ -364,7 +369,7 @@ def hand_loss(model, batch, rewards, stage, coef):
         if pretrain and a == 0:
             continue  # PreRL: zero-advantage responses leave the denominator too
         tokens += n
-        prompt = [t for t, m in zip(batch["prompt_ids"][i].tolist(), batch["prompt_mask"][i].tolist()) if m]
+        prompt = real_prompt(batch, i)
         context = [1] if pretrain else prompt
         total = total + (-a) * reference_logprobs(model, context, batch["response_ids"][i, :n].tolist()).sum()
     return coef * total / tokens
@@ -401,7 +406,7 @@ def test_kl_term_gradient_equals_hand_formula():
     kl, tokens = 0.0, int(batch["response_mask"].sum())
     for i in range(len(rewards.reshape(-1))):  # the KL covers every response, A = 0 or not
         n = int(batch["response_mask"][i].sum())
-        prompt = [t for t, m in zip(batch["prompt_ids"][i].tolist(), batch["prompt_mask"][i].tolist()) if m]
+        prompt = real_prompt(batch, i)
         lp = reference_logprobs(model, prompt, batch["response_ids"][i, :n].tolist())
         with torch.no_grad():
             ref = reference_logprobs(reference, prompt, batch["response_ids"][i, :n].tolist())
