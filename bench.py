@@ -18,11 +18,13 @@ Sections, printed as one table with ratios at the end:
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -38,6 +40,15 @@ MODEL_SHAPES = {  # --model-config: named shapes built with random weights (no d
     "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
 }
+
+
+CARD_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}  # dense bf16, datasheet
+
+
+def card_bf16_peak(device):
+    """The datasheet's dense bf16 FLOP/s of this GPU, or None (CPU, or a card not in the table)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for card, peak in CARD_BF16_PEAK.items() if card in name), None)
 
 
 def sync(device):
@@ -88,36 +99,49 @@ def build_model(args, device):
         from transformers import AutoTokenizer
         torch.manual_seed(0)
         model = model_from_shape(args.model_config).to(device)
-        # A shape without its tokenizer: use the embedded tokenizer, ids stay inside any of these vocabularies.
-        tokenizer = AutoTokenizer.from_pretrained(prerl.embedded_model_folder())
+        # A shape without its tokenizer: use the embedded one (ids stay inside any of these vocabularies),
+        # or --tokenizer FOLDER on a machine without the embedded model.
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or prerl.embedded_model_folder())
         tokenizer.padding_side = "left"
         return model, tokenizer, args.model_config + " (random weights)"
     model, tokenizer = prerl.load_model(args.model, device)
     return model, tokenizer, args.model
 
 
-def bench_sampling(model, tokenizer, cfg, problems, new_tokens, rows):
+def bench_sampling(model, tokenizer, cfg, problems, new_tokens, rows, repeat):
     device = next(model.parameters()).device
     encoded = prerl.encode_prompts(tokenizer, problems, device)
     eos = prerl.eos_token_ids(model, tokenizer)
     model.eval()
+
+    def ours(n):
+        return prerl.generate(model, encoded["input_ids"], encoded["attention_mask"], cfg.group_size, n,
+                              cfg.temperature, cfg.top_p, eos, tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def plain(n):  # the baseline: one plain transformers call with the same settings
+        with prerl.autocast(device):
+            out = model.generate(**encoded, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                 max_new_tokens=n, num_return_sequences=cfg.group_size,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+        return out[:, encoded["input_ids"].shape[1]:]
+
+    ours(8), plain(8)  # warm-up: the first calls pay for lazy initialisation and allocator growth
     for n in new_tokens:
-        torch.manual_seed(0)
-        ours_s, ours = timed(lambda: prerl.generate(model, encoded["input_ids"], encoded["attention_mask"], cfg.group_size,
-                                                    n, cfg.temperature, cfg.top_p, eos, tokenizer.pad_token_id), device)
-        torch.manual_seed(0)
-        with torch.no_grad(), prerl.autocast(device):
-            hf_s, hf = timed(lambda: model.generate(**encoded, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                                    top_k=0, max_new_tokens=n, num_return_sequences=cfg.group_size,
-                                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=eos), device)
-        hf = hf[:, encoded["input_ids"].shape[1]:]
-        ours_tokens = int(prerl.response_mask_from_positions(ours, eos).sum())
-        hf_tokens = int(prerl.response_mask_from_positions(hf, eos).sum())
-        rows.append((f"sampling {len(problems)}x{cfg.group_size}, {n} new tokens: prerl.generate",
-                     f"{ours_tokens / ours_s:,.0f} tok/s", f"{ours_tokens} tokens in {ours_s:.1f} s"))
-        rows.append((f"sampling {len(problems)}x{cfg.group_size}, {n} new tokens: model.generate",
-                     f"{hf_tokens / hf_s:,.0f} tok/s", f"{hf_tokens} tokens in {hf_s:.1f} s; "
-                     f"prerl is {(ours_tokens / ours_s) / (hf_tokens / hf_s):.2f}x"))
+        rates = {ours: [], plain: []}
+        for r in range(repeat):  # interleaved, so a slow spell of a shared machine hits both
+            for fn in (ours, plain):
+                torch.manual_seed(r)
+                seconds, out = timed(lambda: fn(n), device)
+                rates[fn].append(int(prerl.response_mask_from_positions(out, eos).sum()) / seconds)
+        ratios = sorted(a / b for a, b in zip(rates[ours], rates[plain]))
+        what = f"sampling {len(problems)}x{cfg.group_size}, {n} new tokens"
+        rows.append((f"{what}: prerl.generate", f"{statistics.median(rates[ours]):,.0f} tok/s",
+                     f"median of {repeat}: " + ", ".join(f"{x:,.0f}" for x in rates[ours])))
+        rows.append((f"{what}: model.generate", f"{statistics.median(rates[plain]):,.0f} tok/s",
+                     f"median of {repeat}: " + ", ".join(f"{x:,.0f}" for x in rates[plain])))
+        rows.append((f"{what}: ratio prerl / model.generate", f"{statistics.median(ratios):.2f}x",
+                     "median of the paired runs: " + ", ".join(f"{x:.2f}" for x in ratios) + "; target >= 1.5x"))
 
 
 def synthetic_batch(tokenizer, problems, cfg, response_tokens, device, seed=0):
@@ -160,9 +184,11 @@ def bench_training(model, tokenizer, cfg, problems, peak, rows, response_tokens)
             prerl.optimizer_step(model, optimizer, cfg)
         seconds, _ = timed(step, device, repeat=3)
         flops, tokens = step_flops(model, batch, scored, space)
+        card = card_bf16_peak(device)
         rows.append((f"training step, {stage} ({len(scored)} responses, {tokens} tokens)",
                      f"{tokens / seconds:,.0f} tok/s", f"{seconds:.2f} s, {flops / seconds / 1e9:,.1f} GFLOP/s = "
-                     f"{100 * flops / seconds / peak:.0f}% of matmul peak"))
+                     f"{100 * flops / seconds / peak:.0f}% of matmul peak"
+                     + (f", {100 * flops / seconds / card:.0f}% of the card's dense bf16 spec" if card else "")))
 
 
 def bench_e2e(model, tokenizer, cfg, problems, rows, steps=3):
@@ -231,11 +257,13 @@ def bench_trl(model_folder, tokenizer, cfg, problems, rows, steps=3):
     return mean
 
 
-def memory_probe(model_config, micro_batch_tokens, gradient_checkpointing=False):
-    """Run in a subprocess: build a model, do training steps, report peak RSS. Prints one JSON line."""
+def memory_probe(model_config, micro_batch_tokens, gradient_checkpointing, device):
+    """Run in a subprocess: build a model, do training steps, report the peak resident memory (CPU) or
+    the peak of allocated GPU memory (CUDA). Prints one JSON line."""
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401  (before the baseline, as always)
+    device = torch.device(device)
     rss_before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    model = model_from_shape(model_config)
+    model = model_from_shape(model_config).to(device)
     if gradient_checkpointing:
         prerl.enable_gradient_checkpointing(model)
     cfg = prerl.Config(micro_batch_tokens=micro_batch_tokens)
@@ -245,12 +273,16 @@ def memory_probe(model_config, micro_batch_tokens, gradient_checkpointing=False)
              "prompt_mask": torch.ones(rows, prompt_len, dtype=torch.long),
              "response_ids": torch.randint(100, 10000, (rows, response_len), generator=gen),
              "response_mask": torch.ones(rows, response_len, dtype=torch.long)}
+    batch = {k: v.to(device) for k, v in batch.items()}
     rewards = torch.tensor([[1.0, 0.0] * (cfg.group_size // 2)] * cfg.prompts_per_step)
     optimizer = prerl.make_optimizer(model, cfg)
     for _ in range(2):
         prerl.accumulate_gradients(model, batch, rewards, "grpo", cfg, start_id=1)
         prerl.optimizer_step(model, optimizer, cfg)
     params = sum(p.numel() for p in model.parameters())
+    if device.type == "cuda":  # everything on the GPU was allocated by this process after it started
+        print(json.dumps({"peak": torch.cuda.max_memory_allocated(device), "before": 0, "params": params}))
+        return
     # VmHWM, not getrusage's ru_maxrss: on Linux ru_maxrss survives fork + exec, so a child of a large
     # process (this benchmark, after TRL) would report its parent's peak.
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
@@ -258,10 +290,10 @@ def memory_probe(model_config, micro_batch_tokens, gradient_checkpointing=False)
     print(json.dumps({"peak": peak, "before": rss_before, "params": params}))
 
 
-def bench_memory(model_config, micro_batch_tokens, gradient_checkpointing, rows):
+def bench_memory(model_config, micro_batch_tokens, gradient_checkpointing, device, rows):
     out = subprocess.run([sys.executable, __file__, "--memory-probe", model_config, "--micro-batch-tokens",
-                          str(micro_batch_tokens)] + (["--gradient-checkpointing"] if gradient_checkpointing else []),
-                         capture_output=True, text=True)
+                          str(micro_batch_tokens), "--device", str(device)]
+                         + (["--gradient-checkpointing"] if gradient_checkpointing else []), capture_output=True, text=True)
     if out.returncode != 0:
         rows.append(("peak memory", "failed", out.stderr.strip().splitlines()[-1][:200]))
         return
@@ -269,9 +301,10 @@ def bench_memory(model_config, micro_batch_tokens, gradient_checkpointing, rows)
     state = 16 * probe["params"]  # fp32 weights + gradients + AdamW exp_avg + exp_avg_sq
     used = probe["peak"] - probe["before"]
     checkpointing = ", gradient checkpointing" if gradient_checkpointing else ""
+    where = ("GPU, torch.cuda.max_memory_allocated" if device.type == "cuda" else
+             f"resident; process total {probe['peak'] / 2**30:.2f} GiB incl. {probe['before'] / 2**30:.2f} GiB of runtime")
     rows.append((f"peak memory, training {model_config} (32 x 104 tokens, micro-batches of {micro_batch_tokens} tokens{checkpointing})",
-                 f"{used / 2**30:.2f} GiB", f"{used / state:.2f}x weights+grads+AdamW ({state / 2**30:.2f} GiB); "
-                 f"process total {probe['peak'] / 2**30:.2f} GiB incl. {probe['before'] / 2**30:.2f} GiB of runtime"))
+                 f"{used / 2**30:.2f} GiB", f"{used / state:.2f}x weights+grads+AdamW ({state / 2**30:.2f} GiB); {where}"))
 
 
 def bench_verify(rows, n=2000):
@@ -296,14 +329,16 @@ def main():
     parser.add_argument("--model", default=prerl.EMBEDDED_MODEL)
     parser.add_argument("--model-config", choices=sorted(MODEL_SHAPES), help="random weights of a named shape")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--tokenizer", help="tokenizer folder for --model-config (default: the embedded model's)")
     parser.add_argument("--only", default="matmul,sampling,training,e2e,memory,verify")
     parser.add_argument("--new-tokens", default="64,256", help="sampling lengths to measure")
+    parser.add_argument("--repeat", type=int, default=3, help="paired sampling runs per length (median reported)")
     parser.add_argument("--micro-batch-tokens", type=int, default=prerl.Config.micro_batch_tokens)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="as in prerl.py, for training and memory")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
-        return memory_probe(args.memory_probe, args.micro_batch_tokens, args.gradient_checkpointing)
+        return memory_probe(args.memory_probe, args.micro_batch_tokens, args.gradient_checkpointing, args.device)
     sections = set(args.only.split(","))
     device = prerl.pick_device(prerl.Config(device=args.device))
     cfg = prerl.Config(max_new_tokens=64, micro_batch_tokens=args.micro_batch_tokens)
@@ -320,19 +355,26 @@ def main():
     if need_model and args.gradient_checkpointing:
         prerl.enable_gradient_checkpointing(model)
     if "sampling" in sections:
-        bench_sampling(model, tokenizer, cfg, problems, [int(n) for n in args.new_tokens.split(",")], rows)
+        bench_sampling(model, tokenizer, cfg, problems, [int(n) for n in args.new_tokens.split(",")], rows, args.repeat)
     if "training" in sections:
         bench_training(model, tokenizer, cfg, problems, peak, rows, response_tokens=64)
     if "e2e" in sections:
         ours = bench_e2e(model, tokenizer, cfg, problems, rows)
-        folder = prerl.embedded_model_folder() if args.model == prerl.EMBEDDED_MODEL and not args.model_config else args.model
-        theirs = None if args.model_config else bench_trl(folder, tokenizer, cfg, problems, rows)
+        folder = prerl.embedded_model_folder() if args.model == prerl.EMBEDDED_MODEL else args.model
+        if args.model_config:  # TRL loads from a folder: save the random weights (skipped when TRL is missing)
+            folder = tempfile.mkdtemp(prefix="prerl-bench-")
+            if importlib.util.find_spec("trl"):
+                model.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+            rows.append(("RL steps on random weights", "note", "every reward is 0, so no group is mixed: prerl "
+                         "skips the backward (all-equal groups carry no signal), TRL runs it"))
+        theirs = bench_trl(folder, tokenizer, cfg, problems, rows)
         for mode, seconds in ours.items():
             if theirs:
                 rows.append((f"RL step ratio, prerl {mode} / TRL GRPOTrainer", f"{seconds / theirs:.2f}x",
                              "target <= 0.6x"))
     if "memory" in sections:
-        bench_memory(args.model_config or "smollm2-135m", args.micro_batch_tokens, args.gradient_checkpointing, rows)
+        bench_memory(args.model_config or "smollm2-135m", args.micro_batch_tokens, args.gradient_checkpointing, device, rows)
     if "verify" in sections:
         bench_verify(rows)
     width = max(len(r[0]) for r in rows)
