@@ -360,7 +360,6 @@ def main():
         bench_training(model, tokenizer, cfg, problems, peak, rows, response_tokens=64)
     if "e2e" in sections:
         ours = bench_e2e(model, tokenizer, cfg, problems, rows)
-        folder = prerl.embedded_model_folder() if args.model == prerl.EMBEDDED_MODEL else args.model
         if args.model_config:  # TRL loads from a folder: save the random weights (skipped when TRL is missing)
             folder = tempfile.mkdtemp(prefix="prerl-bench-")
             if importlib.util.find_spec("trl"):
@@ -368,6 +367,8 @@ def main():
                 tokenizer.save_pretrained(folder)
             rows.append(("RL steps on random weights", "note", "every reward is 0, so no group is mixed: prerl "
                          "skips the backward (all-equal groups carry no signal), TRL runs it"))
+        else:
+            folder = prerl.embedded_model_folder() if args.model == prerl.EMBEDDED_MODEL else args.model
         theirs = bench_trl(folder, tokenizer, cfg, problems, rows)
         for mode, seconds in ours.items():
             if theirs:
