@@ -91,7 +91,9 @@ def model_from_shape(name):
     from transformers import AutoConfig, AutoModelForCausalLM
     shape = dict(MODEL_SHAPES[name])
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    prerl.sparse_embedding_gradient(model)  # as prerl.load_model does
+    return model
 
 
 def build_model(args, device):
@@ -303,7 +305,8 @@ def bench_memory(model_config, micro_batch_tokens, gradient_checkpointing, devic
     checkpointing = ", gradient checkpointing" if gradient_checkpointing else ""
     where = ("GPU, torch.cuda.max_memory_allocated" if device.type == "cuda" else
              f"resident; process total {probe['peak'] / 2**30:.2f} GiB incl. {probe['before'] / 2**30:.2f} GiB of runtime")
-    rows.append((f"peak memory, training {model_config} (32 x 104 tokens, micro-batches of {micro_batch_tokens} tokens{checkpointing})",
+    budget = prerl.micro_batch_budget(prerl.Config(micro_batch_tokens=micro_batch_tokens), device)
+    rows.append((f"peak memory, training {model_config} (32 x 104 tokens, micro-batches of {budget} tokens{checkpointing})",
                  f"{used / 2**30:.2f} GiB", f"{used / state:.2f}x weights+grads+AdamW ({state / 2**30:.2f} GiB); {where}"))
 
 

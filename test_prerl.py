@@ -186,13 +186,13 @@ def rms_norm_full_precision(self, x):
     return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
 
 
-def tiny_model(dtype=torch.float64, seed=0):
+def tiny_model(dtype=torch.float64, seed=0, tied=False):
     import types
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(CHARS) + 4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=tied)
     model = LlamaForCausalLM(config).to(dtype)
     if dtype == torch.float64:
         for module in model.modules():
@@ -500,6 +500,26 @@ def test_gradient_accumulation_equals_full_batch():
             grads.append(flat_grad(model))
         torch.testing.assert_close(grads[0], grads[2], rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(grads[1], grads[2], rtol=1e-10, atol=1e-14)
+
+
+def test_sparse_embedding_gradient_equals_dense_for_tied_weights():
+    """The sparse input-lookup gradient summed with the output projection's: the same dense gradient
+    as nn.Embedding's own, over several micro-batches, so AdamW sees no difference."""
+    rewards = torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
+    for stage in ("grpo", "nsr-prerl"):
+        grads = []
+        for sparse in (False, True):
+            model = tiny_model(tied=True)
+            if sparse:
+                prerl.sparse_embedding_gradient(model)
+            assert model.get_input_embeddings().sparse == sparse
+            prerl.accumulate_gradients(model, toy_batch(), rewards, stage, prerl.Config(micro_batch_tokens=25), start_id=1)
+            assert not model.get_input_embeddings().weight.grad.is_sparse
+            grads.append(flat_grad(model))
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)
+    untied = tiny_model()
+    prerl.sparse_embedding_gradient(untied)  # untied: a sparse-only gradient would break AdamW, so no change
+    assert not untied.get_input_embeddings().sparse
 
 
 def test_micro_batches_respect_the_token_budget():
