@@ -4,11 +4,13 @@ bench.py -- how fast prerl runs on this machine, measured side by side with its 
     pip install trl                          # the peer (optional; the table says why if it is missing)
     python bench.py                          # embedded SmolLM2-135M-Instruct, CPU or GPU
     python bench.py --model-config qwen2.5-1.5b --device cuda   # random weights of a named shape (GPU)
+    python bench.py --model-config qwen2.5-1.5b --tokenizer FOLDER   # ... where the embedded model is absent
     python bench.py --only sampling,training,memory,verify       # a subset
 
 Sections, printed as one table with ratios at the end:
   matmul    plain fp32 (CPU) / bf16 (CUDA) matmul FLOP/s: the machine's practical peak
-  sampling  response tokens/s: prerl.generate vs transformers' model.generate, same settings
+  sampling  response tokens/s: prerl.generate vs transformers' model.generate, same settings, both
+            warmed up, then --repeat interleaved pairs (median; every pair is printed)
   training  one optimizer step (forward, backward, AdamW): tokens/s and model FLOPs utilisation,
             counting FLOPs as 6 x matmul parameters x tokens + attention 12 x layers x width x seq^2
   e2e       seconds per RL step (grpo, nsr-prerl) vs TRL's GRPOTrainer: same model, prompts, G,
