@@ -280,8 +280,8 @@ def sparse_embedding_gradient(model):
     per micro-batch (7% of a CPU backward on SmolLM2) and two table-sized temporaries; summed with the
     output projection's dense gradient, the parameter's gradient stays dense, so AdamW is unchanged.
     Untied embeddings keep dense gradients: a sparse-only gradient would need a sparse optimizer."""
-    embedding = model.get_input_embeddings()
-    if isinstance(embedding, torch.nn.Embedding) and embedding.weight is model.get_output_embeddings().weight:
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(embedding, torch.nn.Embedding) and head is not None and embedding.weight is head.weight:
         embedding.sparse = True
 
 
@@ -352,8 +352,8 @@ def pick_next_token(logits, temperature, top_p):
 
 class PreallocatedLayer(DynamicLayer):
     """One layer's KV cache in buffers with room for the whole response. transformers' DynamicLayer appends
-    each token with torch.cat, copying the entire cache every step (on CPU a fifth of sampling time, mostly
-    page faults on the fresh copy); here a step writes one position. Row drops copy the buffer once."""
+    each token with torch.cat, copying the entire cache every step (on CPU up to a fifth of sampling time,
+    mostly page faults on the fresh copies); here a step writes one position. A row drop copies once."""
 
     def __init__(self, keys, values, room):
         super().__init__()
