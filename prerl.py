@@ -275,11 +275,11 @@ def enable_gradient_checkpointing(model):
 
 
 def sparse_embedding_gradient(model):
-    """With tied input/output embeddings, let the input lookup send back only the rows it used. The dense
-    [vocab, width] gradient of nn.Embedding costs a zero fill, a scatter and an add of the whole table
-    per micro-batch (7% of a CPU backward on SmolLM2) and two table-sized temporaries; summed with the
-    output projection's dense gradient, the parameter's gradient stays dense, so AdamW is unchanged.
-    Untied embeddings keep dense gradients: a sparse-only gradient would need a sparse optimizer."""
+    """With tied input/output embeddings, let the input lookup send back only the rows it used. nn.Embedding's
+    dense gradient zero-fills and scatters a whole [vocab, width] table per micro-batch; the sparse one
+    leaves only its sum with the output projection's gradient (SmolLM2 on CPU: embedding backward 0.64 ->
+    0.47 s of a 9 s backward, peak memory down 0.05x of weights+grads+AdamW). The sum is dense, so AdamW
+    is unchanged. Untied embeddings keep dense gradients: sparse-only ones would need a sparse optimizer."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if isinstance(embedding, torch.nn.Embedding) and head is not None and embedding.weight is head.weight:
         embedding.sparse = True
