@@ -20,7 +20,6 @@ import re
 import statistics
 import time
 
-
 import prerl
 import verify
 

@@ -179,6 +179,7 @@ def bench_training(model, tokenizer, cfg, problems, peak, rows, response_tokens)
     rewards = torch.tensor([[1.0, 0.0] * (cfg.group_size // 2)] * len(problems))  # every group mixed
     optimizer = prerl.make_optimizer(model, cfg)
     start_id, _ = prerl.start_token_id(tokenizer)
+    card = card_bf16_peak(device)
     for stage in ("grpo", "nsr-prerl"):
         advantages, space, _ = prerl.advantages_for(stage, rewards, cfg)
         scored = (advantages.reshape(-1) != 0).nonzero().squeeze(1).to(device)
@@ -188,7 +189,6 @@ def bench_training(model, tokenizer, cfg, problems, peak, rows, response_tokens)
             prerl.optimizer_step(model, optimizer, cfg)
         seconds, _ = timed(step, device, repeat=3)
         flops, tokens = step_flops(model, batch, scored, space)
-        card = card_bf16_peak(device)
         rows.append((f"training step, {stage} ({len(scored)} responses, {tokens} tokens)",
                      f"{tokens / seconds:,.0f} tok/s", f"{seconds:.2f} s, {flops / seconds / 1e9:,.1f} GFLOP/s = "
                      f"{100 * flops / seconds / peak:.0f}% of matmul peak"
@@ -375,8 +375,8 @@ def main():
         else:
             folder = prerl.embedded_model_folder() if args.model == prerl.EMBEDDED_MODEL else args.model
         theirs = bench_trl(folder, tokenizer, cfg, problems, rows)
-        for mode, seconds in ours.items():
-            if theirs:
+        if theirs:
+            for mode, seconds in ours.items():
                 rows.append((f"RL step ratio, prerl {mode} / TRL GRPOTrainer", f"{seconds / theirs:.2f}x",
                              "target <= 0.6x"))
     if "memory" in sections:

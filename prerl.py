@@ -360,19 +360,28 @@ class PreallocatedLayer(DynamicLayer):
         self.device, self.is_initialized, self.length = keys.device, True, keys.shape[-2]
         self.key_buffer = torch.cat([keys, keys.new_empty(*keys.shape[:2], room, keys.shape[-1])], -2)
         self.value_buffer = torch.cat([values, values.new_empty(*values.shape[:2], room, values.shape[-1])], -2)
-        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+        self.show_filled()
+
+    def show_filled(self):
+        """keys/values, which attention reads, are views of the buffers' filled positions."""
+        self.keys, self.values = self.key_buffer.narrow(2, 0, self.length), self.value_buffer.narrow(2, 0, self.length)
 
     def update(self, key_states, value_states, *args, **kwargs):
         added = key_states.shape[-2]
         self.key_buffer.narrow(2, self.length, added).copy_(key_states)      # narrow: cheaper than [:, :, a:b]
         self.value_buffer.narrow(2, self.length, added).copy_(value_states)  # in a loop bound by Python time
         self.length += added
-        self.keys, self.values = self.key_buffer.narrow(2, 0, self.length), self.value_buffer.narrow(2, 0, self.length)
+        self.show_filled()
         return self.keys, self.values
 
     def batch_select_indices(self, indices):
         self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-        self.keys, self.values = self.key_buffer.narrow(2, 0, self.length), self.value_buffer.narrow(2, 0, self.length)
+        self.show_filled()
+
+
+def cache_keyword(model):
+    """The forward's keyword for the KV cache: transformers 5 renamed past_key_values to cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def preallocate(cache, room):
@@ -389,12 +398,12 @@ def generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, tempera
     cache copied G times; rows that have ended leave the batch, and decoding stops when all have."""
     device = prompt_ids.device
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = cache_keyword(model)
     eos = torch.tensor(eos_ids, device=device)
     with autocast(device):  # one scope for the loop: autocast keeps its bf16 weight copies until it exits
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                     use_cache=True, logits_to_keep=1)
-        cache = getattr(out, cache_name)               # transformers 5 renamed past_key_values -> cache
+        cache = getattr(out, cache_name)
         cache.batch_repeat_interleave(group_size)
         preallocate(cache, max_new_tokens)
         logits = out.logits[:, -1].repeat_interleave(group_size, 0)

@@ -5,7 +5,6 @@ Tests for prerl.py and verify.py. Offline, CPU, a tiny model built from a config
 """
 
 import json
-import inspect
 import math
 import threading
 import time
@@ -268,11 +267,10 @@ def test_preallocated_cache_decodes_like_a_full_forward():
     model = tiny_model(torch.float64)
     ids = torch.tensor([[20, 21, 22, 23], [24, 25, 26, 27], [28, 29, 30, 31]])
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache_name = prerl.cache_keyword(model)
+        cache = getattr(model(input_ids=ids, use_cache=True), cache_name)
         prerl.preallocate(cache, room=3)
         assert all(type(layer) is prerl.PreallocatedLayer for layer in cache.layers)
-        cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         for token, keep in [(32, [0, 1, 2]), (33, [0, 2]), (34, [0, 2])]:
             if len(keep) < len(ids):
                 cache.batch_select_indices(torch.tensor(keep))
@@ -281,6 +279,7 @@ def test_preallocated_cache_decodes_like_a_full_forward():
             logits = model(input_ids=ids[:, -1:], use_cache=True, **{cache_name: cache}).logits[:, -1]
             torch.testing.assert_close(logits, model(input_ids=ids).logits[:, -1])
         assert cache.layers[0].keys.shape[-2] == ids.shape[1]
+
 
 def test_sampled_first_token_follows_softmax_over_temperature():
     torch.manual_seed(0)
