@@ -725,8 +725,6 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
 
 
 def train(cfg):
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     device = pick_device(cfg)
     if cfg.data:
         train_set = load_problems(cfg.data)
@@ -738,6 +736,10 @@ def train(cfg):
     if cfg.kl_coef > 0:
         ref_model, _ = load_model(cfg.model, device)
         ref_model.requires_grad_(False).eval()
+    # Seed after loading (a resumed run then restores its own RNG): the one-time GGUF conversion builds a
+    # model with random init, and seeding before it would shift every sample of the run that converts.
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
     start_id, start_desc = start_token_id(tokenizer)
     optimizer = make_optimizer(model, cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -6,6 +6,7 @@ Tests for prerl.py and verify.py. Offline, CPU, a tiny model built from a config
 
 import json
 import math
+import random
 import threading
 import time
 
@@ -597,6 +598,22 @@ def test_train_checkpoint_resume_is_exact_and_optimizer_carries_over(tiny_model_
     resumed = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
     assert [m["step"] for m in resumed] == [0, 1, 2]
     assert not list((tmp_path / "full").glob("*.tmp*"))  # atomic writes leave no temporary files
+
+
+def test_run_does_not_depend_on_random_numbers_drawn_while_loading(tiny_model_folder, tmp_path, monkeypatch):
+    """The first run with the embedded model converts it, building a randomly initialised model on the
+    way; the seed must be applied after loading, or that one run would sample differently."""
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "plain", "--steps", "2")))
+    load_model = prerl.load_model
+
+    def load_model_drawing_random_numbers(*args, **kwargs):
+        torch.rand(1000), random.random()  # what a conversion's random init would consume
+        return load_model(*args, **kwargs)
+    monkeypatch.setattr(prerl, "load_model", load_model_drawing_random_numbers)
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "drawing", "--steps", "2")))
+    runs = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("plain", "drawing")]
+    assert [m["loss"] for m in runs[0]] == [m["loss"] for m in runs[1]]
+    assert any(m["kept_tokens"] > 0 for m in runs[0])  # some step really trained
 
 
 def test_broken_checkpoint_gives_clear_error(tiny_model_folder, tmp_path):
