@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers.cache_utils import DynamicLayer
 
@@ -454,18 +453,58 @@ def sample(model, tokenizer, problems, cfg, group_size, temperature=None):
 # Scoring: per-token log-probs in the conditional space P(y|x) and the pre-train space P(y)
 
 
-def _chunk_logprobs(lm_head, hidden, targets):
-    logits = lm_head(hidden)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # log-softmax in fp32 under autocast
+def at_least_fp32(x):
+    return x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp32, fp64 unchanged
+
+
+class LinearLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T + bias)[targets] for one chunk of tokens, with a hand-written backward.
+    Plain autograd would keep the [chunk, V] logits, a shifted copy for the log-softmax and a one-hot
+    scatter of the same size, and recomputing them instead (checkpointing) runs the LM head twice. Here
+    the logits are made once and overwritten in place by the softmax that the backward needs:
+    d lp / d logits = onehot(target) - softmax(logits)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        compute_dtype = logits.dtype                                  # bf16 under autocast, else fp32
+        logits = at_least_fp32(logits)                                # the log-softmax itself in fp32
+        target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)
+        row_max = logits.amax(-1, keepdim=True)
+        probs = logits.sub_(row_max).exp_()                           # in place: no second [chunk, V] tensor
+        row_sum = probs.sum(-1, keepdim=True)
+        probs.div_(row_sum)
+        ctx.save_for_backward(hidden, weight, targets, probs.to(compute_dtype))
+        ctx.has_bias, ctx.used = bias is not None, False
+        return target_logits - (row_max + row_sum.log()).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad_lp):
+        if ctx.used:
+            raise RuntimeError("LinearLogprobs: its backward reuses the saved softmax in place and runs only once")
+        ctx.used = True
+        hidden, weight, targets, probs = ctx.saved_tensors
+        grad_lp = grad_lp.to(probs.dtype)[:, None]
+        grad_logits = probs.mul_(-grad_lp).scatter_add_(1, targets[:, None], grad_lp)  # g * (onehot - softmax)
+        grad_hidden = (grad_logits @ weight.to(probs.dtype)).to(hidden.dtype)
+        grad_weight = (grad_logits.T @ hidden.to(probs.dtype)).to(weight.dtype)
+        grad_bias = grad_logits.sum(0).to(weight.dtype) if ctx.has_bias else None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def chunk_logprobs(hidden, weight, bias, targets):
+    """log P(targets) under the LM head for one chunk of positions, in fp32."""
+    if torch.is_grad_enabled():
+        return LinearLogprobs.apply(hidden, weight, bias, targets)
+    logits = at_least_fp32(torch.nn.functional.linear(hidden, weight, bias))
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def token_logprobs(model, input_ids, attention_mask, targets, first_target_pos, chunk_tokens=256):
     """log pi(targets[:, t] | input_ids[:, :first_target_pos + t]) as [B, T] in fp32.
     Positions come from the attention mask, so left padding does not shift them. The vocabulary
-    projection runs chunk by chunk under activation checkpointing: the [B, T, V] logits are never
-    held in memory at once (V is 49k-152k)."""
+    projection runs chunk by chunk, so that without gradients the [B, T, V] logits are never held at
+    once (V is 49k-152k); with gradients each chunk keeps only its softmax for the backward."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with autocast(input_ids.device):
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -474,13 +513,10 @@ def token_logprobs(model, input_ids, attention_mask, targets, first_target_pos, 
     hidden = hidden[:, first_target_pos - 1:first_target_pos - 1 + length].reshape(batch * length, -1)
     flat_targets = targets.reshape(-1)
     lm_head, parts = model.get_output_embeddings(), []
-    for i in range(0, batch * length, chunk_tokens):
-        h, t = hidden[i:i + chunk_tokens], flat_targets[i:i + chunk_tokens]
-        with autocast(input_ids.device):
-            if torch.is_grad_enabled():
-                parts.append(checkpoint(_chunk_logprobs, lm_head, h, t, use_reentrant=False))
-            else:
-                parts.append(_chunk_logprobs(lm_head, h, t))
+    with autocast(input_ids.device):
+        for i in range(0, batch * length, chunk_tokens):
+            chunk = slice(i, i + chunk_tokens)
+            parts.append(chunk_logprobs(hidden[chunk], lm_head.weight, lm_head.bias, flat_targets[chunk]))
     return torch.cat(parts).view(batch, length)
 
 

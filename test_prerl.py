@@ -502,6 +502,65 @@ def test_gradient_accumulation_equals_full_batch():
         torch.testing.assert_close(grads[1], grads[2], rtol=1e-10, atol=1e-14)
 
 
+def plain_linear_logprobs(hidden, weight, bias, targets):
+    """The textbook form autograd differentiates by itself: full log-softmax, then pick the targets."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_logprobs_backward_equals_autograd_and_finite_differences(with_bias):
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = torch.tensor([3, 3, 0, 10, 7, 3])  # repeated and edge ids
+    upstream = torch.randn(6, dtype=torch.float64)
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
+    got_value = prerl.LinearLogprobs.apply(hidden, weight, bias, targets)
+    got = torch.autograd.grad((got_value * upstream).sum(), inputs)
+    expected_value = plain_linear_logprobs(hidden, weight, bias, targets)
+    expected = torch.autograd.grad((expected_value * upstream).sum(), inputs)
+    torch.testing.assert_close(got_value, expected_value, rtol=1e-12, atol=1e-12)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # central differences of sum(upstream * lp) for a few entries of each input
+        for tensor, grad in zip(inputs, got):
+            for index in [(0,) * tensor.dim(), tuple(s - 1 for s in tensor.shape), (3,) + (1,) * (tensor.dim() - 1)]:
+                h, original = 1e-6, tensor[index].item()
+                tensor[index] = original + h
+                plus = (plain_linear_logprobs(hidden, weight, bias, targets) * upstream).sum()
+                tensor[index] = original - h
+                minus = (plain_linear_logprobs(hidden, weight, bias, targets) * upstream).sum()
+                tensor[index] = original
+                assert abs((plus - minus) / (2 * h) - grad[index]) < 1e-7
+
+
+def test_linear_logprobs_under_bf16_autocast_matches_fp32():
+    """The CUDA path, exercised on CPU: matmuls in bf16, log-softmax in fp32, gradients in the parameters' dtype."""
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 16, requires_grad=True)
+    weight = (0.3 * torch.randn(50, 16)).requires_grad_()
+    targets = torch.randint(0, 50, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_value = prerl.LinearLogprobs.apply(hidden, weight, None, targets)
+    got = torch.autograd.grad(got_value.sum(), (hidden, weight))
+    expected_value = plain_linear_logprobs(hidden, weight, None, targets)
+    expected = torch.autograd.grad(expected_value.sum(), (hidden, weight))
+    assert got_value.dtype == torch.float32 and got[0].dtype == got[1].dtype == torch.float32
+    torch.testing.assert_close(got_value, expected_value, rtol=0.05, atol=0.05)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0.05, atol=0.02)
+
+
+def test_linear_logprobs_refuses_a_second_backward():
+    hidden, weight = torch.randn(2, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    loss = prerl.LinearLogprobs.apply(hidden, weight, None, torch.tensor([1, 2])).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs only once"):
+        loss.backward()
+
+
 def test_sparse_embedding_gradient_equals_dense_for_tied_weights():
     """The sparse input-lookup gradient summed with the output projection's: the same dense gradient
     as nn.Embedding's own, over several micro-batches, so AdamW sees no difference."""
