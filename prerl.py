@@ -17,6 +17,7 @@ Paper: "From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train S
 """
 
 import argparse
+import ctypes
 import dataclasses
 import hashlib
 import importlib.util
@@ -24,6 +25,7 @@ import inspect
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -243,6 +245,22 @@ def pick_device(cfg):
     if cfg.device != "auto":
         return torch.device(cfg.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def reuse_freed_memory(device):
+    """CPU speed: let glibc's malloc keep freed memory for reuse. By default each block over 32 MB (a
+    [vocab, width] gradient, a chunk of logits) is a fresh mmap, returned to the OS when freed, so every
+    micro-batch page-faults it in again: 13% of a nsr-prerl training step of SmolLM2-135M here, with the
+    same peak memory either way. PyTorch's CPU tuning guide gives the same advice (jemalloc, tcmalloc);
+    this is it without a new dependency. Process-wide; a no-op off Linux/glibc and on GPUs."""
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                  # glibc's mallopt parameter numbers
+        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):                          # not glibc (musl, ...): leave malloc alone
+        return False
 
 
 def load_model(name, device, gradient_checkpointing=False):
@@ -762,6 +780,7 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
 
 def train(cfg):
     device = pick_device(cfg)
+    reuse_freed_memory(device)
     if cfg.data:
         train_set = load_problems(cfg.data)
     else:

@@ -6,6 +6,7 @@ Tests for prerl.py and verify.py. Offline, CPU, a tiny model built from a config
 
 import json
 import math
+import os
 import random
 import threading
 import time
@@ -579,6 +580,31 @@ def test_sparse_embedding_gradient_equals_dense_for_tied_weights():
     untied = tiny_model()
     prerl.sparse_embedding_gradient(untied)  # untied: a sparse-only gradient would break AdamW, so no change
     assert not untied.get_input_embeddings().sparse
+
+
+def test_reuse_freed_memory_stops_page_faults_when_a_large_block_comes_back():
+    """A 64 MiB tensor made again and again: malloc's defaults map it afresh each time (16,384 page
+    faults of 4 KiB); after reuse_freed_memory a freed block is taken again. Fresh processes, so the
+    setting does not leak into other tests."""
+    import subprocess
+    import sys
+    code = """import resource, sys, torch, prerl
+if sys.argv[1] == "reuse" and not prerl.reuse_freed_memory(torch.device("cpu")):
+    print(-1); sys.exit()
+def faults_of_a_fresh_block():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(min(faults_of_a_fresh_block() for _ in range(4)))"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                                       check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()[-1])
+              for mode in ("default", "reuse")}
+    if faults["reuse"] == -1:
+        pytest.skip("not Linux with glibc")
+    if faults["default"] < 4000:
+        pytest.skip(f"huge pages make malloc's default cheap here ({faults})")
+    assert faults["reuse"] < 1000, faults
+    assert not prerl.reuse_freed_memory(torch.device("cuda"))  # GPUs: malloc left alone
 
 
 def test_micro_batches_respect_the_token_budget():
