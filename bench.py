@@ -207,10 +207,14 @@ def bench_training(model, tokenizer, cfg, problems, peak, rows, response_tokens,
                      + "; target >= 50%"))
 
 
-def bench_e2e(model, tokenizer, cfg, problems, rows, steps=3):
+def bench_e2e(model, tokenizer, cfg, problems, rows, initial_weights, steps=3):
     start_id, _ = prerl.start_token_id(tokenizer)
     seconds_per_step = {}
     for mode in ("grpo", "nsr-prerl"):
+        # Each mode starts from the weights TRL loads, seeded as TRL is: the training section has
+        # already changed the model, and what it samples (how long, how often it stops) sets the step time.
+        model.load_state_dict(initial_weights)
+        torch.manual_seed(0)
         run_cfg = prerl.Config(**{**vars(cfg), "mode": mode})
         optimizer = prerl.make_optimizer(model, run_cfg)
         times = []
@@ -373,15 +377,18 @@ def main():
                                      f"{matmul_parameters(model) / 1e6:.0f}M in matmuls, {device}"))
     if need_model and args.gradient_checkpointing:
         prerl.enable_gradient_checkpointing(model)
+    if "e2e" in sections:  # the weights as loaded, for the RL steps (TRL loads them from the folder)
+        initial_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     if "sampling" in sections:
         bench_sampling(model, tokenizer, cfg, problems, [int(n) for n in args.new_tokens.split(",")], rows, args.repeat)
     if "training" in sections:
         bench_training(model, tokenizer, cfg, problems, peak, rows, response_tokens=64, repeat=args.repeat)
     if "e2e" in sections:
-        ours = bench_e2e(model, tokenizer, cfg, problems, rows)
+        ours = bench_e2e(model, tokenizer, cfg, problems, rows, initial_weights)
         if args.model_config:  # TRL loads from a folder: save the random weights (skipped when TRL is missing)
             folder = tempfile.mkdtemp(prefix="prerl-bench-")
             if importlib.util.find_spec("trl"):
+                model.load_state_dict(initial_weights)  # the same start as prerl's RL steps
                 model.save_pretrained(folder)
                 tokenizer.save_pretrained(folder)
             rows.append(("RL steps on random weights", "note", "every reward is 0, so no group is mixed: prerl "
