@@ -14,8 +14,8 @@ Sections, printed as one table with ratios at the end:
   training  one optimizer step (forward, backward, AdamW): tokens/s and model FLOPs utilisation,
             counting FLOPs as 6 x matmul parameters x tokens + attention 12 x layers x width x seq^2;
             --repeat steps, each against the matmul rate measured just before and after it
-  e2e       seconds per RL step (grpo, nsr-prerl) vs TRL's GRPOTrainer: same model, prompts, G,
-            max new tokens, temperature, one optimizer step per batch, no KL, no vLLM
+  e2e       seconds per RL step (grpo, nsr-prerl) vs TRL's GRPOTrainer: same starting weights, prompts,
+            G, max new tokens, temperature, one optimizer step per batch, no KL, no vLLM
   memory    peak resident memory of training steps vs weights + gradients + AdamW state (16 B/param)
   verify    verify.rewards() calls per second on a realistic batch
 """
