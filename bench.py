@@ -110,7 +110,7 @@ def build_model(args, device):
         tokenizer.padding_side = "left"
         return model, tokenizer, args.model_config + " (random weights)"
     model, tokenizer = prerl.load_model(args.model, device)
-    return model, tokenizer, args.model
+    return model, tokenizer, "SmolLM2-135M-Instruct (embedded)" if args.model == prerl.EMBEDDED_MODEL else args.model
 
 
 def bench_sampling(model, tokenizer, cfg, problems, new_tokens, rows, repeat):
