@@ -95,7 +95,6 @@ def model_from_shape(name):
     shape = dict(MODEL_SHAPES[name])
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    prerl.sparse_embedding_gradient(model)  # as prerl.load_model does
     return model
 
 

@@ -278,7 +278,6 @@ def load_model(name, device, gradient_checkpointing=False):
         raise SystemExit(f"error: --model {name!r}: final-logit soft-capping is not supported by the scorer")
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    sparse_embedding_gradient(model)
     tokenizer.padding_side = "left"                  # generation appends on the right
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -289,17 +288,6 @@ def enable_gradient_checkpointing(model):
     """Keep only each decoder layer's input for the backward pass and recompute the rest:
     activation memory drops about 20x for about a third more compute."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def sparse_embedding_gradient(model):
-    """With tied input/output embeddings, let the input lookup send back only the rows it used. nn.Embedding's
-    dense gradient zero-fills and scatters a whole [vocab, width] table per micro-batch; the sparse one
-    leaves only its sum with the output projection's gradient (SmolLM2 on CPU: embedding backward 0.64 ->
-    0.47 s of a 9 s backward, peak memory down 0.05x of weights+grads+AdamW). The sum is dense, so AdamW
-    is unchanged. Untied embeddings keep dense gradients: sparse-only ones would need a sparse optimizer."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if isinstance(embedding, torch.nn.Embedding) and head is not None and embedding.weight is head.weight:
-        embedding.sparse = True
 
 
 def start_token_id(tokenizer):

@@ -562,24 +562,18 @@ def test_linear_logprobs_refuses_a_second_backward():
         loss.backward()
 
 
-def test_sparse_embedding_gradient_equals_dense_for_tied_weights():
-    """The sparse input-lookup gradient summed with the output projection's: the same dense gradient
-    as nn.Embedding's own, over several micro-batches, so AdamW sees no difference."""
-    rewards = torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
-    for stage in ("grpo", "nsr-prerl"):
-        grads = []
-        for sparse in (False, True):
-            model = tiny_model(tied=True)
-            if sparse:
-                prerl.sparse_embedding_gradient(model)
-            assert model.get_input_embeddings().sparse == sparse
-            prerl.accumulate_gradients(model, toy_batch(), rewards, stage, prerl.Config(micro_batch_tokens=25), start_id=1)
-            assert not model.get_input_embeddings().weight.grad.is_sparse
-            grads.append(flat_grad(model))
-        torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-14)
-    untied = tiny_model()
-    prerl.sparse_embedding_gradient(untied)  # untied: a sparse-only gradient would break AdamW, so no change
-    assert not untied.get_input_embeddings().sparse
+@pytest.mark.parametrize("stage", ["grpo", "nsr-prerl"])
+def test_tied_embeddings_gradient_equals_hand_formula(stage):
+    """Input lookup and LinearLogprobs share one weight: their two gradients must add up, over micro-batches."""
+    model = tiny_model(tied=True)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    batch, rewards = toy_batch(), torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
+    cfg = prerl.Config(micro_batch_tokens=25)
+    prerl.accumulate_gradients(model, batch, rewards, stage, cfg, start_id=1)
+    got = flat_grad(model)
+    model.zero_grad()
+    hand_loss(model, batch, rewards, stage, cfg.prerl_coef if stage.endswith("prerl") else 1.0).backward()
+    torch.testing.assert_close(got, flat_grad(model), rtol=1e-9, atol=1e-12)
 
 
 def test_reuse_freed_memory_stops_page_faults_when_a_large_block_comes_back():
