@@ -94,8 +94,7 @@ def model_from_shape(name):
     from transformers import AutoConfig, AutoModelForCausalLM
     shape = dict(MODEL_SHAPES[name])
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    return model
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
 def build_model(args, device):
@@ -377,24 +376,25 @@ def main():
     if need_model and args.gradient_checkpointing:
         prerl.enable_gradient_checkpointing(model)
     if "e2e" in sections:  # the weights as loaded, for the RL steps (TRL loads them from the folder)
-        initial_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        initial_weights = {name: tensor.to("cpu", copy=True) for name, tensor in model.state_dict().items()}
     if "sampling" in sections:
         bench_sampling(model, tokenizer, cfg, problems, [int(n) for n in args.new_tokens.split(",")], rows, args.repeat)
     if "training" in sections:
         bench_training(model, tokenizer, cfg, problems, peak, rows, response_tokens=64, repeat=args.repeat)
     if "e2e" in sections:
         ours = bench_e2e(model, tokenizer, cfg, problems, rows, initial_weights)
-        if args.model_config:  # TRL loads from a folder: save the random weights (skipped when TRL is missing)
-            folder = tempfile.mkdtemp(prefix="prerl-bench-")
-            if importlib.util.find_spec("trl"):
-                model.load_state_dict(initial_weights)  # the same start as prerl's RL steps
-                model.save_pretrained(folder)
-                tokenizer.save_pretrained(folder)
-            rows.append(("RL steps on random weights", "note", "every reward is 0, so no group is mixed: prerl "
-                         "skips the backward (all-equal groups carry no signal), TRL runs it"))
-        else:
-            folder = prerl.embedded_model_folder() if args.model == prerl.EMBEDDED_MODEL else args.model
-        theirs = bench_trl(folder, tokenizer, cfg, problems, rows)
+        with tempfile.TemporaryDirectory(prefix="prerl-bench-") as scratch:  # removed afterwards (GBs of weights)
+            if args.model_config:  # TRL loads from a folder: save the random weights (skipped when TRL is missing)
+                folder = scratch
+                if importlib.util.find_spec("trl"):
+                    model.load_state_dict(initial_weights)  # the same start as prerl's RL steps
+                    model.save_pretrained(folder)
+                    tokenizer.save_pretrained(folder)
+                rows.append(("RL steps on random weights", "note", "every reward is 0, so no group is mixed: prerl "
+                             "skips the backward (all-equal groups carry no signal), TRL runs it"))
+            else:  # never looks for the embedded model when --model-config is given
+                folder = prerl.embedded_model_folder() if args.model == prerl.EMBEDDED_MODEL else args.model
+            theirs = bench_trl(folder, tokenizer, cfg, problems, rows)
         if theirs:
             for mode, seconds in ours.items():
                 rows.append((f"RL step ratio, prerl {mode} / TRL GRPOTrainer", f"{seconds / theirs:.2f}x",

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -580,8 +582,6 @@ def test_reuse_freed_memory_stops_page_faults_when_a_large_block_comes_back():
     """A 64 MiB tensor made again and again: malloc's defaults map it afresh each time (16,384 page
     faults of 4 KiB); after reuse_freed_memory a freed block is taken again. Fresh processes, so the
     setting does not leak into other tests."""
-    import subprocess
-    import sys
     code = """import resource, sys, torch, prerl
 if sys.argv[1] == "reuse" and not prerl.reuse_freed_memory(torch.device("cpu")):
     print(-1); sys.exit()
