@@ -32,6 +32,7 @@ import time
 
 import torch
 
+import machinery
 import prerl
 import verify
 
@@ -280,7 +281,7 @@ def memory_probe(model_config, micro_batch_tokens, gradient_checkpointing, devic
     the peak of allocated GPU memory (CUDA). Prints one JSON line."""
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401  (before the baseline, as always)
     device = torch.device(device)
-    prerl.reuse_freed_memory(device)
+    machinery.reuse_freed_memory(device)
     rss_before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     model = model_from_shape(model_config).to(device)
     if gradient_checkpointing:
@@ -361,7 +362,7 @@ def main():
         return memory_probe(args.memory_probe, args.micro_batch_tokens, args.gradient_checkpointing, args.device)
     sections = set(args.only.split(","))
     device = prerl.pick_device(prerl.Config(device=args.device))
-    prerl.reuse_freed_memory(device)  # as prerl.train does; TRL runs in this process too
+    machinery.reuse_freed_memory(device)  # as prerl.train does; TRL runs in this process too
     cfg = prerl.Config(max_new_tokens=64, micro_batch_tokens=args.micro_batch_tokens)
     problems = prerl.make_problems(cfg.prompts_per_step, cfg.tasks, cfg.difficulty, seed=0, held_out=False)
     rows = []

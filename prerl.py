@@ -13,11 +13,22 @@ Paper: "From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train S
     python prerl.py --mode nsr-prerl --steps 30            # any loss: grpo psr nsr w-reinforce prerl ...
     python prerl.py --model Qwen/Qwen2.5-Math-1.5B --data math.jsonl --eval-data aime24.jsonl
     python prerl.py --resume --out-dir runs/demo           # continue a run from its checkpoint
+    python prerl.py --plain                                # the method exactly as written here, no machinery
     python prerl.py --help                                 # every option
+
+How to read this file. Top to bottom is the method, in the order a step runs: Config (every field is a
+flag), Data (problems and reference answers), Model (loading, the pre-train-space start token),
+Sampling (G responses per prompt: a plain decode loop), Scoring (per-token log-probs in the two spaces,
+log P(y|x) and log P(y)), Advantages (the table of every mode: which responses, which space, which
+weight), Losses (PPO-clip surrogate, token-mean), the RL step and the loop (DSRL's switch is one line in
+stage_for_step), Evaluation and Checkpoints. The method ends with train() at the bottom of this file.
+What only makes it faster or smaller lives in machinery.py, reached from here through one call each
+(marked "machinery:") -- a preallocated KV cache and an inverse-CDF draw for sampling, a chunked LM head
+with a hand-written backward for scoring, and glibc's allocator kept from page-faulting on CPU. With
+--plain (or PRERL_PLAIN=1) none of it runs, and the tests check that both paths agree.
 """
 
 import argparse
-import ctypes
 import dataclasses
 import hashlib
 import importlib.util
@@ -25,19 +36,24 @@ import inspect
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 from tqdm import tqdm
-from transformers.cache_utils import DynamicLayer
 
+import machinery  # speed and memory only: see "How to read this file"
 import verify
 
+# The one switch between the plain path (this file only) and the machinery. Set by --plain or
+# PRERL_PLAIN=1; the test suite runs both ways.
+PLAIN = os.environ.get("PRERL_PLAIN", "0") not in ("", "0")
+
 # -----------------------------------------------------------------------------
-# Config: every field is a command-line flag (--switch-step etc.)
+# Config: every field is a command-line flag (--switch-step etc.). The method's own knobs are under
+# "method": which loss (--mode), DSRL's switch step S, the pre-train-space coefficient (0.01 in the
+# reference code) and the PPO clip range; the rest is the usual RL-with-verifiable-rewards setup.
 
 MODES = ("dsrl", "grpo", "psr", "nsr", "w-reinforce", "prerl", "psr-prerl", "nsr-prerl")
 TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand")
@@ -89,6 +105,8 @@ class Config:
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
     seed: int = opt(0, "seed for data order, sampling and the built-in problems")
+    # machinery (machinery.py): speed and memory only, never the result
+    plain: bool = opt(False, "run the method exactly as written in prerl.py, without machinery.py (slower)")
 
 
 def parse_config(argv=None):
@@ -112,7 +130,8 @@ def parse_config(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Data: a built-in generator of exact-answer math problems, and JSONL readers
+# Data: problems x with exact reference answers. The reward r(x, y) in {0, 1} is 1 when the final answer
+# of response y is equivalent to the reference (verify.py). Built-in generator, or MATH / GSM8K JSONL.
 
 
 def make_problem(family, difficulty, rng):
@@ -209,7 +228,9 @@ def batch_for_step(problems, step, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Model: hub id or folder through from_pretrained; the embedded default from its GGUF file
+# Model: a causal LM and its tokenizer (hub id or folder; the embedded default from its GGUF file).
+# The pre-train space needs one more choice: the start token s that stands where the prompt was
+# (the reference code uses <|im_start|>; BOS is the natural general choice).
 
 
 def embedded_model_folder():
@@ -245,22 +266,6 @@ def pick_device(cfg):
     if cfg.device != "auto":
         return torch.device(cfg.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def reuse_freed_memory(device):
-    """CPU speed: let glibc's malloc keep freed memory for reuse. By default each block over 32 MB (a
-    [vocab, width] gradient, a chunk of logits) is a fresh mmap, returned to the OS when freed, so every
-    micro-batch page-faults it in again: 13% of a nsr-prerl training step of SmolLM2-135M here, with the
-    same peak memory either way. PyTorch's CPU tuning guide gives the same advice (jemalloc, tcmalloc);
-    this is it without a new dependency. Process-wide; a no-op off Linux/glibc and on GPUs."""
-    if device.type != "cpu" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                  # glibc's mallopt parameter numbers
-        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):                          # not glibc (musl, ...): leave malloc alone
-        return False
 
 
 def load_model(name, device, gradient_checkpointing=False):
@@ -313,7 +318,9 @@ def autocast(device):
 
 
 # -----------------------------------------------------------------------------
-# Sampling: G responses per prompt in one batched generate call
+# Sampling: rollouts y ~ pi(. | x), G per prompt (a "group"), at temperature T. Every mode samples from
+# the conditional policy: PreRL changes how a response is scored, never how it is drawn. A response
+# runs up to and including its first EOS; the response mask marks exactly those tokens.
 
 
 def format_prompt(tokenizer, problem):
@@ -348,53 +355,14 @@ def pick_next_token(logits, temperature, top_p):
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p   # keep the smallest set reaching top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    # Inverse-CDF draw: one uniform per row. torch.multinomial draws one exponential per vocabulary
-    # entry, a quarter of all sampling time on CPU. float64 keeps the 50k-150k-term cumsum exact enough.
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand(len(probs), 1, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-
-
-class PreallocatedLayer(DynamicLayer):
-    """One layer's KV cache in buffers with room for the whole response. transformers' DynamicLayer appends
-    each token with torch.cat, copying the entire cache every step (on CPU up to a fifth of sampling time,
-    mostly page faults on the fresh copies); here a step writes one position. A row drop copies once."""
-
-    def __init__(self, keys, values, room):
-        super().__init__()
-        self.device, self.is_initialized, self.length = keys.device, True, keys.shape[-2]
-        self.key_buffer = torch.cat([keys, keys.new_empty(*keys.shape[:2], room, keys.shape[-1])], -2)
-        self.value_buffer = torch.cat([values, values.new_empty(*values.shape[:2], room, values.shape[-1])], -2)
-        self.show_filled()
-
-    def show_filled(self):
-        """keys/values, which attention reads, are views of the buffers' filled positions."""
-        self.keys, self.values = self.key_buffer.narrow(2, 0, self.length), self.value_buffer.narrow(2, 0, self.length)
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        added = key_states.shape[-2]
-        self.key_buffer.narrow(2, self.length, added).copy_(key_states)      # narrow: cheaper than [:, :, a:b]
-        self.value_buffer.narrow(2, self.length, added).copy_(value_states)  # in a loop bound by Python time
-        self.length += added
-        self.show_filled()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices):
-        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-        self.show_filled()
+    if PLAIN:
+        return torch.multinomial(probs, 1).squeeze(1)
+    return machinery.draw_from_probs(probs)          # machinery: one uniform per row, same distribution
 
 
 def cache_keyword(model):
     """The forward's keyword for the KV cache: transformers 5 renamed past_key_values to cache."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def preallocate(cache, room):
-    """Swap each plain DynamicLayer of a prefilled cache for a PreallocatedLayer; other layer kinds
-    (sliding windows, linear attention) keep their own update rule."""
-    for i, layer in enumerate(getattr(cache, "layers", [])):
-        if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
-            cache.layers[i] = PreallocatedLayer(layer.keys, layer.values, room)
 
 
 @torch.no_grad()
@@ -410,7 +378,8 @@ def generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, tempera
                     use_cache=True, logits_to_keep=1)
         cache = getattr(out, cache_name)
         cache.batch_repeat_interleave(group_size)
-        preallocate(cache, max_new_tokens)
+        if not PLAIN:
+            machinery.preallocate(cache, max_new_tokens)  # machinery: write one position per token, no torch.cat
         logits = out.logits[:, -1].repeat_interleave(group_size, 0)
         mask = prompt_mask.repeat_interleave(group_size, 0)
         next_position = positions[:, -1:].repeat_interleave(group_size, 0) + 1
@@ -456,74 +425,27 @@ def sample(model, tokenizer, problems, cfg, group_size, temperature=None):
 
 
 # -----------------------------------------------------------------------------
-# Scoring: per-token log-probs in the conditional space P(y|x) and the pre-train space P(y)
+# Scoring: per-token log-probs of a sampled response in the two spaces.
+#   conditional: log P(y|x) = sum_t log pi(y_t | x, y_<t)       (what GRPO trains)
+#   pre-train:   log P(y)   = sum_t log pi(y_t | s, y_<t)       (PreRL: prompt removed, positions from 0)
 
 
-def at_least_fp32(x):
-    return x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp32, fp64 unchanged
-
-
-class LinearLogprobs(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T + bias)[targets] for one chunk of tokens, with a hand-written backward.
-    Plain autograd would keep the [chunk, V] logits, a shifted copy for the log-softmax and a one-hot
-    scatter of the same size, and recomputing them instead (checkpointing) runs the LM head twice. Here
-    the logits are made once and overwritten in place by the softmax that the backward needs:
-    d lp / d logits = onehot(target) - softmax(logits)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        logits = torch.nn.functional.linear(hidden, weight, bias)
-        compute_dtype = logits.dtype                                  # bf16 under autocast, else fp32
-        logits = at_least_fp32(logits)                                # the log-softmax itself in fp32
-        target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)
-        row_max = logits.amax(-1, keepdim=True)
-        probs = logits.sub_(row_max).exp_()                           # in place: no second [chunk, V] tensor
-        row_sum = probs.sum(-1, keepdim=True)
-        probs.div_(row_sum)
-        ctx.save_for_backward(hidden, weight, targets, probs.to(compute_dtype))
-        ctx.has_bias, ctx.used = bias is not None, False
-        return target_logits - (row_max + row_sum.log()).squeeze(-1)
-
-    @staticmethod
-    def backward(ctx, grad_lp):
-        if ctx.used:
-            raise RuntimeError("LinearLogprobs: its backward reuses the saved softmax in place and runs only once")
-        ctx.used = True
-        hidden, weight, targets, probs = ctx.saved_tensors
-        grad_lp = grad_lp.to(probs.dtype)[:, None]
-        grad_logits = probs.mul_(-grad_lp).scatter_add_(1, targets[:, None], grad_lp)  # g * (onehot - softmax)
-        grad_hidden = (grad_logits @ weight.to(probs.dtype)).to(hidden.dtype)
-        grad_weight = (grad_logits.T @ hidden.to(probs.dtype)).to(weight.dtype)
-        grad_bias = grad_logits.sum(0).to(weight.dtype) if ctx.has_bias else None
-        return grad_hidden, grad_weight, grad_bias, None
-
-
-def chunk_logprobs(hidden, weight, bias, targets):
-    """log P(targets) under the LM head for one chunk of positions, in fp32."""
-    if torch.is_grad_enabled():
-        return LinearLogprobs.apply(hidden, weight, bias, targets)
-    logits = at_least_fp32(torch.nn.functional.linear(hidden, weight, bias))
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-def token_logprobs(model, input_ids, attention_mask, targets, first_target_pos, chunk_tokens=256):
-    """log pi(targets[:, t] | input_ids[:, :first_target_pos + t]) as [B, T] in fp32.
-    Positions come from the attention mask, so left padding does not shift them. The vocabulary
-    projection runs chunk by chunk, so that without gradients the [B, T, V] logits are never held at
-    once (V is 49k-152k); with gradients each chunk keeps only its softmax for the backward."""
+def token_logprobs(model, input_ids, attention_mask, targets, first_target_pos):
+    """log pi(targets[:, t] | input_ids[:, :first_target_pos + t]) as [B, T] in fp32: the hidden state
+    at position p predicts the token at p + 1. Positions come from the attention mask, so left padding
+    does not shift them."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with autocast(input_ids.device):
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, use_cache=False).last_hidden_state
-    batch, length = targets.shape
-    hidden = hidden[:, first_target_pos - 1:first_target_pos - 1 + length].reshape(batch * length, -1)
-    flat_targets = targets.reshape(-1)
-    lm_head, parts = model.get_output_embeddings(), []
+    hidden = hidden[:, first_target_pos - 1:first_target_pos - 1 + targets.shape[1]]
+    lm_head = model.get_output_embeddings()
+    if not PLAIN:  # machinery: chunked LM head, hand-written backward, no [tokens, vocab] logits kept
+        return machinery.lm_head_logprobs(hidden, lm_head, targets, autocast(input_ids.device))
     with autocast(input_ids.device):
-        for i in range(0, batch * length, chunk_tokens):
-            chunk = slice(i, i + chunk_tokens)
-            parts.append(chunk_logprobs(hidden[chunk], lm_head.weight, lm_head.bias, flat_targets[chunk]))
-    return torch.cat(parts).view(batch, length)
+        logits = lm_head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # fp32 (fp64 stays fp64)
+    return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
 def conditional_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask):
@@ -542,7 +464,10 @@ def pretrain_logprobs(model, start_id, response_ids, response_mask):
 
 
 # -----------------------------------------------------------------------------
-# Rewards and advantages
+# Advantages: which responses a mode pushes up or down, by how much, and in which space.
+#   GRPO:  A_i = (r_i - mean_group r) / (std_group r + eps)
+#   PreRL: A_i = r_i - mean_group r (reference code); PSR-PreRL keeps A_i > 0, NSR-PreRL keeps A_i < 0
+#   DSRL:  NSR-PreRL for steps 0..S-1, then GRPO (stage_for_step)
 
 
 def grpo_advantages(rewards, eps=1e-6):
@@ -582,7 +507,10 @@ def advantages_for(stage, rewards, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Losses
+# Losses: PPO's clipped surrogate per token, then a token-mean over the whole batch.
+#   L = coef * sum_{i,t} -min(rho_it A_i, clip(rho_it, 1-eps_low, 1+eps_high) A_i) / N
+# rho = pi / pi_old = 1 at one optimizer step per batch, so the gradient is -coef * A_i * grad log pi / N.
+# N counts every response token (conditional space) or only the kept ones, A != 0 (pre-train space).
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high):
@@ -618,7 +546,9 @@ def policy_loss(token_lp, response_mask, advantages, denominator, cfg, coef, ref
 
 
 # -----------------------------------------------------------------------------
-# Training
+# The RL step: sample G responses per prompt, reward them, compute the stage's advantages, accumulate
+# the loss's gradient over micro-batches (memory follows tokens, the result does not), one AdamW update.
+# DSRL's two stages share this step, the optimizer and its state: nothing is reset at the switch.
 
 
 def micro_batches(rows, lengths, max_tokens):
@@ -717,6 +647,20 @@ def make_optimizer(model, cfg):
 
 
 # -----------------------------------------------------------------------------
+# Evaluation: held-out accuracy (pass@1), one response per problem, greedy unless --eval-temperature.
+
+
+def evaluate(model, tokenizer, problems, cfg, batch_size=32):
+    """Held-out accuracy: one response per problem (greedy by default), scored by verify.rewards."""
+    correct = 0.0
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        out = sample(model, tokenizer, chunk, cfg, group_size=1, temperature=cfg.eval_temperature)
+        correct += sum(verify.rewards(out["texts"], [p["answer"] for p in chunk]))
+    return correct / max(1, len(problems))
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints: atomic write (temp file, then rename), exact resume
 
 
@@ -749,26 +693,15 @@ def load_checkpoint(path, model, optimizer=None):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation
-
-
-def evaluate(model, tokenizer, problems, cfg, batch_size=32):
-    """Held-out accuracy: one response per problem (greedy by default), scored by verify.rewards."""
-    correct = 0.0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        out = sample(model, tokenizer, chunk, cfg, group_size=1, temperature=cfg.eval_temperature)
-        correct += sum(verify.rewards(out["texts"], [p["answer"] for p in chunk]))
-    return correct / max(1, len(problems))
-
-
-# -----------------------------------------------------------------------------
-# The run
+# The run: evaluate, then cfg.steps RL steps with periodic evaluation and checkpoints, then evaluate.
 
 
 def train(cfg):
+    global PLAIN
+    PLAIN = PLAIN or cfg.plain                    # --plain: the reading path only, for this whole process
     device = pick_device(cfg)
-    reuse_freed_memory(device)
+    if not PLAIN:
+        machinery.reuse_freed_memory(device)      # machinery: CPU malloc keeps freed blocks, no page faults
     if cfg.data:
         train_set = load_problems(cfg.data)
     else:

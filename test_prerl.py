@@ -168,6 +168,7 @@ def test_non_string_inputs_never_raise():
 
 import torch  # noqa: E402
 
+import machinery  # noqa: E402
 import prerl  # noqa: E402
 
 CHARS = list("0123456789+-=?., abcdefghijklmnopqrstuvwxyzWQ\\{}")
@@ -251,7 +252,7 @@ def test_response_mask_keeps_first_eos_even_when_pad_is_eos():
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
-def test_generate_greedy_matches_transformers_generate():
+def test_generate_greedy_matches_transformers_generate(path):
     model = tiny_model(torch.float32)
     prompt_ids = torch.tensor([[3, 3, 20, 21], [22, 23, 24, 25]])
     prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
@@ -273,8 +274,8 @@ def test_preallocated_cache_decodes_like_a_full_forward():
     with torch.no_grad():
         cache_name = prerl.cache_keyword(model)
         cache = getattr(model(input_ids=ids, use_cache=True), cache_name)
-        prerl.preallocate(cache, room=3)
-        assert all(type(layer) is prerl.PreallocatedLayer for layer in cache.layers)
+        machinery.preallocate(cache, room=3)
+        assert all(type(layer) is machinery.PreallocatedLayer for layer in cache.layers)
         for token, keep in [(32, [0, 1, 2]), (33, [0, 2]), (34, [0, 2])]:
             if len(keep) < len(ids):
                 cache.batch_select_indices(torch.tensor(keep))
@@ -285,7 +286,7 @@ def test_preallocated_cache_decodes_like_a_full_forward():
         assert cache.layers[0].keys.shape[-2] == ids.shape[1]
 
 
-def test_sampled_first_token_follows_softmax_over_temperature():
+def test_sampled_first_token_follows_softmax_over_temperature(path):
     torch.manual_seed(0)
     model = tiny_model(torch.float32)
     prompt = torch.tensor([[20, 21, 22]])
@@ -296,7 +297,7 @@ def test_sampled_first_token_follows_softmax_over_temperature():
     assert (observed - expected).abs().max() < 0.015
 
 
-def test_top_p_keeps_the_smallest_nucleus():
+def test_top_p_keeps_the_smallest_nucleus(path):
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]])).repeat(20000, 1)
     picks = prerl.pick_next_token(logits, 1.0, 0.7)  # nucleus {0.5, 0.3}, renormalised to 0.625 / 0.375
@@ -520,7 +521,7 @@ def test_linear_logprobs_backward_equals_autograd_and_finite_differences(with_bi
     targets = torch.tensor([3, 3, 0, 10, 7, 3])  # repeated and edge ids
     upstream = torch.randn(6, dtype=torch.float64)
     inputs = [hidden, weight] + ([bias] if with_bias else [])
-    got_value = prerl.LinearLogprobs.apply(hidden, weight, bias, targets)
+    got_value = machinery.LinearLogprobs.apply(hidden, weight, bias, targets)
     got = torch.autograd.grad((got_value * upstream).sum(), inputs)
     expected_value = plain_linear_logprobs(hidden, weight, bias, targets)
     expected = torch.autograd.grad((expected_value * upstream).sum(), inputs)
@@ -546,7 +547,7 @@ def test_linear_logprobs_under_bf16_autocast_matches_fp32():
     weight = (0.3 * torch.randn(50, 16)).requires_grad_()
     targets = torch.randint(0, 50, (8,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got_value = prerl.LinearLogprobs.apply(hidden, weight, None, targets)
+        got_value = machinery.LinearLogprobs.apply(hidden, weight, None, targets)
     got = torch.autograd.grad(got_value.sum(), (hidden, weight))
     expected_value = plain_linear_logprobs(hidden, weight, None, targets)
     expected = torch.autograd.grad(expected_value.sum(), (hidden, weight))
@@ -558,7 +559,7 @@ def test_linear_logprobs_under_bf16_autocast_matches_fp32():
 
 def test_linear_logprobs_refuses_a_second_backward():
     hidden, weight = torch.randn(2, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
-    loss = prerl.LinearLogprobs.apply(hidden, weight, None, torch.tensor([1, 2])).sum()
+    loss = machinery.LinearLogprobs.apply(hidden, weight, None, torch.tensor([1, 2])).sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs only once"):
         loss.backward()
@@ -582,8 +583,8 @@ def test_reuse_freed_memory_stops_page_faults_when_a_large_block_comes_back():
     """A 64 MiB tensor made again and again: malloc's defaults map it afresh each time (16,384 page
     faults of 4 KiB); after reuse_freed_memory a freed block is taken again. Fresh processes, so the
     setting does not leak into other tests."""
-    code = """import resource, sys, torch, prerl
-if sys.argv[1] == "reuse" and not prerl.reuse_freed_memory(torch.device("cpu")):
+    code = """import resource, sys, torch, machinery
+if sys.argv[1] == "reuse" and not machinery.reuse_freed_memory(torch.device("cpu")):
     print(-1); sys.exit()
 def faults_of_a_fresh_block():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -598,7 +599,7 @@ print(min(faults_of_a_fresh_block() for _ in range(4)))"""
     if faults["default"] < 4000:
         pytest.skip(f"huge pages make malloc's default cheap here ({faults})")
     assert faults["reuse"] < 1000, faults
-    assert not prerl.reuse_freed_memory(torch.device("cuda"))  # GPUs: malloc left alone
+    assert not machinery.reuse_freed_memory(torch.device("cuda"))  # GPUs: malloc left alone
 
 
 def test_micro_batches_respect_the_token_budget():
@@ -613,6 +614,83 @@ def test_dsrl_stage_switch():
     stages = [prerl.stage_for_step("dsrl", step, 5) for step in range(8)]
     assert stages == ["nsr-prerl"] * 5 + ["grpo"] * 3
     assert prerl.stage_for_step("grpo", 0, 5) == "grpo"
+
+
+# --- machinery.py: the plain path (prerl.py alone) and the machinery agree
+
+
+@pytest.fixture(params=["machinery", "plain"])
+def path(request, monkeypatch):
+    """Run a test once through machinery.py and once through prerl.py's plain path."""
+    monkeypatch.setattr(prerl, "PLAIN", request.param == "plain")
+    return request.param
+
+
+def test_kv_cache_plain_and_machinery_decode_the_same_tokens(monkeypatch):
+    """Greedy decoding with left-padded prompts and rows that end early: DynamicLayer (plain) and the
+    preallocated buffers (machinery) give token-identical responses."""
+    model = tiny_model(torch.float32)
+    prompt_ids = torch.tensor([[3, 3, 20, 21], [22, 23, 24, 25], [3, 26, 27, 28]])
+    prompt_mask = (prompt_ids != 3).long()
+    eos_ids = list(range(4, 40, 3))
+    outputs = {}
+    for plain in (True, False):
+        monkeypatch.setattr(prerl, "PLAIN", plain)
+        outputs[plain] = prerl.generate(model, prompt_ids, prompt_mask, 2, 12, 0.0, 1.0, eos_ids, pad_id=3)
+    lengths = prerl.response_mask_from_positions(outputs[True], eos_ids).sum(1)
+    assert lengths.min() < lengths.max()  # rows really ended at different steps
+    assert torch.equal(outputs[True], outputs[False])
+
+
+@pytest.mark.parametrize("head", ["untied", "tied", "bias"])
+def test_lm_head_logprobs_plain_and_machinery_agree_in_value_and_gradient(head, monkeypatch):
+    """token_logprobs through the plain log_softmax and through machinery.lm_head_logprobs (chunks of
+    256 positions, hand-written backward): same values and the same gradient for every parameter."""
+    model = tiny_model(tied=(head == "tied"))
+    if head == "bias":
+        old = model.lm_head
+        model.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True, dtype=torch.float64)
+        torch.nn.init.normal_(model.lm_head.bias)
+    torch.manual_seed(1)
+    input_ids = torch.randint(4, 40, (3, 150))  # 3 x 140 targets: more than one 256-position chunk
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :7] = 0
+    targets, weights = input_ids[:, 10:], torch.randn(3, 140, dtype=torch.float64)
+    results = {}
+    for plain in (True, False):
+        monkeypatch.setattr(prerl, "PLAIN", plain)
+        model.zero_grad()
+        lp = prerl.token_logprobs(model, input_ids, attention_mask, targets, 10)
+        (lp * weights).sum().backward()
+        results[plain] = (lp.detach(), flat_grad(model))
+        with torch.no_grad():  # the no-gradient path (evaluation, the KL reference) too
+            torch.testing.assert_close(prerl.token_logprobs(model, input_ids, attention_mask, targets, 10),
+                                       lp.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-9, atol=1e-12)
+
+
+def test_plain_run_never_reaches_the_machinery(tiny_model_folder, tmp_path, monkeypatch):
+    """Every machinery entry point is counted: a default run reaches each one, a --plain run none."""
+    calls = {}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return function(*args, **kwargs)
+        return wrapper
+    entry_points = ("preallocate", "draw_from_probs", "lm_head_logprobs", "reuse_freed_memory")
+    for name in entry_points:
+        monkeypatch.setattr(machinery, name, counted(name, getattr(machinery, name)))
+    monkeypatch.setattr(prerl, "PLAIN", False)
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "fast", "--steps", "2")))
+    assert all(calls.get(name, 0) > 0 for name in entry_points), calls
+    calls.clear()
+    result = prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "plain", "--steps", "2", "--plain")))
+    assert calls == {} and prerl.PLAIN
+    assert 0 <= result["after"] <= 1 and len(open(tmp_path / "plain" / "metrics.jsonl").readlines()) == 2
+    metrics = [json.loads(line) for line in open(tmp_path / "plain" / "metrics.jsonl")]
+    assert any(m["kept_tokens"] > 0 for m in metrics)  # the plain path really trained
 
 
 # --- end to end on the tiny model
