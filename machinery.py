@@ -174,3 +174,19 @@ def reuse_freed_memory(device):
         return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):                          # not glibc (musl, ...): leave malloc alone
         return False
+
+
+# -----------------------------------------------------------------------------
+# Precision: bf16 weights and stochastic rounding (issue 15)
+
+
+# -----------------------------------------------------------------------------
+# Memory: plan and LoRA (issue 15)
+
+
+# -----------------------------------------------------------------------------
+# GPU decode: static KV cache and a captured decode step (issue 11)
+
+
+# -----------------------------------------------------------------------------
+# Distribution: torchrun + FSDP2 (issue 12)

@@ -753,5 +753,9 @@ def train(cfg):
     return {"before": accuracy_before, "after": accuracy_after}
 
 
+# -----------------------------------------------------------------------------
+# Run safety, after the method: flag validation, one run per out-dir, Ctrl-C, crash-safe logs, export (issue 16)
+
+
 if __name__ == "__main__":
     train(parse_config())
