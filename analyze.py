@@ -74,7 +74,7 @@ def evaluate_samples(model, tokenizer, problems, cfg, n, batch_prompts=8):
     correct, lengths, parseable, transitions, reflections = [], [], 0, [], []
     for i in range(0, len(problems), batch_prompts):
         chunk = problems[i:i + batch_prompts]
-        out = prerl.sample(model, tokenizer, chunk, cfg, group_size=n)
+        out = prerl.sample(model, tokenizer, chunk, cfg, n, [f"{cfg.seed}-analyze-{i + j}" for j in range(len(chunk))])
         golds = [p["answer"] for p in chunk for _ in range(n)]
         rewards = verify.rewards(out["texts"], golds)
         for j in range(len(chunk)):
@@ -186,7 +186,7 @@ def command_align(args, cfg):
     model, tokenizer = load_for_analysis(cfg.model, args.checkpoint, device)
     start_id, start_desc = prerl.start_token_id(tokenizer)
     problems = prerl.eval_problems(cfg)[:args.problems]
-    batch = prerl.sample(model, tokenizer, problems, cfg, group_size=args.samples)
+    batch = prerl.sample(model, tokenizer, problems, cfg, args.samples, [f"{cfg.seed}-align-{i}" for i in range(len(problems))])
     model.train()
     rows = []
     for i in range(len(batch["texts"])):

@@ -119,8 +119,9 @@ def bench_sampling(model, tokenizer, cfg, problems, new_tokens, rows, repeat):
     model.eval()
 
     def ours(n):
+        uniforms = prerl.sampling_uniforms(range(len(problems)), cfg.group_size, n).to(device)
         return prerl.generate(model, encoded["input_ids"], encoded["attention_mask"], cfg.group_size, n,
-                              cfg.temperature, cfg.top_p, eos, tokenizer.pad_token_id)
+                              cfg.temperature, cfg.top_p, eos, tokenizer.pad_token_id, uniforms)
 
     @torch.no_grad()
     def plain(n):  # the baseline: one plain transformers call with the same settings

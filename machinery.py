@@ -13,8 +13,6 @@ copy of it): whatever a part needs from the method comes in as an argument.
 Parts, in the order prerl.py reaches them:
     Speed: KV cache            preallocate(cache, room)      sampling writes one position per token
                                                              instead of torch.cat-ing the whole cache
-    Speed: next-token draw     draw_from_probs(probs)        one uniform per row (inverse CDF) instead of
-                                                             one exponential per vocabulary entry
     Speed: LM-head log-probs   lm_head_logprobs(...)         chunked vocabulary projection with a
                                                              hand-written backward: no [tokens, vocab]
                                                              logits or log-softmax copies kept
@@ -69,21 +67,6 @@ def preallocate(cache, room):
     for i, layer in enumerate(getattr(cache, "layers", [])):
         if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
             cache.layers[i] = PreallocatedLayer(layer.keys, layer.values, room)
-
-
-# -----------------------------------------------------------------------------
-# Speed: next-token draw
-# torch.multinomial (the plain path) draws one exponential per vocabulary entry: a quarter of all
-# sampling time on CPU. The inverse CDF needs one uniform per row. Same distribution, other random
-# stream: a run is reproducible within one path, not across the two.
-
-
-def draw_from_probs(probs):
-    """One index per row of probs [rows, vocab] (rows need not sum to 1), drawn by inverse CDF.
-    float64 keeps the 50k-150k-term running sum exact enough."""
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand(len(probs), 1, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 # -----------------------------------------------------------------------------

@@ -346,8 +346,22 @@ def response_mask_from_positions(response_ids, eos_ids):
     return (positions[None, :] <= first_eos[:, None]).long()
 
 
-def pick_next_token(logits, temperature, top_p):
-    """Greedy at temperature 0; else softmax(logits / T), restricted to the top-p nucleus."""
+def sampling_uniforms(keys, group_size, max_new_tokens):
+    """The random numbers of a rollout, fixed before it starts: the t-th token of response j of prompt i
+    is drawn with u[i * G + j, t]. Each prompt's numbers come from its own generator seeded by its key,
+    e.g. (seed, step, index in the step's batch), so a response does not depend on which other prompts
+    share the batch, which rows already ended, or which process samples it; --resume needs no RNG state."""
+    uniforms = []
+    for key in keys:
+        seed = int(hashlib.sha256(str(key).encode()).hexdigest()[:16], 16)
+        generator = torch.Generator().manual_seed(seed)
+        uniforms.append(torch.rand(group_size, max_new_tokens, generator=generator, dtype=torch.float64))
+    return torch.cat(uniforms)
+
+
+def pick_next_token(logits, temperature, top_p, u=None):
+    """Greedy at temperature 0; else a draw from softmax(logits / T), restricted to the top-p nucleus,
+    by inverse CDF: the first token whose cumulative probability exceeds u (one uniform per row)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
@@ -355,9 +369,9 @@ def pick_next_token(logits, temperature, top_p):
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p   # keep the smallest set reaching top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    if PLAIN:
-        return torch.multinomial(probs, 1).squeeze(1)
-    return machinery.draw_from_probs(probs)          # machinery: one uniform per row, same distribution
+    cdf = probs.double().cumsum(-1)       # float64: a 50k-150k-term running sum stays exact enough
+    u = u.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]     # scaled to the kept mass (top-p leaves < 1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 def cache_keyword(model):
@@ -366,9 +380,13 @@ def cache_keyword(model):
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_p, eos_ids, pad_id):
-    """Sample group_size responses per left-padded prompt. Each prompt is prefilled once and its KV
-    cache copied G times; rows that have ended leave the batch, and decoding stops when all have."""
+def generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_p, eos_ids, pad_id,
+             uniforms=None):
+    """Sample group_size responses per left-padded prompt; uniforms [rows, max_new_tokens] are the draws
+    (sampling_uniforms; unused when greedy). Each prompt is prefilled once and its KV cache copied G
+    times; rows that have ended leave the batch, and decoding stops when all have."""
+    if temperature > 0 and uniforms is None:
+        raise ValueError("generate: sampling at a temperature needs its uniforms (see sampling_uniforms)")
     device = prompt_ids.device
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     cache_name = cache_keyword(model)
@@ -387,7 +405,7 @@ def generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, tempera
         responses = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
         active = torch.arange(rows, device=device)      # original row of each row still decoding
         for t in range(max_new_tokens):
-            next_token = pick_next_token(logits, temperature, top_p)
+            next_token = pick_next_token(logits, temperature, top_p, None if uniforms is None else uniforms[active, t])
             responses[active, t] = next_token
             running = ~torch.isin(next_token, eos)
             still_running = int(running.sum())          # the step's one wait for the device
@@ -404,16 +422,18 @@ def generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, tempera
     return responses[:, :t + 1]                          # up to the longest response
 
 
-def sample(model, tokenizer, problems, cfg, group_size, temperature=None):
-    """Sample group_size responses per problem. Returns left-padded prompts, right-padded responses,
-    the response mask (through the first EOS) and the decoded texts."""
+def sample(model, tokenizer, problems, cfg, group_size, keys, temperature=None):
+    """Sample group_size responses per problem; keys name each problem's random numbers
+    (sampling_uniforms). Returns left-padded prompts, right-padded responses, the response mask
+    (through the first EOS) and the decoded texts."""
     device = next(model.parameters()).device
     temperature = cfg.temperature if temperature is None else temperature
     encoded = encode_prompts(tokenizer, problems, device)
     eos_ids = eos_token_ids(model, tokenizer)
+    uniforms = sampling_uniforms(keys, group_size, cfg.max_new_tokens).to(device)
     model.eval()
     response_ids = generate(model, encoded["input_ids"], encoded["attention_mask"], group_size, cfg.max_new_tokens,
-                            temperature, cfg.top_p, eos_ids, tokenizer.pad_token_id)
+                            temperature, cfg.top_p, eos_ids, tokenizer.pad_token_id, uniforms)
     response_mask = response_mask_from_positions(response_ids, eos_ids)
     texts = tokenizer.batch_decode(torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
@@ -616,7 +636,7 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
     """One RL step: sample G responses per prompt, verify them, one optimizer update. Returns the metrics."""
     stage = stage_for_step(cfg.mode, step, cfg.switch_step)
     t0 = time.perf_counter()
-    batch = sample(model, tokenizer, problems, cfg, cfg.group_size)
+    batch = sample(model, tokenizer, problems, cfg, cfg.group_size, [f"{cfg.seed}-{step}-{i}" for i in range(len(problems))])
     t1 = time.perf_counter()
     golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
     rewards = torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
@@ -655,7 +675,8 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
     correct = 0.0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
-        out = sample(model, tokenizer, chunk, cfg, group_size=1, temperature=cfg.eval_temperature)
+        keys = [f"{cfg.seed}-eval-{i + j}" for j in range(len(chunk))]
+        out = sample(model, tokenizer, chunk, cfg, 1, keys, temperature=cfg.eval_temperature)
         correct += sum(verify.rewards(out["texts"], [p["answer"] for p in chunk]))
     return correct / max(1, len(problems))
 

@@ -292,19 +292,40 @@ def test_sampled_first_token_follows_softmax_over_temperature(path):
     prompt = torch.tensor([[20, 21, 22]])
     with torch.no_grad():
         expected = torch.softmax(model(input_ids=prompt).logits[0, -1] / 0.5, -1)
-    first = prerl.generate(model, prompt, torch.ones_like(prompt), 20000, 1, 0.5, 1.0, [2], pad_id=3)[:, 0]
+    uniforms = torch.rand(20000, 1, dtype=torch.float64)
+    first = prerl.generate(model, prompt, torch.ones_like(prompt), 20000, 1, 0.5, 1.0, [2], pad_id=3, uniforms=uniforms)[:, 0]
     observed = torch.bincount(first, minlength=expected.numel()).float() / first.numel()
     assert (observed - expected).abs().max() < 0.015
 
 
-def test_top_p_keeps_the_smallest_nucleus(path):
+def test_top_p_keeps_the_smallest_nucleus():
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]])).repeat(20000, 1)
-    picks = prerl.pick_next_token(logits, 1.0, 0.7)  # nucleus {0.5, 0.3}, renormalised to 0.625 / 0.375
+    picks = prerl.pick_next_token(logits, 1.0, 0.7, torch.rand(20000, dtype=torch.float64))  # nucleus {0.5, 0.3}, renormalised to 0.625 / 0.375
     counts = torch.bincount(picks, minlength=4).float() / len(picks)
     assert counts[0] == 0 and counts[2] == 0
     assert abs(counts[1] - 0.625) < 0.015 and abs(counts[3] - 0.375) < 0.015
     assert prerl.pick_next_token(logits[:1], 0.0, 1.0).item() == 1  # temperature 0 = greedy
+
+
+def test_a_response_depends_only_on_its_own_key_not_on_the_batch(path):
+    """Sampling at a temperature: each prompt's random numbers come from its key, so its G responses
+    are the same whether it is sampled alone or beside other prompts (whose rows end at other steps),
+    and the plain path and the machinery draw the same tokens."""
+    model = tiny_model(torch.float32)
+    prompts = torch.tensor([[3, 20, 21], [22, 23, 24]])
+    eos_ids = list(range(4, 40, 5))
+    uniforms = prerl.sampling_uniforms(["s-0", "s-1"], 4, 10)
+    both = prerl.generate(model, prompts, (prompts != 3).long(), 4, 10, 1.0, 1.0, eos_ids, 3, uniforms)
+    alone = prerl.generate(model, prompts[1:], torch.ones_like(prompts[1:]), 4, 10, 1.0, 1.0, eos_ids, 3,
+                           prerl.sampling_uniforms(["s-1"], 4, 10))
+    mask = prerl.response_mask_from_positions(both, eos_ids)
+    assert len(set(mask.sum(1).tolist())) > 1                      # rows really ended at different steps
+    assert torch.equal((both * mask)[4:, :alone.shape[1]], alone * mask[4:, :alone.shape[1]])
+    assert torch.equal(prerl.sampling_uniforms(["s-1"], 4, 10), uniforms[4:])      # keyed, not stateful
+    assert not torch.equal(prerl.sampling_uniforms(["s-2"], 4, 10), uniforms[4:])
+    with pytest.raises(ValueError, match="uniforms"):
+        prerl.generate(model, prompts, torch.ones_like(prompts), 4, 10, 1.0, 1.0, eos_ids, 3)
 
 
 # --- advantages on hand-worked groups
@@ -679,7 +700,7 @@ def test_plain_run_never_reaches_the_machinery(tiny_model_folder, tmp_path, monk
             calls[name] = calls.get(name, 0) + 1
             return function(*args, **kwargs)
         return wrapper
-    entry_points = ("preallocate", "draw_from_probs", "lm_head_logprobs", "reuse_freed_memory")
+    entry_points = ("preallocate", "lm_head_logprobs", "reuse_freed_memory")
     for name in entry_points:
         monkeypatch.setattr(machinery, name, counted(name, getattr(machinery, name)))
     monkeypatch.setattr(prerl, "PLAIN", False)
