@@ -21,7 +21,10 @@ Parts, in the order prerl.py reaches them:
 """
 
 import ctypes
+import functools
+import math
 import sys
+import time
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -111,8 +114,10 @@ class LinearLogprobs(torch.autograd.Function):
         grad_lp = grad_lp.to(probs.dtype)[:, None]
         grad_logits = probs.mul_(-grad_lp).scatter_add_(1, targets[:, None], grad_lp)  # g * (onehot - softmax)
         grad_hidden = (grad_logits @ weight.to(probs.dtype)).to(hidden.dtype)
-        grad_weight = (grad_logits.T @ hidden.to(probs.dtype)).to(weight.dtype)
-        grad_bias = grad_logits.sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_weight = None                       # a frozen head (LoRA) needs no [vocab, width] gradient
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_logits.T @ hidden.to(probs.dtype)).to(weight.dtype)
+        grad_bias = grad_logits.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None
 
 
@@ -161,10 +166,306 @@ def reuse_freed_memory(device):
 
 # -----------------------------------------------------------------------------
 # Precision: bf16 weights and stochastic rounding (issue 15)
+# bf16 keeps 8 significant bits: a weight of 0.02 sits on a grid of 1.2e-4, so an AdamW update of
+# lr = 1e-6 is ~60x smaller than half a step and round-to-nearest drops it -- nothing trains, silently.
+# Here the optimizer does its arithmetic in fp32 and writes the new weight back to bf16 rounding up
+# with probability equal to the dropped fraction: each update survives in expectation. The moments are
+# bf16 too (4 bytes/param of state), rounded the same way so their running averages stay unbiased
+# (beta2 = 0.999 moves v by 0.1% a step, below half a bf16 step, so nearest rounding would freeze it).
+# Weights 2 + gradients 2 + moments 4 = 8 bytes per parameter, against 16 for fp32 AdamW.
+# The rounding's random numbers come from the optimizer's own generator, seeded by --seed and saved
+# in its state_dict: a resumed run rounds exactly as an uninterrupted one.
+# The plain path of prerl.py trains in fp32 only (plain torch AdamW on bf16 weights is the silent
+# failure above); the tests hold this optimizer against fp32 torch AdamW.
+
+
+def stochastic_round_to_bf16(x, generator):
+    """fp32 -> bf16, rounding the magnitude up with probability equal to the dropped fraction of a bf16
+    step. On the int32 view of the fp32 value: add 16 random low bits (a carry rounds up), truncate."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return bits.add(noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000
+
+
+class StochasticRoundingAdamW(torch.optim.Optimizer):
+    """AdamW (torch.optim.AdamW's formula) for bf16 parameters: fp32 arithmetic, bf16 weights and moments
+    written back with stochastic rounding (rounding="nearest" is the control that fails at small lr).
+    fp32 parameters (LoRA adapters) get plain fp32 AdamW with fp32 moments. Works through each tensor
+    in chunks so that the fp32 temporaries stay small next to a [vocab, width] embedding."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, seed=0,
+                 rounding="stochastic", chunk=1 << 22):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        device = self.param_groups[0]["params"][0].device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.rounding, self.chunk = rounding, chunk
+
+    def write(self, target, value):
+        """Store fp32 `value` into `target` in target's dtype."""
+        if target.dtype == torch.bfloat16 and self.rounding == "stochastic":
+            value = stochastic_round_to_bf16(value, self.generator)
+        target.copy_(value)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.is_contiguous():
+                    raise ValueError("StochasticRoundingAdamW: parameters must be contiguous")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                step = state["step"].item()
+                step_size, root_correction2 = lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)
+                views = [t.view(-1).split(self.chunk) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
+                grads = p.grad.reshape(-1).split(self.chunk)
+                for weight, exp_avg, exp_avg_sq, grad in zip(*views, grads):
+                    g = grad.float()
+                    m = exp_avg.float().lerp_(g, 1 - beta1)
+                    v = exp_avg_sq.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    w = weight.float().mul_(1 - lr * decay)
+                    w.addcdiv_(m, (v.sqrt() / root_correction2).add_(eps), value=-step_size)
+                    self.write(weight, w)
+                    self.write(exp_avg, m)
+                    self.write(exp_avg_sq, v)
+
+    def state_dict(self):
+        return {**super().state_dict(), "rounding_rng": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        rng = state_dict.pop("rounding_rng")
+        super().load_state_dict(state_dict)
+        self.generator.set_state(rng)
+
+
+def matmul_rates(device, size=1024, rounds=3):
+    """(fp32, bf16) matmul GFLOP/s on this device: best of interleaved rounds (a busy spell hits both)."""
+    operands = {dtype: (torch.randn(size, size, device=device, dtype=dtype),
+                        torch.randn(size, size, device=device, dtype=dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    best = {dtype: float("inf") for dtype in operands}
+    for round in range(rounds + 1):                             # round 0 warms up and is not counted
+        for dtype, (a, b) in operands.items():
+            start = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round:
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return tuple(2 * size ** 3 / best[dtype] / 1e9 for dtype in (torch.float32, torch.bfloat16))
+
+
+# AMX-BF16 (Xeon): ~5.5x fp32 on a matmul. This AMD EPYC (avx512_bf16, no AMX): 2.0-2.8x on the probe
+# under load, but only 1.35x on a linear layer's forward + backward -- not worth bf16's coarser weights.
+BF16_CLEARLY_FASTER = 4.0
+
+
+@functools.lru_cache(maxsize=None)
+def choose_precision(requested, device_type):
+    """(precision, why) for --precision. auto: bf16 on CUDA; on CPU bf16 only where a short matmul probe
+    shows it clearly faster than fp32 (AMX), else fp32. Probed once per process."""
+    if requested != "auto":
+        return requested, "--precision " + requested
+    if device_type == "cuda":
+        return "bf16", "auto: CUDA (bf16 tensor cores)"
+    fp32, bf16 = matmul_rates(torch.device(device_type))
+    choice = "bf16" if bf16 >= BF16_CLEARLY_FASTER * fp32 else "fp32"
+    return choice, (f"auto: CPU matmul probe fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s "
+                    f"({bf16 / fp32:.1f}x; bf16 needs >= {BF16_CLEARLY_FASTER:.0f}x, as AMX gives)")
 
 
 # -----------------------------------------------------------------------------
 # Memory: plan and LoRA (issue 15)
+# The plan adds up, from the model's config alone (a meta-device model: shapes, no weights), what a run
+# holds at its two peaks: sampling (weights, optimizer state, the KV cache of prompts x G rows, one
+# decode step's [rows, vocab] softmax and float64 CDF) and training (weights, optimizer state,
+# gradients, one micro-batch's saved activations, the LM head's saved softmax and fp32 chunk, the
+# optimizer's temporaries). Activations per token and layer, as autograd saves them in a Llama-style
+# layer with sdpa: each RMSNorm keeps its fp32 input and two outputs (4h + 2sh bytes, s = bytes per
+# activation), attention 7 q-widths + 4 kv-widths (q and k before and after RoPE, k and v repeated for
+# the heads, the output and its reshaped copy), the MLP 4 intermediate widths (gate, silu(gate), up,
+# product). With gradient checkpointing each layer keeps only its input, and one layer is recomputed
+# (plus its backward's scratch) at a time. Checked against a measured step in test_prerl.py and bench.py.
+
+MODEL_SHAPES = {  # --model-config NAME: named shapes (bench.py builds them with random weights; no download)
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-4b": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     tie_word_embeddings=True),
+}
+PLAN_PROMPT_TOKENS = 256      # prompt length the plan assumes (chat template + a MATH problem)
+LM_HEAD_CHUNK = 256           # positions per chunk in lm_head_logprobs
+OPTIMIZER_CHUNK = 1 << 22     # elements per chunk in StochasticRoundingAdamW
+GIB = 2 ** 30
+
+
+def model_config(name):
+    """A transformers config from a MODEL_SHAPES name or a folder holding config.json."""
+    from transformers import AutoConfig
+    if name in MODEL_SHAPES:
+        shape = dict(MODEL_SHAPES[name])
+        return AutoConfig.for_model(shape.pop("model_type"), **shape)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: model config {name!r}: not a shape ({', '.join(MODEL_SHAPES)}) "
+                         f"and no readable config.json ({type(e).__name__})") from None
+
+
+def lora_targets(module_name, module, targets, output_layer):
+    """Whether LoRA adapts this module: every Linear but the LM head for "all-linear" (peft's rule),
+    else the Linears whose name ends in one of the comma-separated targets."""
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    if targets == "all-linear":
+        return module is not output_layer
+    return any(module_name == t or module_name.endswith("." + t) for t in targets.split(","))
+
+
+def memory_plan(config, precision, device_type, rows, new_tokens, micro_batch_tokens, gradient_checkpointing,
+                lora_rank=0, lora_target_modules="all-linear", reference_model=False, prompt_tokens=PLAN_PROMPT_TOKENS):
+    """Estimated bytes of a run's parts and its peak: {"parts": [(name, bytes)], "sampling", "training",
+    "peak", "parameters", "trainable"}. rows = prompts x G; micro_batch_tokens the budget in force."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    output_layer = model.get_output_embeddings()
+    adapter = sum(lora_rank * (m.in_features + m.out_features) for n, m in model.named_modules()
+                  if lora_rank and lora_targets(n, m, lora_target_modules, output_layer))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h, i, layers, vocab = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
+    head_dim = getattr(text, "head_dim", None) or h // text.num_attention_heads
+    q, kv = text.num_attention_heads * head_dim, (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim
+    weight_bytes = 2 if precision == "bf16" else 4
+    act = 2 if precision == "bf16" or device_type == "cuda" else 4    # CUDA fp32 runs under bf16 autocast
+    trainable = adapter if lora_rank else parameters
+    grad_bytes = 4 if lora_rank else weight_bytes                      # adapters train in fp32
+    state_bytes = 8 if lora_rank or precision == "fp32" else 4         # fp32 AdamW moments, or bf16 ones
+    static = [("weights", parameters * weight_bytes + adapter * 4),
+              ("reference model (--kl-coef)", parameters * weight_bytes if reference_model else 0),
+              ("optimizer state", trainable * state_bytes)]
+    # sampling: the KV cache, preallocated for the whole response, and one decode step's softmax and CDF
+    sequence = prompt_tokens + new_tokens
+    sampling = [("KV cache", rows * sequence * layers * 2 * kv * act),
+                ("decode step softmax + CDF", rows * vocab * (act + 4 + 8 + 8))]
+    # training: gradients, one micro-batch's saved activations, the LM head, optimizer temporaries
+    tokens = max(micro_batch_tokens, sequence)                         # a longer row goes alone
+    norms = 2 * (4 * h + 2 * act * h)
+    layer = norms + act * (7 * q + 4 * kv + 4 * i)                     # per token, as autograd saves it
+    scratch = act * 3 * i                                              # one layer's backward, transient
+    if gradient_checkpointing:
+        activations = tokens * (layers * act * h + layer + scratch)
+    else:
+        activations = tokens * (layers * layer + scratch)
+    optimizer_temporaries = 7 * 4 * min(OPTIMIZER_CHUNK, trainable) if precision == "bf16" and not lora_rank else 0
+    # a [vocab, width] gradient arrives per LM-head chunk and from the embedding, and autograd sums them
+    # into a buffer before .grad: with tied embeddings three such tensors live at once (measured), else one
+    tied = model.get_input_embeddings().weight is output_layer.weight
+    head_gradients = 0 if lora_rank else (3 if tied else 1) * vocab * h * grad_bytes
+    training = [("gradients", trainable * grad_bytes),
+                ("activations" + (" (checkpointed)" if gradient_checkpointing else ""), activations),
+                ("LM head: saved softmax + fp32 chunk", tokens * vocab * act + LM_HEAD_CHUNK * vocab * 4),
+                ("LM head / embedding gradient transients", head_gradients),
+                ("optimizer temporaries", optimizer_temporaries)]
+    base = sum(b for _, b in static)
+    peak_sampling, peak_training = base + sum(b for _, b in sampling), base + sum(b for _, b in training)
+    return {"parts": static + sampling + training, "sampling": peak_sampling, "training": peak_training,
+            "peak": max(peak_sampling, peak_training), "parameters": parameters, "trainable": trainable,
+            "tokens": tokens, "sequence": sequence}
+
+
+def size(n):
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def plan_line(plan, precision):
+    """The one line a run prints at start."""
+    return (f"memory plan ({precision}): peak {size(plan['peak'])} while "
+            f"{'training' if plan['training'] >= plan['sampling'] else 'sampling'} "
+            f"(training {size(plan['training'])}, sampling {size(plan['sampling'])}; "
+            f"{plan['parameters'] / 1e6:,.0f}M parameters, {plan['trainable'] / 1e6:,.1f}M trained)")
+
+
+def plan_table(plan):
+    width = max(len(name) for name, _ in plan["parts"])
+    lines = [f"{name:<{width}}  {size / GIB:8.3f} GiB" for name, size in plan["parts"]]
+    lines.append(f"{'peak while sampling':<{width}}  {plan['sampling'] / GIB:8.3f} GiB")
+    lines.append(f"{'peak while training':<{width}}  {plan['training'] / GIB:8.3f} GiB")
+    return "\n".join(lines)
+
+
+def refuse_if_it_cannot_fit(plan, device):
+    """On CUDA: stop before loading the weights when the planned peak exceeds the free device memory."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if plan["peak"] > free:
+        raise SystemExit(f"error: the memory plan's peak {plan['peak'] / GIB:.1f} GiB exceeds the free "
+                         f"{free / GIB:.1f} GiB on {device}. Lower it with --precision bf16, "
+                         f"--gradient-checkpointing, --micro-batch-tokens, --prompts-per-step, --group-size, "
+                         f"--max-new-tokens or --lora RANK (see python prerl.py --plan-memory ...)")
+
+
+def add_lora(model, rank, alpha, targets, seed):
+    """Inject LoRA adapters (peft, optional) into the model in place: the model stays the same class,
+    so every function of prerl.py scores through the adapted layers unchanged. Only the adapters
+    require gradients; they are kept in fp32 even over bf16 base weights."""
+    try:
+        import peft
+        from peft.functional import cast_adapter_dtype
+    except ImportError:
+        raise SystemExit("error: --lora needs the optional peft package: pip install peft") from None
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets if targets == "all-linear"
+                             else targets.split(","), lora_dropout=0.0, bias="none")
+    try:
+        with torch.random.fork_rng(devices=[]):                          # A's random init: from --seed alone
+            torch.manual_seed(seed)
+            model = peft.inject_adapter_in_model(config, model)
+    except ValueError as e:
+        raise SystemExit(f"error: --lora-targets {targets!r}: {e}") from None
+    cast_adapter_dtype(model, "default", autocast_adapter_dtype=True)    # bf16/fp16 adapters -> fp32
+    return model
+
+
+def has_lora(model):
+    return any("lora_" in name for name, _ in model.named_parameters())
+
+
+def adapter_state(model):
+    """What a LoRA checkpoint holds: the adapter weights only (the base is --model, unchanged)."""
+    return {name: tensor for name, tensor in model.state_dict().items() if "lora_" in name}
+
+
+def load_adapter_state(model, state):
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any("lora_" in name for name in missing):
+        raise ValueError(f"adapter does not fit: unexpected {unexpected[:3]}, missing "
+                         f"{[n for n in missing if 'lora_' in n][:3]}")
+
+
+def merge_lora(model):
+    """Fold each adapter into its base weight (W + alpha/r B A) and put the plain layer back, in place:
+    the model becomes a plain transformers model again (peft's merge_and_unload for an injected model)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
 
 
 # -----------------------------------------------------------------------------

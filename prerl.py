@@ -107,6 +107,16 @@ class Config:
     seed: int = opt(0, "seed for data order, sampling and the built-in problems")
     # machinery (machinery.py): speed and memory only, never the result
     plain: bool = opt(False, "run the method exactly as written in prerl.py, without machinery.py (slower)")
+    precision: str = opt("auto", "auto | fp32 | bf16: bf16 weights, gradients and AdamW moments with stochastic "
+                                 "rounding (8 bytes/param); auto = bf16 on CUDA, on CPU where a matmul probe "
+                                 "shows bf16 clearly faster (AMX)")
+    lora: int = opt(0, "LoRA rank (needs peft); 0 = full fine-tuning. Only the adapters train")
+    lora_alpha: float = opt(0.0, "LoRA alpha; 0 = the rank (scale alpha/rank = 1)")
+    lora_targets: str = opt("all-linear", "LoRA target modules: all-linear (every Linear but the LM head) or "
+                                          "comma-separated names, e.g. q_proj,v_proj")
+    plan_memory: bool = opt(False, "print the memory plan (from the model's config, no weights loaded) and exit")
+    model_config: str = opt("", "--plan-memory: a shape (" + ", ".join(machinery.MODEL_SHAPES) + ") or a "
+                                "folder with config.json instead of --model's")
 
 
 def parse_config(argv=None):
@@ -119,6 +129,12 @@ def parse_config(argv=None):
         else:
             parser.add_argument(flag, type=type(field.default), default=field.default, help=help)
     cfg = Config(**vars(parser.parse_args(argv)))
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        parser.error(f"--precision {cfg.precision!r}: choose auto, fp32 or bf16")
+    if cfg.lora < 0:
+        parser.error(f"--lora {cfg.lora}: a rank >= 1, or 0 for full fine-tuning")
+    if (PLAIN or cfg.plain) and (cfg.precision == "bf16" or cfg.lora):
+        parser.error("--plain trains fp32 weights in full: --precision bf16 and --lora need the machinery")
     if cfg.mode not in MODES:
         parser.error(f"--mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
     if cfg.micro_batch_tokens < 0:
@@ -268,15 +284,16 @@ def pick_device(cfg):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(name, device, gradient_checkpointing=False):
-    """(model, tokenizer) in fp32 weights; on CUDA the forward passes run under bf16 autocast."""
+def load_model(name, device, gradient_checkpointing=False, dtype=torch.float32):
+    """(model, tokenizer) in fp32 weights (on CUDA the forward passes then run under bf16 autocast),
+    or in bf16 weights with --precision bf16."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = embedded_model_folder() if name == EMBEDDED_MODEL else name
     if name != EMBEDDED_MODEL and name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
         raise SystemExit(f"error: --model {name!r}: no such folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --model {name!r} could not be loaded: {e}") from None
     if getattr(model.config, "final_logit_softcapping", None):
@@ -660,10 +677,13 @@ def optimizer_step(model, optimizer, cfg):
 
 
 def make_optimizer(model, cfg):
-    """AdamW; the fused kernel (CPU and CUDA) updates in place without per-step temporaries."""
-    device = next(model.parameters()).device
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    """AdamW over the parameters that train (all of them, or LoRA's adapters); the fused kernel (CPU and
+    CUDA) updates in place without per-step temporaries."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params[0].dtype == torch.bfloat16:  # machinery: fp32 arithmetic, stochastic rounding back to bf16
+        return machinery.StochasticRoundingAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    fused = params[0].device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 # -----------------------------------------------------------------------------
@@ -686,7 +706,8 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
 
 
 def save_checkpoint(path, model, optimizer, step, cfg):
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+    weights = machinery.adapter_state(model) if cfg.lora else model.state_dict()  # machinery: LoRA keeps its adapter
+    state = {"model": weights, "optimizer": optimizer.state_dict(), "step": step,
              "config": dataclasses.asdict(cfg), "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     temporary = f"{path}.tmp{os.getpid()}"
@@ -694,12 +715,19 @@ def save_checkpoint(path, model, optimizer, step, cfg):
     os.replace(temporary, path)
 
 
-def load_checkpoint(path, model, optimizer=None):
-    """Restore the model's weights and, when resuming a run (optimizer given), the optimizer and RNG.
-    Returns the step to continue from."""
+def load_checkpoint(path, model, optimizer=None, adapter_only=False):
+    """Restore the model's weights (LoRA: the adapter) and, when resuming a run (optimizer given), the
+    optimizer and RNG. Returns the step to continue from."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
+        saved, ours = next(iter(state["model"].values())).dtype, next(model.parameters()).dtype
+        if saved != ours:  # load_state_dict would cast silently, and the optimizer state would not fit
+            raise SystemExit(f"error: checkpoint {path} holds {saved} weights, this run {ours}: "
+                             f"resume with the run's --precision ({state['config'].get('precision')})")
+        if adapter_only:
+            machinery.load_adapter_state(model, state["model"])  # machinery: LoRA
+        else:
+            model.load_state_dict(state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -721,17 +749,26 @@ def train(cfg):
     global PLAIN
     PLAIN = PLAIN or cfg.plain                    # --plain: the reading path only, for this whole process
     device = pick_device(cfg)
+    precision, why = ("fp32", "the plain path trains in fp32") if PLAIN else machinery.choose_precision(cfg.precision, device.type)
+    print(f"precision {precision}: {why}")        # the run's first line
+    cfg = dataclasses.replace(cfg, precision=precision)  # what ran, as the checkpoint records it
     if not PLAIN:
         machinery.reuse_freed_memory(device)      # machinery: CPU malloc keeps freed blocks, no page faults
+        plan = memory_plan(cfg, device)           # machinery: one line; on CUDA, refuse what cannot fit
+        print(machinery.plan_line(plan, precision))
+        machinery.refuse_if_it_cannot_fit(plan, device)
     if cfg.data:
         train_set = load_problems(cfg.data)
     else:
         train_set = make_problems(4096, cfg.tasks, cfg.difficulty, cfg.seed, held_out=False)
     eval_set = eval_problems(cfg)
-    model, tokenizer = load_model(cfg.model, device, cfg.gradient_checkpointing)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model, tokenizer = load_model(cfg.model, device, cfg.gradient_checkpointing, dtype)
+    if cfg.lora:
+        model = machinery.add_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_targets, cfg.seed)  # machinery: adapters only train
     ref_model = None
     if cfg.kl_coef > 0:
-        ref_model, _ = load_model(cfg.model, device)
+        ref_model, _ = load_model(cfg.model, device, dtype=dtype)
         ref_model.requires_grad_(False).eval()
     # Seed after loading (a resumed run then restores its own RNG): the one-time GGUF conversion builds a
     # model with random init, and seeding before it would shift every sample of the run that converts.
@@ -742,7 +779,8 @@ def train(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     checkpoint_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    first_step = load_checkpoint(checkpoint_path, model, optimizer) if cfg.resume and os.path.exists(checkpoint_path) else 0
+    resuming = cfg.resume and os.path.exists(checkpoint_path)
+    first_step = load_checkpoint(checkpoint_path, model, optimizer, adapter_only=cfg.lora > 0) if resuming else 0
     if cfg.resume and first_step == 0:
         print(f"no checkpoint at {checkpoint_path}; starting from step 0")
     verify.warmup()
@@ -778,5 +816,33 @@ def train(cfg):
 # Run safety, after the method: flag validation, one run per out-dir, Ctrl-C, crash-safe logs, export (issue 16)
 
 
+def memory_plan(cfg, device):
+    """machinery.memory_plan for this run's flags, from the model's config (no weights loaded)."""
+    name = cfg.model_config or (embedded_model_folder() if cfg.model == EMBEDDED_MODEL else cfg.model)
+    precision = cfg.precision if cfg.precision != "auto" else machinery.choose_precision("auto", device.type)[0]
+    return machinery.memory_plan(machinery.model_config(name), precision, device.type, cfg.prompts_per_step * cfg.group_size,
+                                 cfg.max_new_tokens, micro_batch_budget(cfg, device), cfg.gradient_checkpointing,
+                                 cfg.lora, cfg.lora_targets, reference_model=cfg.kl_coef > 0)
+
+
+def print_memory_plan(cfg):
+    """--plan-memory: the table, then exit. Offline: a named shape or a config folder is enough."""
+    device = pick_device(cfg)
+    precision = machinery.choose_precision(cfg.precision, device.type)[0]
+    cfg = dataclasses.replace(cfg, precision=precision)
+    plan = memory_plan(cfg, device)
+    print(f"{cfg.model_config or cfg.model} | {precision} on {device.type} | {cfg.prompts_per_step} prompts x G = "
+          f"{cfg.group_size} x {cfg.max_new_tokens} new tokens (prompts assumed {machinery.PLAN_PROMPT_TOKENS} "
+          f"tokens) | micro-batches of {plan['tokens']} tokens"
+          + (" | gradient checkpointing" if cfg.gradient_checkpointing else "") + (f" | LoRA rank {cfg.lora}" if cfg.lora else ""))
+    print(machinery.plan_table(plan))
+    print(machinery.plan_line(plan, precision))
+    return plan
+
+
 if __name__ == "__main__":
-    train(parse_config())
+    config = parse_config()
+    if config.plan_memory:
+        print_memory_plan(config)
+    else:
+        train(config)

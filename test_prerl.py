@@ -752,7 +752,7 @@ def tiny_model_folder(tmp_path_factory):
 def run_args(folder, out, *extra):
     return ["--model", str(folder), "--data", str(folder / "toy.jsonl"), "--eval-data", str(folder / "toy.jsonl"),
             "--out-dir", str(out), "--prompts-per-step", "16", "--group-size", "8", "--max-new-tokens", "6",
-            "--eval-size", "4", "--eval-every", "0", "--lr", "1e-3", *extra]
+            "--eval-size", "4", "--eval-every", "0", "--lr", "1e-3", "--precision", "fp32", *extra]
 
 
 def state_of(path):
@@ -920,3 +920,293 @@ def test_evaluate_samples_on_tiny_model(tiny_model_folder):
     assert result["pass_at_k"][1] <= result["pass_at_k"][2] <= result["pass_at_k"][4]
     assert result["pass_at_k"][1] == pytest.approx(result["avg_at_n"])
     assert 0 <= result["parseable_share"] <= 1 and result["mean_response_tokens"] <= 5
+
+
+# ---------------------------------------------------------------------------
+# issue 15: bf16 weights with stochastic rounding, --precision auto, the memory plan, LoRA
+
+
+def bf16_neighbours(x):
+    """The two bf16 values around a positive float x, computed from its binade: 8 significant bits."""
+    ulp = 2.0 ** (math.floor(math.log2(x)) - 7)
+    below = math.floor(x / ulp) * ulp
+    return below, below + ulp
+
+
+@pytest.mark.parametrize("value", [0.0123456789, 1.0 + 3 * 2 ** -10, 3.3e-5, 0.75])
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour(value):
+    n = 40000
+    generator = torch.Generator().manual_seed(0)
+    for sign in (1, -1):
+        x = torch.full((n,), sign * value, dtype=torch.float32)
+        exact = float(x[0])                                     # the fp32 value being rounded
+        rounded = machinery.stochastic_round_to_bf16(x, generator).double()
+        below, above = bf16_neighbours(abs(exact))
+        assert set(rounded.abs().unique().tolist()) <= {below, above}
+        fraction = (abs(exact) - below) / (above - below)     # probability of rounding the magnitude up
+        sigma = (above - below) * math.sqrt(fraction * (1 - fraction) / n)
+        assert abs(rounded.mean().item() - exact) <= 4 * sigma + 1e-12 * abs(exact)
+        if fraction == 0:                                       # a bf16 value stays exactly itself
+            assert (rounded == exact).all()
+        else:
+            assert 0 < (rounded.abs() == above).double().mean().item() < 1
+
+
+def test_stochastic_rounding_adamw_on_fp32_parameters_is_torch_adamw():
+    """The optimizer's arithmetic is torch.optim.AdamW's: on fp32 parameters (no rounding) they agree."""
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Parameter(torch.randn(1000)), torch.nn.Parameter(torch.randn(1000))
+    with torch.no_grad():
+        theirs.copy_(ours)
+    a = machinery.StochasticRoundingAdamW([ours], lr=1e-2, weight_decay=0.1, chunk=300)
+    b = torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1)
+    for step in range(5):
+        ours.grad = torch.randn(1000, generator=torch.Generator().manual_seed(step))
+        theirs.grad = ours.grad.clone()
+        a.step(), b.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def assert_moves_like_fp32(delta, reference, tolerance=0.1):
+    """Mean drift of the weights along the fp32 reference's direction, within tolerance of the reference's."""
+    direction = reference.sign()
+    drift, expected = (delta * direction).mean().item(), (reference * direction).mean().item()
+    assert abs(drift / expected - 1) < tolerance, f"mean drift {drift:.3e} vs fp32 AdamW {expected:.3e}"
+
+
+def test_bf16_training_at_lr_1e6_moves_like_fp32_and_round_to_nearest_does_not():
+    """100 AdamW steps at lr 1e-6 on fixed gradients: updates ~60x below half a bf16 step at 0.02.
+    Stochastic rounding moves the weights as fp32 AdamW does; the round-to-nearest control does not."""
+    steps, lr = 100, 1e-6
+    start = tiny_model(torch.float32).to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(1)
+    grads = {name: torch.randn(p.shape, generator=generator).to(torch.bfloat16) for name, p in start.named_parameters()}
+    moved = {}
+    for kind in ("fp32", "stochastic", "nearest"):
+        model = tiny_model(torch.float32).to(torch.bfloat16)
+        if kind == "fp32":
+            model = model.float()                          # the same bf16 start values, held in fp32
+            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        else:
+            optimizer = machinery.StochasticRoundingAdamW(model.parameters(), lr=lr, weight_decay=0.01, rounding=kind)
+        for _ in range(steps):
+            for name, p in model.named_parameters():
+                p.grad = grads[name].to(p.dtype)
+            optimizer.step()
+        # matrices only: norm weights sit at 1.0, where a bf16 step (2^-7) is 80x larger than the drift
+        moved[kind] = torch.cat([(p.double() - start.get_parameter(name).double()).reshape(-1)
+                                 for name, p in model.named_parameters() if p.dim() == 2])
+    assert moved["fp32"].abs().mean() > 0.5 * steps * lr      # AdamW moves each weight ~lr per step
+    assert_moves_like_fp32(moved["stochastic"], moved["fp32"])
+    with pytest.raises(AssertionError, match="mean drift"):
+        assert_moves_like_fp32(moved["nearest"], moved["fp32"])
+
+
+def test_bf16_resume_is_exact_weights_optimizer_and_rounding_rng(tiny_model_folder, tmp_path):
+    bf16 = ("--precision", "bf16", "--prompts-per-step", "8", "--switch-step", "1")
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "full", "--steps", "3", *bf16)))
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "part", "--steps", "2", *bf16)))
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "part", "--steps", "3", "--resume", *bf16)))
+    full, part = state_of(tmp_path / "full" / "checkpoint.pt"), state_of(tmp_path / "part" / "checkpoint.pt")
+    assert full["config"]["precision"] == "bf16"
+    for name, tensor in full["model"].items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, part["model"][name]), name
+    assert full["optimizer"]["state"], "no step had a gradient: the test would compare untouched weights"
+    for index, slot in full["optimizer"]["state"].items():
+        for key, tensor in slot.items():
+            assert torch.equal(tensor, part["optimizer"]["state"][index][key]), (index, key)
+    assert torch.equal(full["optimizer"]["rounding_rng"], part["optimizer"]["rounding_rng"])
+    # the rounding RNG really advanced (it is state, not a constant), and a fp32 resume is refused
+    assert not torch.equal(full["optimizer"]["rounding_rng"], torch.Generator().manual_seed(0).get_state())
+    with pytest.raises(SystemExit, match="bfloat16 weights.*--precision"):
+        prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "part", "--steps", "4", "--resume")))
+
+
+def test_bf16_scoring_stays_fp32_and_close_to_the_fp32_model():
+    model = tiny_model(torch.float32)
+    batch = toy_batch()
+    lp32 = prerl.pretrain_logprobs(model, 1, batch["response_ids"], batch["response_mask"])
+    lp16 = prerl.pretrain_logprobs(model.to(torch.bfloat16), 1, batch["response_ids"], batch["response_mask"])
+    assert lp16.dtype == torch.float32
+    torch.testing.assert_close(lp16, lp32, rtol=0, atol=0.05)   # bf16 weights and activations, fp32 log-softmax
+
+
+def test_precision_auto_follows_the_probe_and_says_why(monkeypatch):
+    probe = machinery.matmul_rates
+    for rates, expected in (((100.0, 190.0), "fp32"), ((100.0, 550.0), "bf16")):
+        machinery.choose_precision.cache_clear()
+        monkeypatch.setattr(machinery, "matmul_rates", lambda device, rates=rates: rates)
+        precision, why = machinery.choose_precision("auto", "cpu")
+        assert precision == expected and f"{rates[0]:.0f} GFLOP/s" in why and f"{rates[1]:.0f} GFLOP/s" in why
+    assert machinery.choose_precision("auto", "cuda")[0] == "bf16"
+    assert machinery.choose_precision("fp32", "cuda") == ("fp32", "--precision fp32")
+    machinery.choose_precision.cache_clear()                     # no made-up figures for later tests
+    fp32, bf16 = probe(torch.device("cpu"), size=256, rounds=1)  # the real probe runs
+    assert fp32 > 0 and bf16 > 0
+
+
+def test_run_first_line_names_the_precision_and_plain_refuses_bf16(tiny_model_folder, tmp_path, capsys):
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path, "--steps", "1", "--prompts-per-step", "2")))
+    assert capsys.readouterr().out.splitlines()[0].startswith("precision fp32: ")
+    with pytest.raises(SystemExit):
+        prerl.parse_config(["--plain", "--precision", "bf16"])
+    with pytest.raises(SystemExit):
+        prerl.parse_config(["--plain", "--lora", "8"])
+
+
+# --- the memory plan
+
+
+def test_memory_plan_targets_and_command(capsys):
+    """The issue's targets, planned offline from named shapes (no weights)."""
+    shape = machinery.MODEL_SHAPES["qwen3-4b"]
+    config = machinery.model_config("qwen3-4b")
+    assert (config.num_hidden_layers, config.hidden_size, config.head_dim, shape["vocab_size"]) == (36, 2560, 128, 151936)
+    batch = ["--prompts-per-step", "8", "--group-size", "8", "--max-new-tokens", "1024", "--precision", "bf16",
+             "--gradient-checkpointing", "--device", "cuda"]
+    if prerl.PLAIN:
+        pytest.skip("--plan-memory with --precision bf16 is machinery")
+    full = prerl.print_memory_plan(prerl.parse_config(["--plan-memory", "--model-config", "qwen2.5-1.5b", *batch]))
+    lora = prerl.print_memory_plan(prerl.parse_config(["--plan-memory", "--model-config", "qwen3-4b", "--lora", "64", *batch]))
+    assert full["peak"] <= 20 * 2 ** 30 and lora["peak"] <= 22 * 2 ** 30
+    assert 1.5e9 < full["parameters"] < 1.6e9 and 3.9e9 < lora["parameters"] < 4.1e9
+    # hand count of rank-64 adapters on every Linear of a Qwen3-4B layer but the LM head: r (in + out)
+    per_layer = 64 * ((2560 + 4096) * 2 + (2560 + 1024) * 2 + (2560 + 9728) * 3)
+    assert lora["trainable"] == 36 * per_layer
+    out = capsys.readouterr().out
+    assert "KV cache" in out and "memory plan (bf16): peak" in out
+    fp32 = prerl.print_memory_plan(prerl.parse_config(["--plan-memory", "--model-config", "qwen2.5-1.5b", *batch,
+                                                       "--precision", "fp32"]))
+    bf16 = dict(full["parts"])
+    assert dict(fp32["parts"])["weights"] == 2 * bf16["weights"]     # 4 vs 2 bytes per parameter
+    # weights + gradients + optimizer state: 16 bytes/param in fp32, 8 in bf16
+    assert bf16["weights"] + bf16["gradients"] + bf16["optimizer state"] == 8 * full["parameters"]
+
+
+def test_memory_plan_refuses_on_cuda_naming_the_flags(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2 ** 30, 24 * 2 ** 30))
+    plan = {"peak": 3 * 2 ** 30}
+    with pytest.raises(SystemExit, match="--gradient-checkpointing.*--lora"):
+        machinery.refuse_if_it_cannot_fit(plan, torch.device("cuda"))
+    machinery.refuse_if_it_cannot_fit(plan, torch.device("cpu"))  # CPU: the plan is printed, never enforced
+
+
+MEMORY_STEP = """
+import json, os, sys, torch
+import machinery, prerl
+from transformers import AutoConfig, AutoModelForCausalLM
+precision = sys.argv[1]
+config = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False)
+rows, prompt, response, budget = 8, 40, 88, 256
+plan = machinery.memory_plan(config, precision, "cpu", rows, response, budget, False, prompt_tokens=prompt)
+machinery.reuse_freed_memory(torch.device("cpu"))
+before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+cfg = prerl.Config(micro_batch_tokens=budget, prompts_per_step=rows // 2, group_size=2)
+gen = torch.Generator().manual_seed(0)
+batch = {"prompt_ids": torch.randint(4, 30000, (rows, prompt), generator=gen), "prompt_mask": torch.ones(rows, prompt, dtype=torch.long),
+         "response_ids": torch.randint(4, 30000, (rows, response), generator=gen), "response_mask": torch.ones(rows, response, dtype=torch.long)}
+optimizer = prerl.make_optimizer(model, cfg)
+for _ in range(2):
+    prerl.accumulate_gradients(model, batch, torch.tensor([[1.0, 0.0]] * (rows // 2)), "grpo", cfg, start_id=1)
+    prerl.optimizer_step(model, optimizer, cfg)
+peak = int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmHWM"].split()[0]) * 1024
+print(json.dumps({"measured": peak - before, "planned": plan["training"]}))
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_memory_plan_matches_a_measured_training_step(precision):
+    """Peak resident memory of two training steps (a fresh process, a 33M-parameter model) against the
+    plan's training peak: within 20% (the issue's 15% is for the real shapes, where the fixed costs of
+    the allocator and the runtime weigh less)."""
+    if prerl.PLAIN and precision == "bf16":
+        pytest.skip("bf16 weights are machinery")
+    out = subprocess.run([sys.executable, "-c", MEMORY_STEP, precision], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert abs(figures["measured"] / figures["planned"] - 1) < 0.2, figures
+
+
+# --- LoRA through peft (optional)
+
+
+def lora_model(dtype=torch.float64, rank=4):
+    pytest.importorskip("peft")
+    model = machinery.add_lora(tiny_model(dtype), rank, 8.0, "all-linear", seed=0)
+    return model
+
+
+def test_lora_one_step_changes_only_the_adapters():
+    model = lora_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = prerl.make_optimizer(model, prerl.Config(lr=1e-2))
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == \
+        {id(p) for name, p in model.named_parameters() if "lora_" in name}
+    rewards = torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
+    prerl.accumulate_gradients(model, toy_batch(), rewards, "grpo", prerl.Config(), start_id=1)
+    prerl.optimizer_step(model, optimizer, prerl.Config())
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("lora_" in name for name in changed)
+    assert any("lora_B" in name for name in changed)          # B starts at zero and now moved
+    assert all(p.grad is None for name, p in model.named_parameters() if "lora_" not in name)
+
+
+def test_lora_gradient_matches_finite_difference():
+    model = lora_model()
+    torch.manual_seed(3)
+    with torch.no_grad():                                      # nonzero B, so A has a gradient too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batch, rewards = toy_batch(), torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]], dtype=torch.float64)
+    prerl.accumulate_gradients(model, batch, rewards, "grpo", prerl.Config(), start_id=1)
+    for name in ("model.layers.0.self_attn.q_proj.lora_A.default.weight", "model.layers.1.mlp.down_proj.lora_B.default.weight"):
+        weight = model.get_parameter(name)
+        analytic, h = weight.grad[1, 2].item(), 1e-6
+        with torch.no_grad():
+            weight[1, 2] += h
+            plus = hand_loss(model, batch, rewards, "grpo", 1.0).item()
+            weight[1, 2] -= 2 * h
+            minus = hand_loss(model, batch, rewards, "grpo", 1.0).item()
+            weight[1, 2] += h
+        assert abs(analytic) > 1e-8
+        assert abs((plus - minus) / (2 * h) - analytic) < 1e-6 * max(1.0, abs(analytic)), name
+
+
+def test_lora_merged_export_scores_like_the_adapted_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = lora_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batch = toy_batch()
+    with torch.no_grad():
+        adapted = prerl.conditional_logprobs(model, batch["prompt_ids"], batch["prompt_mask"],
+                                             batch["response_ids"], batch["response_mask"])
+        machinery.merge_lora(model).save_pretrained(tmp_path)
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+        assert not any("lora" in name for name, _ in exported.named_parameters())
+        merged = prerl.conditional_logprobs(exported, batch["prompt_ids"], batch["prompt_mask"],
+                                            batch["response_ids"], batch["response_mask"])
+        base = prerl.conditional_logprobs(tiny_model(), batch["prompt_ids"], batch["prompt_mask"],
+                                          batch["response_ids"], batch["response_mask"])
+    torch.testing.assert_close(merged, adapted, rtol=1e-6, atol=1e-6)
+    assert (adapted - base).abs().max() > 1e-3                    # the adapter really changed the scores
+
+
+def test_lora_run_checkpoints_only_the_adapter_and_resumes(tiny_model_folder, tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    monkeypatch.setattr(prerl, "PLAIN", False)                  # --lora is machinery
+    lora = ("--lora", "4", "--prompts-per-step", "8", "--switch-step", "1")
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "full", "--steps", "2", *lora)))
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "part", "--steps", "1", *lora)))
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "part", "--steps", "2", "--resume", *lora)))
+    full, part = state_of(tmp_path / "full" / "checkpoint.pt"), state_of(tmp_path / "part" / "checkpoint.pt")
+    assert full["model"] and all("lora_" in name for name in full["model"])
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, part["model"][name]), name
