@@ -44,6 +44,7 @@ import os
 import random
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
@@ -54,11 +55,15 @@ MAX_POWER_BITS = 20_000    # refuse to build integers larger than this (power to
 # ---------------------------------------------------------------------------
 # Extraction
 
+MAX_COMPLETION_CHARS = 100_000   # only the tail of a longer completion is searched for its answer
+MAX_BOXES = 20                   # only the last boxes of a completion are read
+SHORT_ANSWER_CHARS = 100         # a one-line completion this short, with no prose, is taken whole
 
-def _match_brace(text, open_pos):
-    """Index of the brace closing text[open_pos] == '{', or -1 if unbalanced."""
+
+def _match_brace(text, open_pos, limit=MAX_ANSWER_CHARS * 4):
+    """Index of the brace closing text[open_pos] == '{', or -1 if unbalanced within limit chars."""
     depth = 0
-    for i in range(open_pos, len(text)):
+    for i in range(open_pos, min(len(text), open_pos + limit)):
         c = text[i]
         if c == "{":
             depth += 1
@@ -69,64 +74,225 @@ def _match_brace(text, open_pos):
     return -1
 
 
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)")
+
+
+def _boxes(text):
+    """Every \\boxed{...} / \\fbox{...} in order, as (start, end, content); `\\boxed 5` too."""
+    found = []
+    starts = list(_BOXED_RE.finditer(text))[-MAX_BOXES:]  # bounded work on hostile text
+    for m in starts:
+        i = m.end()
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            end = _match_brace(text, i)
+            if end > 0 and text[i + 1:end].strip():
+                found.append((m.start(), end + 1, text[i + 1:end].strip()))
+        elif i > m.end():
+            word = re.match(r"[^\s$]+", text[i:i + 200])
+            if word:
+                found.append((m.start(), i + word.end(), word.group(0)))
+    return found
+
+
 def _last_boxed(text):
-    pos = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if pos < 0:
-        return None
-    i = pos + (6 if text.startswith("\\boxed", pos) else 5)
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i < len(text) and text[i] == "{":
-        end = _match_brace(text, i)
-        return text[i + 1:end] if end > 0 else None
-    m = re.match(r"[^\s$]+", text[i:i + 200])  # `\boxed 5`
-    return m.group(0) if m and i > pos + 5 else None
+    boxes = _boxes(text)
+    return boxes[-1][2] if boxes else None
 
 
-_PHRASES = ("final answer is", "the answer is", "answer:")
-_NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+# Chat-template tokens: the answer ends at the first end-of-turn token (models often go on to write
+# a made-up next turn after it); `<think>...</think>` reasoning is skipped when text follows it.
+_END_OF_TURN_RE = re.compile(r"<\|(?:im_end|endoftext|eot_id|eom_id|end|end_of_text|im_start|user|assistant)\|>"
+                             r"|</s>|<end_of_turn>|<eos>|<\|end▁of▁sentence\|>|<｜end▁of▁sentence｜>")
+_CHAT_TOKEN_RE = re.compile(r"<\|[A-Za-z_▁]{1,30}\|>|<｜[^｜>]{1,30}｜>|</?(?:s|bos|start_of_turn)>")
 
 
-def _after_phrase(text):
-    lower = text.lower()
-    best = max(((lower.rfind(p), p) for p in _PHRASES), key=lambda t: t[0])
-    if best[0] < 0:
-        return None
-    rest = text[best[0] + len(best[1]):best[0] + len(best[1]) + 300].split("\n")[0]
-    math_span = _last_math(rest)
-    answer = math_span if math_span is not None else rest
-    answer = answer.strip().lstrip(":").strip().rstrip(".").strip()
-    return answer or None
+def _clean_completion(text):
+    end = _END_OF_TURN_RE.search(text)
+    if end and text[:end.start()].strip():
+        text = text[:end.start()]
+    think = text.rfind("</think>")
+    if think >= 0 and text[think + 8:].strip():
+        text = text[think + 8:]
+    text = text[-MAX_COMPLETION_CHARS:]
+    return _CHAT_TOKEN_RE.sub(" ", text)
+
+
+_MATH_OPEN_RE = re.compile(r"\$\$|(?<!\\)\$|\\\[|\\\(")
+_PROSE_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}[,.]?\s+[a-zA-Z]{2,}\s+[a-zA-Z]{2,}")
+_TEXT_ARG_RE = re.compile(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}")
+
+
+def _math_spans(text):
+    """(start, end, inner) of each $...$, $$...$$, \\(...\\), \\[...\\] in order. A `$` whose
+    would-be span is prose, runs to a digit (`$5 and $6`) or never closes is a dollar sign."""
+    spans, i, next_closer = [], 0, {}
+    while True:
+        m = _MATH_OPEN_RE.search(text, i)
+        if not m:
+            return spans
+        opener = m.group(0)
+        closer = {"$$": "$$", "$": "$", "\\[": "\\]", "\\(": "\\)"}[opener]
+        j = next_closer.get(closer, 0)
+        if j >= 0 and j < m.end():  # remembered, so that unclosed openers cost linear time in all
+            j = next_closer[closer] = text.find(closer, m.end())
+        while opener == "$" and j > 0 and text[j - 1] == "\\":  # `\$` inside math is a dollar
+            j = text.find(closer, j + 1)
+        if j < 0:
+            i = m.end()
+            continue
+        inner = text[m.end():j]
+        if opener == "$" and (not inner.strip() or "\n\n" in inner or text[j + 1:j + 2].isdigit()
+                              or _PROSE_RE.search(_TEXT_ARG_RE.sub(" ", inner))):
+            i = m.end()  # a currency sign, not math
+            continue
+        if inner.strip():
+            spans.append((m.start(), j + len(closer), inner.strip()))
+        i = j + len(closer)
 
 
 def _last_math(text):
-    candidates = []
-    for opener, closer in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        end = text.rfind(closer)
-        if end < 0:
-            continue
-        start = text.rfind(opener, 0, end)
-        if start < 0:
-            continue
-        inner = text[start + len(opener):end].strip()
-        if inner:
-            candidates.append((end, inner))
-    return max(candidates)[1] if candidates else None
+    spans = _math_spans(text)
+    return spans[-1][2] if spans else None
+
+
+# Answer phrases, English first, then other languages models answer in. The last one wins.
+_PHRASE_RE = re.compile(
+    r"final\s+answer\s*(?:is|:)|the\s+answer\s+is|\banswer\s*(?:is)?\s*[:：]|\bans\s*[:：]"
+    r"|the\s+(?:final\s+)?result\s+is|the\s+solution\s+is"
+    r"|答案\s*(?:是|为|為|[:：])|最终答案|所以|因此|答え\s*(?:は|[:：])|정답\s*(?:은|[:：])|답\s*[:：]"
+    r"|r[ée]ponse\s*(?:finale)?\s*(?:est|[:：])|antwort\s*(?:ist|lautet|[:：])|endergebnis\s*[:：]"
+    r"|respuesta\s*(?:final)?\s*(?:es|[:：])|resposta\s*(?:final)?\s*(?:é|[:：])|risposta\s*(?:è|[:：])"
+    r"|ответ\s*[:：]?|odpowied[źz]\s*[:：]|cevap\s*[:：]",
+    re.IGNORECASE)
+_GSM8K_RE = re.compile(r"####\s*([^\n]+)")
+_LAST_LINE_A_RE = re.compile(r"^\s*\**A\**\s*[:：]\s*(.+?)\s*$")
+_PHRASE_STOP_RE = re.compile(r"\bI hope it is correct|\.\s+(?=[A-Z])|\.\s*$|,?\s+(?:because|since|as|which|so that|where)\b"
+                             r"|[;；。]|\s+\((?:[a-z]{3,}\s)", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+_DENIAL_RE = re.compile(r"\bnot\b|n't\b|\bnever\b|\bno\b|\bcannot\b|\bneither\b|\bnor\b|\\neq\b|≠|\bwrong\b|\bincorrect\b",
+                        re.IGNORECASE)
+_SENTENCE_END_RE = re.compile(r"[.!?。](?:\s|$)|\n")
+
+
+def _answer_in_segment(segment):
+    """The answer inside the text right after an answer phrase."""
+    segment = segment.strip().strip("*").strip()
+    segment = re.sub(r"^(?:is|es|est|ist|[:：=]|\*+)\s*", "", segment).strip().strip("*").strip()
+    spans = _math_spans(segment)
+    if spans and spans[0][0] < 60:  # math right after the phrase: `the answer is $x = 2$ and ...`
+        return spans[0][2]
+    stop = _PHRASE_STOP_RE.search(segment)
+    if stop and stop.start() > 0:
+        segment = segment[:stop.start()]
+    segment = segment.strip().rstrip(".").strip()
+    if spans:
+        return spans[-1][2]
+    words = _TEXT_ARG_RE.sub(" ", segment)
+    first_digit = re.search(r"\d", words)
+    if first_digit and re.search(r"[a-zA-Z]{3,}\s", words[:first_digit.start()]):
+        # a sentence around the value: `Natalia sold 48 + 24 = 72 clips` -> the last number
+        numbers = _NUMBER_RE.findall(segment)
+        return numbers[-1] if numbers else segment
+    return segment or None
+
+
+def _after_phrase(text):
+    match = None
+    for match in _PHRASE_RE.finditer(text):
+        pass
+    if match is None:
+        return None
+    rest = text[match.end():match.end() + 400].lstrip(" \t*:：")
+    rest = rest.lstrip("\n").split("\n")[0] if rest.strip() else ""
+    return _answer_in_segment(rest) if rest.strip() else None
+
+
+def _sentence_denies(text, pos):
+    """True when the sentence around text[pos] says `not`, `no`, `never`, ... ."""
+    window = max(0, pos - 400)
+    start = max(text.rfind(c, window, pos) for c in ".!?\n")
+    start = window - 1 if start < 0 else start
+    end_match = _SENTENCE_END_RE.search(text, pos, pos + 400)
+    end = end_match.start() if end_match else min(len(text), pos + 400)
+    return bool(_DENIAL_RE.search(text, start + 1, end))
+
+
+def _is_prose_free(text):
+    words = re.findall(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", _TEXT_ARG_RE.sub(" ", text))
+    return all(w.lower() in ("and", "or", "und", "et", "y") for w in words)
+
+
+def _whole_answer(text):
+    """A short one-line completion that is itself an answer: `\\frac{10}{9}`, `[2,5)`, `east`."""
+    t = text.strip()
+    if not t or len(t) > SHORT_ANSWER_CHARS or "\n" in t:
+        return None
+    spans = _math_spans(t)
+    if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] >= len(t.rstrip(". ")):
+        return spans[0][2]
+    t = t.rstrip(".").strip()
+    if "$" in t or "\\(" in t or "\\[" in t:
+        return None
+    if _is_prose_free(t) and re.search(r"[\w\\]", t):
+        return t
+    if not re.search(r"\d", t) and len(t.split()) <= 2 and re.fullmatch(r"[\w\s\-'{}\\]+", t):
+        return t  # a word answer
+    return None
+
+
+def _last_value(text):
+    """The last math span or number not in a denying sentence, whichever ends later."""
+    best = None
+    for start, end, inner in reversed(_math_spans(text)[-50:]):
+        if not _sentence_denies(text, start):
+            best = (end, inner)
+            break
+    for k, m in enumerate(reversed(list(_NUMBER_RE.finditer(text)))):
+        if (best is not None and m.start() < best[0]) or k >= 50:
+            break
+        if not _sentence_denies(text, m.start()):
+            return m.group(0)
+    return best[1] if best else None
 
 
 def extract_answer(completion):
-    """The final answer of a completion, or None. Order: boxed, phrase, math span, last number."""
+    """The final answer of a completion, or None. Order: boxed, `####`, answer phrase, a last line
+    `A: ...`, the whole completion when it is a short answer, then the last math span or number."""
     try:
         if not isinstance(completion, str) or not completion:
             return None
-        for rule in (_last_boxed, _after_phrase, _last_math):
-            answer = rule(completion)
+        text = _clean_completion(completion)
+        boxed = _last_boxed(text)
+        if boxed:
+            return boxed
+        gsm8k = None
+        for gsm8k in _GSM8K_RE.finditer(text):
+            pass
+        if gsm8k:
+            return _answer_in_segment(gsm8k.group(1)) or gsm8k.group(1).strip()
+        for rule in (_after_phrase, _last_line_a, _whole_answer, _last_value):
+            answer = rule(text)
             if answer is not None and answer.strip():
                 return answer.strip()
-        numbers = _NUMBER_RE.findall(completion)
-        return numbers[-1] if numbers else None
+        return None
     except Exception:  # hostile input must never raise
         return None
+
+
+def _last_line_a(text):
+    lines = [line for line in text.strip().split("\n") if line.strip()]
+    m = _LAST_LINE_A_RE.match(lines[-1]) if lines else None
+    return _answer_in_segment(m.group(1)) if m else None
+
+
+def _all_boxed_answers(completion):
+    """The contents of every box in the completion, for a reference that lists several answers."""
+    try:
+        return [b[2] for b in _boxes(_clean_completion(completion))]
+    except Exception:
+        return []
 
 
 def reference_answer(gold):
@@ -138,7 +304,7 @@ def reference_answer(gold):
         if boxed is not None:
             return boxed.strip()
     gold = gold.strip()
-    for opener, closer in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+    for opener, closer in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if gold.startswith(opener) and gold.endswith(closer) and len(gold) > len(opener) + len(closer):
             return gold[len(opener):-len(closer)].strip()
     return gold
@@ -148,11 +314,18 @@ def reference_answer(gold):
 # Normalisation (pure string work, linear time, runs in the calling process)
 
 _REMOVE = ["\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\quad", "\\qquad", "\\displaystyle",
-           "\\bigl", "\\bigr", "\\Bigl", "\\Bigr", "\\big", "\\Big", "{,}", "\\$", "$", "~"]
-_TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
+           "\\bigl", "\\bigr", "\\Bigl", "\\Bigr", "\\big", "\\Big", "{,}", "\\$", "$", "~", "\\limits"]
+_RELATIONS = [(re.compile(r"\\(?:geqslant|geq|ge)(?![a-zA-Z])|≥|=>"), ">="),
+              (re.compile(r"\\(?:leqslant|leq|le)(?![a-zA-Z])|≤|=<"), "<="),
+              (re.compile(r"\\(?:neq|ne)(?![a-zA-Z])|\\not\s*=|≠"), "!="),
+              (re.compile(r"\\gt(?![a-zA-Z])"), ">"), (re.compile(r"\\lt(?![a-zA-Z])"), "<")]
+_TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|textup|textsf|texttt|mathrm|mathbf|mathit|"
+                          r"mathsf|mathtt|mbox|hbox|operatorname|emph)\s*\{([^{}]*)\}")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
-_THOUSANDS_RE = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d,])|(?<![\d.])\d{1,3}(?:\\ \d{3})+(?!\d)")
-_UNIT_TAIL_RE = re.compile(r"^(.*?\d)\s*(?:\\text\{[^{}]*\}|\\mbox\{[^{}]*\}|(?:\s+[a-zA-Z]{2,}\.?)+)\s*$")
+_THOUSANDS_RE = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])|(?<![\d.])[1-9]\d{0,2}(?:\\? \d{3})+(?![\d.])")
+_UNIT_WORD = r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+[a-zA-Z]{2,}\.?)(?:\s*\^\s*\{?\d\}?)?"
+_UNIT_TAIL_RE = re.compile(r"^(.*?\d)\s*(?:" + _UNIT_WORD + r")+\s*$")
+_SCIENTIFIC_RE = re.compile(r"(?<![a-zA-Z\\\d.])(\d+(?:\.\d+)?)[eE]([-+]?\d{1,4})(?![\d.])")
 
 
 def _normalize(s):
@@ -161,8 +334,13 @@ def _normalize(s):
     s = reference_answer(s) if s.startswith(("$", "\\(", "\\[")) else s
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = s.replace("\\\\frac", "\\frac")
+    s = re.sub(r"(\d),\s*\\!\s*(?=\d{3}(?!\d))", r"\1,", s)  # `11,\! 111`: a thousands separator
     for token in _REMOVE:
         s = s.replace(token, "")
+    s = s.replace("\\langle", "(").replace("\\rangle", ")").replace("\\lbrace", "\\{").replace("\\rbrace", "\\}")
+    s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)").replace("−", "-").replace("×", "\\times").replace("·", "\\cdot")
+    for pattern, replacement in _RELATIONS:
+        s = pattern.sub(replacement, s)
     s = _DEGREE_RE.sub("", s)
     if "\\approx" in s:  # `a \approx 0.58` means a; a bare `\approx 8.24` means 8.24
         before, after = s.split("\\approx", 1)
@@ -172,8 +350,11 @@ def _normalize(s):
     s = _UNIT_TAIL_RE.sub(r"\1", s)
     for _ in range(3):  # \text{\textbf{A}} unwraps in a few rounds
         s = _TEXT_CMD_RE.sub(r"\1", s)
-    s = _THOUSANDS_RE.sub(lambda m: m.group(0).replace(",", "").replace("\\ ", ""), s)
+    s = _UNIT_TAIL_RE.sub(r"\1", s)  # `\textnormal{6 weeks}` unwrapped
+    s = _THOUSANDS_RE.sub(lambda m: m.group(0).replace(",", "").replace("\\ ", "").replace(" ", ""), s)
+    s = _SCIENTIFIC_RE.sub(r"\1\\times10^{\2}", s)  # 1.07e16: exact, never a binary float
     s = re.sub(r"(?<!\\)\\ ", " ", s).strip()  # `\ ` is a space, `\\` (matrix row) stays
+    s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)  # `x \in [2, 5)` is the interval
     while s.endswith(("\\", ".")) and len(s) > 1:
         s = s[:-1].rstrip()
     s = re.sub(r"\s+", " ", s)
@@ -185,15 +366,19 @@ def _normalize(s):
 
 _FAST_NUMBER_RE = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d{1,4})?")
 _FAST_FRAC_RE = re.compile(r"(-?)\\frac\{(\d+)\}\{(\d+)\}|(-?)(\d+)/(\d+)|(-?)\\frac(\d)(\d)")
+_FAST_SCIENTIFIC_RE = re.compile(r"(-?\d+(?:\.\d+)?)(?:\\times|\\cdot|\*)10\^\{?([-+]?\d{1,3})\}?")
 
 
 def _fast_number(s):
-    """Fraction for plain numbers and integer fractions, else None (no sympy needed)."""
+    """Fraction for plain numbers, integer fractions and a \\times 10^k, else None (no sympy needed)."""
     t = s.replace(" ", "")
     if len(t) > 40:
         return None
     if _FAST_NUMBER_RE.fullmatch(t):
         return Fraction(t)
+    m = _FAST_SCIENTIFIC_RE.fullmatch(t)
+    if m:
+        return Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
     m = _FAST_FRAC_RE.fullmatch(t)
     if m:
         g = [x for x in m.groups() if x is not None]
@@ -205,11 +390,73 @@ def _fast_number(s):
 
 
 def _decimal_places(s):
+    """(digits after the point, significant digits) of a plain decimal, else None."""
     t = s.replace(" ", "")
     if re.fullmatch(r"-?\d*\.\d+", t):
         digits = t.lstrip("-").replace(".", "").lstrip("0")
         return len(t.split(".")[1]), len(digits)
     return None
+
+
+def _rounds_rational(text, value, other):
+    """True when the decimal `text` (== value) is `other` rounded to the digits shown, with at least
+    3 significant digits, and `other` has no exact decimal of that length (0.3333 == 1/3, never
+    1.13 == 1.125). value and other are Fractions."""
+    places = _decimal_places(text)
+    if not places or places[1] < 3 or other.denominator == 1:
+        return False
+    denominator = other.denominator
+    for prime in (2, 5):
+        while denominator % prime == 0:
+            denominator //= prime
+    if denominator == 1:
+        return False  # `other` has an exact decimal (9/8 = 1.125), so a rounded one is a mistake
+    return abs(value - other) * 2 * 10 ** places[0] <= 1
+
+
+_BASE_RE = re.compile(r"\(?([0-9A-Za-z]+)\)?_\{?\(?(\d{1,2})\)?\}?")
+_TIME_RE = re.compile(r"(\d{1,2}):(\d{2})(?:\s*([ap])\.?\s*m\.?)?", re.IGNORECASE)
+_CHOICE_PREFIX_RE = re.compile(r"\(?([A-E])\)?(?:[.:)]\s*|\s+)(.+)")
+_DECIMAL_COMMA_RE = re.compile(r"(-?\d+),(\d+)")
+
+
+def _special_forms(p, g):
+    """Numbers in a base, clock times, choice letters with text, decimal commas. Returns True/False
+    when the pair is decided here, else the (p, g) pair to compare, possibly rewritten."""
+    for a, b in ((p, g), (g, p)):
+        m = _BASE_RE.fullmatch(a)
+        if m and 2 <= int(m.group(2)) <= 36:
+            try:
+                value = int(m.group(1), int(m.group(2)))
+                n = _BASE_RE.fullmatch(b)
+                if n and 2 <= int(n.group(2)) <= 36:
+                    return value == int(n.group(1), int(n.group(2)))
+                if re.fullmatch(r"[0-9A-Za-z]+", b):  # the same digits, the base left implicit
+                    return value == int(b, int(m.group(2)))
+            except ValueError:
+                pass
+    tp, tg = _TIME_RE.fullmatch(p), _TIME_RE.fullmatch(g)
+    if tp and tg:
+        def minutes(m):
+            hours = int(m.group(1)) % 12 + (12 if (m.group(3) or "").lower() == "p" else 0)
+            return (hours if m.group(3) else int(m.group(1))) * 60 + int(m.group(2))
+        if tp.group(3) and tg.group(3):
+            return minutes(tp) == minutes(tg)
+        return minutes(tp) % 720 == minutes(tg) % 720
+    for a, b, swap in ((p, g, False), (g, p, True)):
+        m = _CHOICE_PREFIX_RE.fullmatch(a)
+        if m and len(b) > 0:
+            if re.fullmatch(r"[A-E]", b):
+                a = m.group(1)   # `A. because ...` against the letter A
+            elif not re.fullmatch(r"[A-E]", a) and re.match(r"\(?[A-E]\)", a):
+                a = m.group(2)   # `(B) 12` against 12
+            p, g = (b, a) if swap else (a, b)
+    for a, b, swap in ((p, g, False), (g, p, True)):
+        m = _DECIMAL_COMMA_RE.fullmatch(a)
+        if m and "," not in b and (m.group(1).lstrip("-") == "0" or len(m.group(2)) != 3):
+            a = f"{m.group(1)}.{m.group(2)}"  # `1,22` and `0,111` cannot be thousands: decimal comma
+            p, g = (b, a) if swap else (a, b)
+    return p, g
 
 
 # ---------------------------------------------------------------------------
@@ -334,7 +581,12 @@ def _parse_expression(s):
             if peek() == "^":
                 take()
                 power = argument()
-            arg = argument() if peek() in ("{", "(") else power_term()
+            if peek() in ("{", "("):
+                arg = argument()
+            else:  # `\sin 2x` is sin(2x): the argument runs over a product of numbers and letters
+                arg = power_term()
+                while peek() is not None and (peek()[0].isdigit() or (peek().isalpha() and len(peek()) == 1)):
+                    arg = arg * power_term()
             fn = {"ln": sympy.log, "log": sympy.log, "exp": sympy.exp}.get(tok[1:]) or getattr(sympy, tok[1:])
             value = fn(arg) if base is None else sympy.log(arg, base)
             return value if power is None else checked_pow(value, power)
@@ -430,29 +682,94 @@ def _split_top_level(s, separator):
     return [p.strip() for p in parts]
 
 
+_LABEL = r"(?:[a-zA-Z](?:_\{?\w+\}?)?'?(?:\([a-zA-Z]\))?|\\[a-zA-Z]+(?:_\{?\w+\}?)?)"
+_LABEL_RE = re.compile(r"\s*(" + _LABEL + r"|\(\s*" + _LABEL + r"(?:\s*,\s*" + _LABEL + r")+\s*\))\s*")
+_RELATION_SPLIT_RE = re.compile(r"(<=|>=|!=|<|>)")
+_CONNECTIVE_RE = re.compile(r"\s*(?:\\text\{\s*(?:or|and)\s*\}|\bor\b|\band\b)\s*")
+_OR_RE = re.compile(r"\\text\{\s*or\s*\}|\bor\b")
+
+
 def _structure(s):
-    """A comparable description of an answer: ('kind', payload)."""
+    """A comparable description of an answer: ('kind', payload, ...)."""
     s = s.strip()
-    matrix = re.fullmatch(r"\\begin\{([pbvB]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", s, re.S)
+    matrix = re.fullmatch(r"[\[(]?\s*\\begin\{([pbvBV]?matrix|smallmatrix|array)\}(?:\{[^{}]*\})?(.*)"
+                          r"\\end\{\1\}\s*[\])]?", s, re.S)
     if matrix:
-        rows = [r for r in matrix.group(2).split("\\\\") if r.strip()]
+        rows = [r for r in matrix.group(2).split("\\\\") if r.strip() and r.strip() != "\\hline"]
         return ("matrix", [[_structure(cell) for cell in row.split("&")] for row in rows])
     if "\\cup" in s:
         return ("union", [_structure(p) for p in _split_top_level(s, "\\cup")])
     if s.startswith("\\{") and s.endswith("\\}"):
-        return ("set", [_structure(p) for p in _split_top_level(s[2:-2], ",")])
-    s = re.sub(r"\s*(?:\\text\{\s*(?:or|and)\s*\}|\bor\b|\band\b)\s*", ",", s)
-    parts = _split_top_level(s, ",")
+        inner = s[2:-2]
+        parts = _split_top_level(inner, ";" if ";" in inner else ",")
+        return ("set", [_structure(p) for p in parts if p])
+    has_or = bool(_OR_RE.search(s))
+    joined = _CONNECTIVE_RE.sub(",", s)
+    parts = [p for p in _split_top_level(joined, ";" if ";" in joined else ",") if p]
     if len(parts) > 1:
-        return ("list", [_structure(p) for p in parts])
+        items = [_structure(p) for p in parts]
+        if has_or and all(item[0].startswith("interval") for item in items):
+            return ("union", items)  # `x < -1 or x > 2`
+        if all(item[0] == "labelled" for item in items):
+            keys = [item[1] for item in items]
+            return ("labels", items, has_or or len(set(keys)) < len(keys))
+        return ("set" if has_or else "list", items)
+    if s.count("\\pm") == 1 and "\\mp" not in s:  # `\pm 2021` is the set {-2021, 2021}
+        return ("set", [_structure(s.replace("\\pm", "+")), _structure(s.replace("\\pm", "-"))])
+    if _RELATION_SPLIT_RE.search(s):
+        return _relation(s)
+    if "=" in s:
+        sides = [side.strip() for side in s.split("=")]
+        if not all(sides):
+            return ("text", s.lower())
+        label = _LABEL_RE.fullmatch(sides[0])
+        if label:  # `x = 3`, `(p, q) = (3, 2)`, `x = 2 + 3 = 5`: the value, with its label
+            return ("labelled", re.sub(r"[\s{}]", "", label.group(1)), _structure(sides[-1]), sides[0])
+        if len(sides) > 2 or not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", sides[0])):
+            return _structure(sides[-1])  # an equality chain `48 + 18 = 66`: its last side
+        return ("equation", (_scalar(sides[0]), _scalar(sides[1])))
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _split_top_level(s[1:-1], ",")[1:]:
         return ("interval" + s[0] + s[-1], [_structure(p) for p in _split_top_level(s[1:-1], ",")])
-    if "=" in s and s.count("=") == 1:
-        lhs, rhs = s.split("=")
-        if re.fullmatch(r"\s*[a-zA-Z](?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?\s*", lhs):
-            return _structure(rhs)  # `x = 3` is the value 3
-        return ("equation", (_scalar(lhs), _scalar(rhs)))
     return _scalar(s)
+
+
+def _relation(s):
+    """`x >= 5`, `5 \\le x`, `-x > -1`, `-2 <= x <= 7` -> the interval they describe; other
+    relations -> ('relation', op, lhs - rhs) with op `<`, `<=` or `!=`."""
+    import sympy
+    pieces = _RELATION_SPLIT_RE.split(s)
+    sides, ops = [p.strip() for p in pieces[0::2]], pieces[1::2]
+    if not all(sides):
+        return ("text", s.lower())
+    if len(ops) == 2 and _LABEL_RE.fullmatch(sides[1]) and "!=" not in ops and ops[0][0] == ops[1][0]:
+        if ops[0][0] == ">":
+            sides, ops = sides[::-1], [ops[1].replace(">", "<"), ops[0].replace(">", "<")]
+        brackets = ("[" if ops[0] == "<=" else "(") + ("]" if ops[1] == "<=" else ")")
+        return ("interval" + brackets, [_structure(sides[0]), _structure(sides[2])])
+    if len(ops) != 1:
+        return ("text", s.lower())
+    op, (lhs, rhs) = ops[0], sides
+    if op in (">", ">="):
+        lhs, rhs, op = rhs, lhs, "<" + op[1:]
+    infinity = ("expr", sympy.oo, "")
+    if op != "!=" and _LABEL_RE.fullmatch(lhs) and not _LABEL_RE.fullmatch(rhs):  # x < 3
+        return ("interval(" + ("]" if op == "<=" else ")"), [("expr", -sympy.oo, ""), _structure(rhs)])
+    if op != "!=" and _LABEL_RE.fullmatch(rhs) and not _LABEL_RE.fullmatch(lhs):  # 3 < x
+        return ("interval" + ("[" if op == "<=" else "(") + ")", [_structure(lhs), infinity])
+    left, right = _scalar(lhs), _scalar(rhs)
+    if left[0] != "expr" or right[0] != "expr":
+        return ("text", s.lower())
+    diff = left[1] - right[1]  # the relation is `diff op 0`
+    symbols = diff.free_symbols
+    if op != "!=" and len(symbols) == 1:
+        x = next(iter(symbols))
+        slope = sympy.diff(diff, x)
+        if slope.is_number and slope != 0 and sympy.diff(slope, x) == 0:  # linear: x < root or x > root
+            root = ("expr", sympy.nsimplify(-diff.subs(x, 0) / slope), "")
+            if slope > 0:
+                return ("interval(" + ("]" if op == "<=" else ")"), [("expr", -sympy.oo, ""), root])
+            return ("interval" + ("[" if op == "<=" else "(") + ")", [root, infinity])
+    return ("relation", op, diff)
 
 
 def _scalar(s):
@@ -481,9 +798,12 @@ def _close(a, b):
 
 def _numbers_equal(a, b, a_text, b_text, percent):
     candidates = [b] + ([b / 100, b * 100] if percent else [])
-    for target in candidates:
+    for index, target in enumerate(candidates):
         if a.is_Rational and target.is_Rational:
             if a == target:
+                return True
+            fa, ft = Fraction(int(a.p), int(a.q)), Fraction(int(target.p), int(target.q))
+            if index == 0 and (_rounds_rational(a_text, fa, ft) or _rounds_rational(b_text, ft, fa)):
                 return True
             continue
         if a == target:
@@ -505,7 +825,8 @@ def _numbers_equal(a, b, a_text, b_text, percent):
     return False
 
 
-def _expressions_equal(a, b, a_text, b_text, percent=False, proportional=False):
+def _expressions_equal(a, b, a_text, b_text, percent=False, proportional=False, positive=False):
+    """a == b; with proportional, a == c * b for a nonzero constant c (c > 0 with positive)."""
     import sympy
     symbols = sorted(a.free_symbols | b.free_symbols, key=str)
     if not symbols:
@@ -536,16 +857,78 @@ def _expressions_equal(a, b, a_text, b_text, percent=False, proportional=False):
     if checked == 0:
         return sympy.simplify(a - b) == 0
     if proportional:
-        return all(_close(r, ratios[0]) for r in ratios) and abs(ratios[0]) > 1e-12
+        same = all(_close(r, ratios[0]) for r in ratios) and abs(ratios[0]) > 1e-12
+        return same and (not positive or ratios[0].real > 0)
+    return True
+
+
+def _as_equation(labelled):
+    """`y = 2x + 1` as the equation y - (2x + 1) = 0, for comparing with `2x - y + 1 = 0`."""
+    label, value = _scalar(labelled[3]), labelled[2]
+    if label[0] == "expr" and value[0] == "expr":
+        return ("equation", (label, value))
+    return None
+
+
+def _values(p):
+    """The values of labelled answers, without their labels."""
+    if p[0] == "labelled":
+        return p[2]
+    if p[0] == "labels":
+        return ("set" if p[2] else "list", [item[2] for item in p[1]])
+    return p
+
+
+def _sequence(p):
+    """The items of an ordered answer: a list, a tuple, a one-row or one-column matrix."""
+    if p[0] in ("list", "interval()"):
+        return p[1]
+    if p[0] == "matrix" and (len(p[1]) == 1 or all(len(row) == 1 for row in p[1])):
+        return [cell for row in p[1] for cell in row]
+    return None
+
+
+def _unordered_equal(items_p, items_g, percent):
+    if len(items_p) != len(items_g):
+        return False
+    remaining = list(items_g)
+    for item in items_p:  # greedy matching
+        match = next((k for k, other in enumerate(remaining) if _structures_equal(item, other, percent)), None)
+        if match is None:
+            return False
+        remaining.pop(match)
     return True
 
 
 def _structures_equal(p, g, percent):
     kind_p, kind_g = p[0], g[0]
+    if kind_p == "labelled" and kind_g == "labelled":
+        if p[1] == g[1]:
+            return _structures_equal(p[2], g[2], percent)
+        ep, eg = _as_equation(p), _as_equation(g)
+        return bool(ep and eg) and _structures_equal(ep, eg, percent)
+    if "labelled" in (kind_p, kind_g):
+        labelled, other = (p, g) if kind_p == "labelled" else (g, p)
+        if other[0] == "equation":
+            equation = _as_equation(labelled)
+            return equation is not None and _structures_equal(equation, other, percent)
+        return _structures_equal(labelled[2], other, percent)
+    if kind_p == "labels" and kind_g == "labels":
+        keys_p, keys_g = [item[1] for item in p[1]], [item[1] for item in g[1]]
+        if not p[2] and not g[2] and sorted(keys_p) == sorted(keys_g):  # `a_3 = 2, a_{37} = 19`, any order
+            by_key = {item[1]: item[2] for item in g[1]}
+            return all(_structures_equal(item[2], by_key[item[1]], percent) for item in p[1])
+    if "labels" in (kind_p, kind_g):
+        return _structures_equal(_values(p), _values(g), percent)
     if kind_p == "text" or kind_g == "text" or kind_p == "choice" or kind_g == "choice":
         return kind_p == kind_g and p[1] == g[1]
     if kind_p == "expr" and kind_g == "expr":
         return _expressions_equal(p[1], g[1], p[2], g[2], percent)
+    if "set" in (kind_p, kind_g) and {kind_p, kind_g} <= {"set", "list"}:
+        return _unordered_equal(p[1], g[1], percent)  # a set on either side: order does not matter
+    seq_p, seq_g = _sequence(p), _sequence(g)
+    if kind_p != kind_g and seq_p is not None and seq_g is not None:  # `1,2,3` == `(1, 2, 3)`
+        return len(seq_p) == len(seq_g) and all(_structures_equal(a, b, percent) for a, b in zip(seq_p, seq_g))
     if kind_p != kind_g:
         return False
     if kind_p == "equation":
@@ -553,21 +936,15 @@ def _structures_equal(p, g, percent):
         if "text" in (pl[0], pr[0], gl[0], gr[0]):
             return pl == gl and pr == gr
         return _expressions_equal(pl[1] - pr[1], gl[1] - gr[1], "", "", proportional=True)
+    if kind_p == "relation":
+        return p[1] == g[1] and _expressions_equal(p[2], g[2], "", "", proportional=True, positive=p[1] != "!=")
     if kind_p == "matrix":
         return len(p[1]) == len(g[1]) and all(
             len(rp) == len(rg) and all(_structures_equal(a, b, False) for a, b in zip(rp, rg))
             for rp, rg in zip(p[1], g[1]))
-    if len(p[1]) != len(g[1]):
-        return False
-    if kind_p in ("set", "union"):  # unordered: greedy matching
-        remaining = list(g[1])
-        for item in p[1]:
-            match = next((k for k, other in enumerate(remaining) if _structures_equal(item, other, percent)), None)
-            if match is None:
-                return False
-            remaining.pop(match)
-        return True
-    return all(_structures_equal(a, b, percent) for a, b in zip(p[1], g[1]))
+    if kind_p in ("set", "union"):
+        return _unordered_equal(p[1], g[1], percent)
+    return len(p[1]) == len(g[1]) and all(_structures_equal(a, b, percent) for a, b in zip(p[1], g[1]))
 
 
 def _compare_normalized(pred, gold, percent):
@@ -584,7 +961,17 @@ def _compare_normalized(pred, gold, percent):
 # Worker processes: the hard time bound
 
 
-def _serve(conn):
+def _serve(conn, parent_ends, parent_pid):
+    # No orphans (issue 16): a worker must exit when the process that started it dies, even by
+    # kill -9. It inherits, through fork, the parent's end of its own pipe and of every other
+    # worker's pipe; while any process holds a parent end open, recv() never sees EOF. So close
+    # them all here, and also watch the parent in case some other path leaked a copy.
+    for end in parent_ends:
+        try:
+            end.close()
+        except OSError:
+            pass
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     while True:
         try:
             job = conn.recv()
@@ -593,8 +980,16 @@ def _serve(conn):
         conn.send(_compare_normalized(*job))
 
 
+def _watch_parent(parent_pid):
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(0)  # reparented: the process that started us is gone
+
+
 _idle_workers = []
 _workers_lock = threading.Lock()
+_parent_ends = set()              # the parent's pipe end of every live worker
+_fork_lock = threading.Lock()     # so no worker forks while another pipe is not yet in _parent_ends
 
 
 def _start_worker():
@@ -603,10 +998,12 @@ def _start_worker():
     # which is what makes forking a multi-threaded trainer safe, as torch's own DataLoader does.
     import sympy  # noqa: F401  (imported once here, inherited by every worker)
     context = multiprocessing.get_context("fork")
-    parent_end, child_end = context.Pipe()
-    process = context.Process(target=_serve, args=(child_end,), daemon=True)
-    process.start()
-    child_end.close()
+    with _fork_lock:
+        parent_end, child_end = context.Pipe()
+        _parent_ends.add(parent_end)
+        process = context.Process(target=_serve, args=(child_end, list(_parent_ends), os.getpid()), daemon=True)
+        process.start()
+        child_end.close()
     return process, parent_end
 
 
@@ -632,6 +1029,8 @@ def _run_in_worker(job, timeout):
         if worker is not None:
             process.kill()
             process.join(timeout=1)
+            with _fork_lock:
+                _parent_ends.discard(conn)
             conn.close()
 
 
@@ -657,24 +1056,47 @@ def is_equiv(pred, gold, timeout=DEFAULT_TIMEOUT):
             return False
         if p.replace(" ", "") == g.replace(" ", ""):
             return True
+        special = _special_forms(p, g)
+        if isinstance(special, bool):
+            return special
+        p, g = special
+        if p.replace(" ", "") == g.replace(" ", ""):
+            return True
         percent = p_percent != g_percent
         fp, fg = _fast_number(p), _fast_number(g)
         if fp is not None and fg is not None:
             if fp == fg or (percent and (fp == fg / 100 or fp == fg * 100)):
                 return True
-            return False
+            return _rounds_rational(p, fp, fg) or _rounds_rational(g, fg, fp)
         return bool(_run_in_worker((p, g, percent), timeout))
     except Exception:
         return False
 
 
+def _top_level_parts(answer):
+    """How many answers a reference lists: `1, 2` and `x = 1 \\text{ or } x = 2` list two."""
+    s = _CONNECTIVE_RE.sub(",", _normalize(answer)[0])
+    if s.startswith("\\{") and s.endswith("\\}"):
+        s = s[2:-2]
+    return len([p for p in _split_top_level(s, ";" if ";" in s else ",") if p])
+
+
 def reward(completion, gold, timeout=DEFAULT_TIMEOUT):
-    """1.0 when the completion's extracted answer is equivalent to the reference answer, else 0.0."""
+    """1.0 when the completion's extracted answer is equivalent to the reference answer, else 0.0.
+    A reference listing k answers also matches the last k boxes of a completion that boxes each
+    answer separately (`\\boxed{2} and \\boxed{3}` for `2, 3`)."""
     try:
         pred = extract_answer(completion)
         if pred is None:
             return 0.0
-        return 1.0 if is_equiv(pred, reference_answer(gold), timeout) else 0.0
+        gold = reference_answer(gold)
+        if is_equiv(pred, gold, timeout):
+            return 1.0
+        boxes = _all_boxed_answers(completion)
+        parts = _top_level_parts(gold) if len(boxes) > 1 else 1
+        if 1 < parts <= len(boxes) and all(_top_level_parts(b) == 1 for b in boxes[-parts:]):
+            return 1.0 if is_equiv(", ".join(boxes[-parts:]), gold, timeout) else 0.0
+        return 0.0
     except Exception:
         return 0.0
 
