@@ -159,7 +159,7 @@ def _last_math(text):
 
 # Answer phrases, English first, then other languages models answer in. The last one wins.
 _PHRASE_RE = re.compile(
-    r"final\s+answer\s*(?:is|:)|the\s+answer\s+is|\banswer\s*(?:is)?\s*[:：]|\bans\s*[:：]"
+    r"final\s+answer\**\s*(?:is|[:：])|the\s+answer\s+is|\banswer\**\s*(?:is)?\s*[:：]|\bans\s*[:：]"
     r"|the\s+(?:final\s+)?result\s+is|the\s+solution\s+is"
     r"|答案\s*(?:是|为|為|[:：])|最终答案|所以|因此|答え\s*(?:は|[:：])|정답\s*(?:은|[:：])|답\s*[:：]"
     r"|r[ée]ponse\s*(?:finale)?\s*(?:est|[:：])|antwort\s*(?:ist|lautet|[:：])|endergebnis\s*[:：]"
@@ -173,13 +173,13 @@ _PHRASE_STOP_RE = re.compile(r"\bI hope it is correct|\.\s+(?=[A-Z])|\.\s*$|,?\s
 _NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
 _DENIAL_RE = re.compile(r"\bnot\b|n't\b|\bnever\b|\bno\b|\bcannot\b|\bneither\b|\bnor\b|\\neq\b|≠|\bwrong\b|\bincorrect\b",
                         re.IGNORECASE)
-_SENTENCE_END_RE = re.compile(r"[.!?。](?:\s|$)|\n")
+_CLAUSE_RE = re.compile(r"[.!?。](?:\s|$)|[\n,;，；]|\b(?:so|hence|thus|therefore|but)\b", re.IGNORECASE)
 
 
 def _answer_in_segment(segment):
     """The answer inside the text right after an answer phrase."""
-    segment = segment.strip().strip("*").strip()
-    segment = re.sub(r"^(?:is|es|est|ist|[:：=]|\*+)\s*", "", segment).strip().strip("*").strip()
+    segment = segment.replace("**", "").strip()
+    segment = re.sub(r"^(?:is|es|est|ist|[:：=])\s*", "", segment).strip()
     spans = _math_spans(segment)
     if spans and spans[0][0] < 60:  # math right after the phrase: `the answer is $x = 2$ and ...`
         return spans[0][2]
@@ -191,10 +191,12 @@ def _answer_in_segment(segment):
         return spans[-1][2]
     words = _TEXT_ARG_RE.sub(" ", segment)
     first_digit = re.search(r"\d", words)
-    if first_digit and re.search(r"[a-zA-Z]{3,}\s", words[:first_digit.start()]):
+    if first_digit and re.search(r"[a-zA-Z]{3,}\s|[^\x00-\x7f]", words[:first_digit.start()]):
         # a sentence around the value: `Natalia sold 48 + 24 = 72 clips` -> the last number
         numbers = _NUMBER_RE.findall(segment)
         return numbers[-1] if numbers else segment
+    if not first_digit and len(words.split()) > 4:
+        return None  # prose, not an answer (`Answer: Let's think step by step.`): look further
     return segment or None
 
 
@@ -210,13 +212,15 @@ def _after_phrase(text):
 
 
 def _sentence_denies(text, pos):
-    """True when the sentence around text[pos] says `not`, `no`, `never`, ... ."""
-    window = max(0, pos - 400)
-    start = max(text.rfind(c, window, pos) for c in ".!?\n")
-    start = window - 1 if start < 0 else start
-    end_match = _SENTENCE_END_RE.search(text, pos, pos + 400)
-    end = end_match.start() if end_match else min(len(text), pos + 400)
-    return bool(_DENIAL_RE.search(text, start + 1, end))
+    """True when the clause around text[pos] says `not`, `no`, `never`, ... (`12 is not divisible
+    by 5`); a clause ends at . , ; ! ? a new line, or `so`, `hence`, `thus`, `therefore`, `but`."""
+    window = max(0, pos - 300)
+    start = window
+    for start_match in _CLAUSE_RE.finditer(text, window, pos):
+        start = start_match.end()
+    end_match = _CLAUSE_RE.search(text, pos, pos + 300)
+    end = end_match.start() if end_match else min(len(text), pos + 300)
+    return bool(_DENIAL_RE.search(text, start, end))
 
 
 def _is_prose_free(text):
@@ -320,11 +324,25 @@ _RELATIONS = [(re.compile(r"\\(?:geqslant|geq|ge)(?![a-zA-Z])|≥|=>"), ">="),
               (re.compile(r"\\(?:neq|ne)(?![a-zA-Z])|\\not\s*=|≠"), "!="),
               (re.compile(r"\\gt(?![a-zA-Z])"), ">"), (re.compile(r"\\lt(?![a-zA-Z])"), "<")]
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|textup|textsf|texttt|mathrm|mathbf|mathit|"
-                          r"mathsf|mathtt|mbox|hbox|operatorname|emph)\s*\{([^{}]*)\}")
+                          r"mathsf|mathtt|mbox|hbox|operatorname|emph|num)\s*\{([^{}]*)\}")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
 _THOUSANDS_RE = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])|(?<![\d.])[1-9]\d{0,2}(?:\\? \d{3})+(?![\d.])")
 _UNIT_WORD = r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+[a-zA-Z]{2,}\.?)(?:\s*\^\s*\{?\d\}?)?"
 _UNIT_TAIL_RE = re.compile(r"^(.*?\d)\s*(?:" + _UNIT_WORD + r")+\s*$")
+_TEXT_TAIL_RE = re.compile(r"^(.+?[\d})])\s*\\(?:text\w*|mbox|mathrm)\s*\{\s*[a-zA-Z][^{}]*\}(?:\s*\^\s*\{?\d\}?)?\s*$")
+_EMPTY_SET_RE = re.compile(r"\\varnothing|\\\{\s*\\\}|∅")
+_TRIG_DEGREES_RE = re.compile(r"(\\(?:sin|cos|tan|sec|csc|cot))\s*(\(?)\s*(\d+(?:\.\d+)?)\s*\^\s*\{?\s*\\circ\s*\}?")
+_REPEATING_RE = re.compile(r"(\d*)\.(\d*)\\(?:overline|bar|dot)\{(\d+)\}")
+_SET_BUILDER_RE = re.compile(r"^\\\{\s*[a-zA-Z]\s*(?:\\mid|\||:)\s*(.+?)\s*\\\}$")
+
+
+def _repeating_to_fraction(m):
+    whole, fixed, period = m.group(1) or "0", m.group(2), m.group(3)
+    value = int(whole) + Fraction(int(fixed or "0"), 10 ** len(fixed)) \
+        + Fraction(int(period), 10 ** len(fixed) * (10 ** len(period) - 1))
+    return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
 _SCIENTIFIC_RE = re.compile(r"(?<![a-zA-Z\\\d.])(\d+(?:\.\d+)?)[eE]([-+]?\d{1,4})(?![\d.])")
 
 
@@ -338,16 +356,23 @@ def _normalize(s):
     for token in _REMOVE:
         s = s.replace(token, "")
     s = s.replace("\\langle", "(").replace("\\rangle", ")").replace("\\lbrace", "\\{").replace("\\rbrace", "\\}")
-    s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)").replace("−", "-").replace("×", "\\times").replace("·", "\\cdot")
+    s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)").replace("−", "-").replace("×", "\\times").replace("·", "\\cdot").replace("≈", "\\approx")
     for pattern, replacement in _RELATIONS:
         s = pattern.sub(replacement, s)
+    s = _EMPTY_SET_RE.sub(r"\\emptyset", s)
+    s = _REPEATING_RE.sub(_repeating_to_fraction, s)  # 0.1\overline{6} == 1/6
+    s = _SET_BUILDER_RE.sub(r"\1", s)  # `\{x \mid x > 2\}` is the relation x > 2
+    s = re.sub(r"\\(?:operatorname|text|mathrm)\{(lcm|gcd)\}", r"\\\1", s)
+    s = _TRIG_DEGREES_RE.sub(r"\1\2{\3\\pi/180}", s)  # `\sin 30^\circ` is sin(pi/6)
     s = _DEGREE_RE.sub("", s)
     if "\\approx" in s:  # `a \approx 0.58` means a; a bare `\approx 8.24` means 8.24
         before, after = s.split("\\approx", 1)
         s = before if before.strip() else after
     percent = "%" in s
     s = s.replace("\\%", "").replace("%", "")
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # `\ ` is a space, `\\` (matrix row) stays
     s = _UNIT_TAIL_RE.sub(r"\1", s)
+    s = _TEXT_TAIL_RE.sub(r"\1", s)
     for _ in range(3):  # \text{\textbf{A}} unwraps in a few rounds
         s = _TEXT_CMD_RE.sub(r"\1", s)
     s = _UNIT_TAIL_RE.sub(r"\1", s)  # `\textnormal{6 weeks}` unwrapped
@@ -418,6 +443,7 @@ _BASE_RE = re.compile(r"\(?([0-9A-Za-z]+)\)?_\{?\(?(\d{1,2})\)?\}?")
 _TIME_RE = re.compile(r"(\d{1,2}):(\d{2})(?:\s*([ap])\.?\s*m\.?)?", re.IGNORECASE)
 _CHOICE_PREFIX_RE = re.compile(r"\(?([A-E])\)?(?:[.:)]\s*|\s+)(.+)")
 _DECIMAL_COMMA_RE = re.compile(r"(-?\d+),(\d+)")
+_RATIO_RE = re.compile(r"(\d+)\s*:\s*(\d+)")
 
 
 def _special_forms(p, g):
@@ -453,8 +479,13 @@ def _special_forms(p, g):
             p, g = (b, a) if swap else (a, b)
     for a, b, swap in ((p, g, False), (g, p, True)):
         m = _DECIMAL_COMMA_RE.fullmatch(a)
-        if m and "," not in b and (m.group(1).lstrip("-") == "0" or len(m.group(2)) != 3):
+        if m and _fast_number(b) is not None and (m.group(1).lstrip("-") == "0" or len(m.group(2)) != 3):
             a = f"{m.group(1)}.{m.group(2)}"  # `1,22` and `0,111` cannot be thousands: decimal comma
+            p, g = (b, a) if swap else (a, b)
+    for a, b, swap in ((p, g, False), (g, p, True)):
+        m = _RATIO_RE.fullmatch(a)
+        if m and not _RATIO_RE.fullmatch(b) and not _TIME_RE.fullmatch(b) and _fast_number(b) is not None:
+            a = f"{m.group(1)}/{m.group(2)}"  # the ratio 3:2 against a number is 3/2
             p, g = (b, a) if swap else (a, b)
     return p, g
 
@@ -463,7 +494,7 @@ def _special_forms(p, g):
 # Parser: LaTeX-ish math -> sympy objects, without eval (runs inside a worker process)
 
 _TOKEN_RE = re.compile(r"\s*(\d+\.\d*|\.\d+|\d+|\\[a-zA-Z]+|\\[{}|]|[a-zA-Z]|[-+*/^_()\[\]{}=,!|&'<>])")
-_FUNCTIONS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh",
+_FUNCTIONS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh", "cot",
               "tanh", "ln", "log", "exp"}
 _IGNORED_COMMANDS = {"\\limits", "\\nolimits", "\\mathrm", "\\mathbf", "\\rm", "\\bf", "\\boldsymbol"}
 
@@ -572,6 +603,22 @@ def _parse_expression(s):
             if n.is_number and abs(complex(n.evalf(15))) > 10_000:
                 raise _ParseError("binomial too large")
             return sympy.binomial(n, k)
+        if tok in ("\\lfloor", "\\lceil"):
+            value = expression()
+            take("\\rfloor" if tok == "\\lfloor" else "\\rceil")
+            return sympy.floor(value) if tok == "\\lfloor" else sympy.ceiling(value)
+        if tok in ("\\max", "\\min", "\\gcd", "\\lcm"):
+            take("(")
+            args = [expression()]
+            while peek() == ",":
+                take()
+                args.append(expression())
+            take(")")
+            if tok in ("\\gcd", "\\lcm"):
+                if not all(a.is_Integer for a in args):
+                    raise _ParseError("gcd of non-integers")
+                return (sympy.gcd if tok == "\\gcd" else sympy.lcm)(list(args))
+            return (sympy.Max if tok == "\\max" else sympy.Min)(*args)
         if tok[1:] in _FUNCTIONS:
             base = None
             if tok == "\\log" and peek() == "_":
@@ -587,7 +634,8 @@ def _parse_expression(s):
                 arg = power_term()
                 while peek() is not None and (peek()[0].isdigit() or (peek().isalpha() and len(peek()) == 1)):
                     arg = arg * power_term()
-            fn = {"ln": sympy.log, "log": sympy.log, "exp": sympy.exp}.get(tok[1:]) or getattr(sympy, tok[1:])
+            fn = {"ln": sympy.log, "log": lambda v: sympy.log(v, 10), "exp": sympy.exp, "arcsin": sympy.asin,
+                  "arccos": sympy.acos, "arctan": sympy.atan}.get(tok[1:]) or getattr(sympy, tok[1:])
             value = fn(arg) if base is None else sympy.log(arg, base)
             return value if power is None else checked_pow(value, power)
         raise _ParseError(f"unknown token {tok!r}")
@@ -682,7 +730,8 @@ def _split_top_level(s, separator):
     return [p.strip() for p in parts]
 
 
-_LABEL = r"(?:[a-zA-Z](?:_\{?\w+\}?)?'?(?:\([a-zA-Z]\))?|\\[a-zA-Z]+(?:_\{?\w+\}?)?)"
+_LABEL = (r"(?:[a-zA-Z](?:_\{?\w+\}?)?'?(?:\^\{?-1\}?)?(?:\([a-zA-Z]\))?|\\[a-zA-Z]+(?:_\{?\w+\}?)?"
+          r"|[A-Z]{2,3}|\\overline\{[A-Z]{1,3}\}|m?\s*\\angle\s*[A-Z]{1,3})")
 _LABEL_RE = re.compile(r"\s*(" + _LABEL + r"|\(\s*" + _LABEL + r"(?:\s*,\s*" + _LABEL + r")+\s*\))\s*")
 _RELATION_SPLIT_RE = re.compile(r"(<=|>=|!=|<|>)")
 _CONNECTIVE_RE = re.compile(r"\s*(?:\\text\{\s*(?:or|and)\s*\}|\bor\b|\band\b)\s*")
@@ -703,6 +752,8 @@ def _structure(s):
         inner = s[2:-2]
         parts = _split_top_level(inner, ";" if ";" in inner else ",")
         return ("set", [_structure(p) for p in parts if p])
+    if s.startswith("{") and _match_brace(s, 0) == len(s) - 1 and _split_top_level(s[1:-1], ",")[1:]:
+        return ("set", [_structure(p) for p in _split_top_level(s[1:-1], ",") if p])  # `{1, 2}`
     has_or = bool(_OR_RE.search(s))
     joined = _CONNECTIVE_RE.sub(",", s)
     parts = [p for p in _split_top_level(joined, ";" if ";" in joined else ",") if p]
