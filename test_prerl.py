@@ -896,6 +896,9 @@ REAL_CASES = {
         ("I think it's 5", "6", False),
     ],
     "templates": [  # $$..$$, several boxes, Minerva, chat tokens, other languages
+        ("Therefore the answer is 4.\n\nQuestion: What is 3 + 3?\nAnswer: 6", "4", True),
+        ("Therefore the answer is 4.\n\nQuestion: What is 3 + 3?\nAnswer: 6", "6", False),
+        ("**Final Answer**: 128", "128", True),
         ("We solve the system.\n$$x = \\frac{7}{2}$$", "\\frac72", True),
         ("We solve the system.\n$$x = \\frac{7}{2}$$", "\\frac27", False),
         ("The roots are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3", True),
@@ -922,6 +925,8 @@ REAL_CASES = {
         ("答案：$\\sqrt{2}$", "\\sqrt{2}", True),
     ],
     "relations": [
+        ("\\boxed{\\{x \\mid x > 2\\}}", "(2, \\infty)", True),
+        ("\\boxed{\\{x \\mid x \\geq 2\\}}", "(2, \\infty)", False),
         ("\\boxed{x \\geq 5}", "x >= 5", True),
         ("\\boxed{x \\geq 5}", "5 \\le x", True),
         ("\\boxed{x \\geq 5}", "x > 5", False),
@@ -944,6 +949,11 @@ REAL_CASES = {
         ("\\boxed{x \\ge \\frac{1}{2}}", "(\\frac12, \\infty)", False),
     ],
     "labelled": [
+        ("So $f(2) = 7$.", "7", True),
+        ("So $f(2) = 7$.", "2", False),
+        ("The roots are $x = 2$ and $x = 3$.", "2, 3", True),
+        ("The roots are $x = 2$ and $x = 4$.", "2, 3", False),
+        ("\\boxed{AB = 5}", "5", True),
         ("\\boxed{(p,q)=(3,2)}", "(3,2)", True),
         ("\\boxed{(p,q)=(2,3)}", "(3,2)", False),
         ("\\boxed{a_3 = 2, a_{37} = 19}", "a_{37} = 19, a_3 = 2", True),
@@ -966,6 +976,11 @@ REAL_CASES = {
         ("\\boxed{y = 2x + 3}", "2x + y + 3 = 0", False),
     ],
     "numbers": [
+        ("\\boxed{0.1\\overline{6}}", "\\frac16", True),
+        ("\\boxed{0.\\overline{6}}", "\\frac16", False),
+        ("\\boxed{3:2}", "\\frac32", True),
+        ("\\boxed{2:3}", "\\frac32", False),
+        ("The probability is 0.25 or 25%.", "0.25", True),
         ("\\boxed{0.3333}", "\\frac13", True),
         ("\\boxed{0.3334}", "\\frac13", False),
         ("\\boxed{0.333}", "\\frac13", True),
@@ -1000,6 +1015,11 @@ REAL_CASES = {
         ("\\boxed{\\sqrt{2}}", "1.414", True),
     ],
     "expressions": [
+        ("\\boxed{\\sin 30^\\circ}", "\\frac12", True),
+        ("\\boxed{\\log 1000}", "3", True),
+        ("\\boxed{\\lfloor 7.9 \\rfloor}", "7", True),
+        ("\\boxed{\\gcd(12, 18)}", "6", True),
+        ("\\boxed{\\gcd(12, 18)}", "3", False),
         ("\\boxed{2^6 3^5 5^4}", "2^6\\cdot3^5\\cdot5^4", True),
         ("\\boxed{2^6 3^5 5^4}", "2^5\\cdot3^6\\cdot5^4", False),
         ("\\boxed{3 \\times 4 \\cdot 5}", "60", True),
@@ -1024,6 +1044,9 @@ REAL_CASES = {
         ("\\boxed{\\pi r^2 h}", "h\\pi r^2", True),
     ],
     "text": [
+        ("Looking at the graphs, the correct option is (B).", "B", True),
+        ("Looking at the graphs, the correct option is (B).", "A", False),
+        ("\\boxed{\\varnothing}", "\\emptyset", True),
         ("\\boxed{\\text{east}}", "east", True),
         ("\\boxed{\\text{East}}", "east", True),
         ("\\boxed{\\text{west}}", "east", False),
@@ -1046,6 +1069,12 @@ REAL_CASES = {
         ("\\boxed{45^\\circ}", "45", True),
     ],
     "cot": [  # long chain-of-thought without a box
+        ("We get $n = 7$. Since $7 > 5$, this satisfies the condition.", "7", True),
+        ("We get $n = 7$. Since $7 > 5$, this satisfies the condition.", "5", False),
+        ("So the perimeter is 24 cm, and the area is 36 cm^2.", "36", True),
+        ("So the perimeter is 24 cm, and the area is 36 cm^2.", "2", False),
+        ("The answer is not 5; it is 6.", "6", True),
+        ("The answer is not 5; it is 6.", "5", False),
         (COT_GSM8K, "72", True),
         (COT_GSM8K, "24", False),
         ("Janet's ducks lay 16 eggs. She eats 3 and bakes with 4, leaving 16 - 3 - 4 = 9.\n"

@@ -112,6 +112,9 @@ def _clean_completion(text):
     end = _END_OF_TURN_RE.search(text)
     if end and text[:end.start()].strip():
         text = text[:end.start()]
+    question = _NEXT_QUESTION_RE.search(text)  # a base model writing the next few-shot question
+    if question and re.search(r"\d", text[:question.start()]):
+        text = text[:question.start()]
     think = text.rfind("</think>")
     if think >= 0 and text[think + 8:].strip():
         text = text[think + 8:]
@@ -160,7 +163,8 @@ def _last_math(text):
 # Answer phrases, English first, then other languages models answer in. The last one wins.
 _PHRASE_RE = re.compile(
     r"final\s+answer\**\s*(?:is|[:：])|the\s+answer\s+is|\banswer\**\s*(?:is)?\s*[:：]|\bans\s*[:：]"
-    r"|the\s+(?:final\s+)?result\s+is|the\s+solution\s+is"
+    r"|the\s+(?:final\s+)?result\s+is|the\s+solution\s+is|(?:correct|right|best)\s+(?:answer|option|choice)\s+is"
+    r"|the\s+(?:option|choice)\s+is"
     r"|答案\s*(?:是|为|為|[:：])|最终答案|所以|因此|答え\s*(?:は|[:：])|정답\s*(?:은|[:：])|답\s*[:：]"
     r"|r[ée]ponse\s*(?:finale)?\s*(?:est|[:：])|antwort\s*(?:ist|lautet|[:：])|endergebnis\s*[:：]"
     r"|respuesta\s*(?:final)?\s*(?:es|[:：])|resposta\s*(?:final)?\s*(?:é|[:：])|risposta\s*(?:è|[:：])"
@@ -170,9 +174,12 @@ _GSM8K_RE = re.compile(r"####\s*([^\n]+)")
 _LAST_LINE_A_RE = re.compile(r"^\s*\**A\**\s*[:：]\s*(.+?)\s*$")
 _PHRASE_STOP_RE = re.compile(r"\bI hope it is correct|\.\s+(?=[A-Z])|\.\s*$|,?\s+(?:because|since|as|which|so that|where)\b"
                              r"|[;；。]|\s+\((?:[a-z]{3,}\s)", re.IGNORECASE)
-_NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+_NUMBER_RE = re.compile(r"(?<![\^_a-zA-Z\d.])(?:-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+)(?:\\?%)?")  # not `cm^2`
 _DENIAL_RE = re.compile(r"\bnot\b|n't\b|\bnever\b|\bno\b|\bcannot\b|\bneither\b|\bnor\b|\\neq\b|≠|\bwrong\b|\bincorrect\b",
                         re.IGNORECASE)
+_JUSTIFY_RE = re.compile(r"\s*(?:since|because|as|check|checking|verify|verifying|verification|note|indeed|"
+                         r"let me|let's (?:check|verify|double)|double[- ]check|to (?:check|verify))\b", re.IGNORECASE)
+_NEXT_QUESTION_RE = re.compile(r"\n\s*(?:Question|Q|Problem|Human|User|Instruction)\s*\d*\s*[:：]")
 _CLAUSE_RE = re.compile(r"[.!?。](?:\s|$)|[\n,;，；]|\b(?:so|hence|thus|therefore|but)\b", re.IGNORECASE)
 
 
@@ -180,9 +187,14 @@ def _answer_in_segment(segment):
     """The answer inside the text right after an answer phrase."""
     segment = segment.replace("**", "").strip()
     segment = re.sub(r"^(?:is|es|est|ist|[:：=])\s*", "", segment).strip()
+    if re.match(r"not\b", segment, re.IGNORECASE):
+        return None  # `the answer is not 5; ...`: look further
     spans = _math_spans(segment)
-    if spans and spans[0][0] < 60:  # math right after the phrase: `the answer is $x = 2$ and ...`
-        return spans[0][2]
+    if spans and spans[0][0] < 60:  # math right after the phrase: `the answer is $2$ and $3$.`
+        k = 0
+        while k + 1 < len(spans) and re.fullmatch(r"\s*(,|,?\s*and|,?\s*or)\s*", segment[spans[k][1]:spans[k + 1][0]]):
+            k += 1
+        return _joined_spans(segment, spans, k)
     stop = _PHRASE_STOP_RE.search(segment)
     if stop and stop.start() > 0:
         segment = segment[:stop.start()]
@@ -246,17 +258,38 @@ def _whole_answer(text):
     return None
 
 
+def _justifies(text, pos):
+    """True inside a sentence that checks or explains rather than concludes (`Since $7 > 5$, ...`)."""
+    start = max(text.rfind(c, max(0, pos - 300), pos) for c in ".!?\n")
+    return bool(_JUSTIFY_RE.match(text, start + 1, pos))
+
+
+def _joined_spans(text, spans, k):
+    """spans[k] with the spans before it that only `,`, `and` or `or` separate from it, so that
+    `$x = 2$ and $x = 3$` gives both roots."""
+    inner, joiner = [spans[k][2]], None
+    while k > 0:
+        between = text[spans[k - 1][1]:spans[k][0]]
+        m = re.fullmatch(r"\s*(,|,?\s*and|,?\s*or)\s*", between)
+        if not m:
+            break
+        joiner = joiner or (" \\text{ or } " if m.group(1).endswith("or") else ", ")
+        inner.insert(0, spans[k - 1][2])
+        k -= 1
+    return inner[0] if len(inner) == 1 else joiner.join(inner)
+
+
 def _last_value(text):
-    """The last math span or number not in a denying sentence, whichever ends later."""
-    best = None
-    for start, end, inner in reversed(_math_spans(text)[-50:]):
-        if not _sentence_denies(text, start):
-            best = (end, inner)
+    """The last math span or number not in a denying or checking sentence, whichever ends later."""
+    best, spans = None, _math_spans(text)[-50:]
+    for k in range(len(spans) - 1, -1, -1):
+        if not _sentence_denies(text, spans[k][0]) and not _justifies(text, spans[k][0]):
+            best = (spans[k][1], _joined_spans(text, spans, k))
             break
     for k, m in enumerate(reversed(list(_NUMBER_RE.finditer(text)))):
         if (best is not None and m.start() < best[0]) or k >= 50:
             break
-        if not _sentence_denies(text, m.start()):
+        if not _sentence_denies(text, m.start()) and not _justifies(text, m.start()):
             return m.group(0)
     return best[1] if best else None
 
@@ -474,7 +507,7 @@ def _special_forms(p, g):
         if m and len(b) > 0:
             if re.fullmatch(r"[A-E]", b):
                 a = m.group(1)   # `A. because ...` against the letter A
-            elif not re.fullmatch(r"[A-E]", a) and re.match(r"\(?[A-E]\)", a):
+            elif not re.fullmatch(r"[A-E]", a) and re.match(r"\(?[A-E](?:\)|[.:]\s)", a):
                 a = m.group(2)   # `(B) 12` against 12
             p, g = (b, a) if swap else (a, b)
     for a, b, swap in ((p, g, False), (g, p, True)):
@@ -730,7 +763,7 @@ def _split_top_level(s, separator):
     return [p.strip() for p in parts]
 
 
-_LABEL = (r"(?:[a-zA-Z](?:_\{?\w+\}?)?'?(?:\^\{?-1\}?)?(?:\([a-zA-Z]\))?|\\[a-zA-Z]+(?:_\{?\w+\}?)?"
+_LABEL = (r"(?:[a-zA-Z](?:_\{?\w+\}?)?'?(?:\^\{?-1\}?)?(?:\([^()=,]{1,12}\))?|\\[a-zA-Z]+(?:_\{?\w+\}?)?"
           r"|[A-Z]{2,3}|\\overline\{[A-Z]{1,3}\}|m?\s*\\angle\s*[A-Z]{1,3})")
 _LABEL_RE = re.compile(r"\s*(" + _LABEL + r"|\(\s*" + _LABEL + r"(?:\s*,\s*" + _LABEL + r")+\s*\))\s*")
 _RELATION_SPLIT_RE = re.compile(r"(<=|>=|!=|<|>)")
