@@ -7,29 +7,82 @@ verify.py -- a safe, time-bounded, sympy-based answer verifier for RL with verif
 
 Standalone: needs only sympy and the standard library, so any trainer can import it.
 
-Extraction order (extract_answer), first rule that finds something wins:
-  1. the last \\boxed{...} or \\fbox{...} (brace-balanced, nested braces; `\\boxed 5` without braces),
-  2. the last phrase "final answer is" / "the answer is" / "answer:" -- the rest of that line,
-  3. the last $...$, \\(...\\) or \\[...\\] math span,
-  4. the last number in the text.
+Extraction (extract_answer). The completion is first cut at the first end-of-turn chat token
+(`<|im_end|>`, `<|eot_id|>`, `</s>`, ...: a model that goes on writes a made-up next turn) and at a
+made-up next few-shot question (`\n\nQuestion:`), reasoning inside `<think>...</think>` is skipped
+when an answer follows it, markdown bold is unwrapped. Then the first rule that finds something wins:
+  1. the last \\boxed{...} / \\fbox{...} (brace-balanced; `\\boxed 5` without braces). A wrong last
+     box is wrong even when an earlier box was right. Only when the reference lists k answers
+     (`2, 3`) and the last k boxes hold one answer each are they read together (`\\boxed{2} and
+     \\boxed{3}`), in reward().
+  2. a GSM8K answer line `#### 72`;
+  3. the last answer phrase: `final answer is`, `the answer is`, `answer:` (also `**Answer:**`),
+     `the correct option is`, and in other languages (答案/所以/因此, Réponse, Antwort, Respuesta,
+     Resposta, Ответ, 答え, 정답, ...). From the text after it: math right after the phrase (with
+     `$2$ and $3$` read as both), else the text up to the end of the sentence, `I hope it is
+     correct` (Minerva), `because`, `since`, `;`; when that is a sentence around a number (`Natalia
+     sold 48 + 24 = 72 clips`), its last number. A phrase followed by prose and no number (`Answer:
+     Let's think step by step`) or by `not` is skipped.
+  4. a last line `A: 72`;
+  5. the whole completion when it is short (<= 100 characters, one line) and is itself an answer:
+     math with no prose (`\\frac{10}{9}`, `[2,5)`, `(x-2)(x+2)`, `$x=3$`) or one or two words
+     (`east`). Longer text is never taken whole.
+  6. the last math span ($...$, $$...$$, \\(...\\), \\[...\\]) or number, whichever ends later,
+     skipping any inside a clause that denies (`36 is not divisible by 5`: not, no, never, cannot,
+     wrong, ...) or a sentence that only checks (`Since $7 > 5$, ...`, `Let me double check: ...`).
+     Math spans joined by `and`/`or`/`,` are read together (`$x = 2$ and $x = 3$`). A `$` whose span
+     would hold prose, run up to a digit (`$5 and $6`) or never close is a dollar sign, not math
+     (`48+18=$66`); a number right after `^` or `_` (`cm^2`) is not a candidate.
 
-Conventions of is_equiv(pred, gold):
+Conventions of is_equiv(pred, gold) (where graders disagree, the choice and why):
   - Numbers compare exactly when both are rational (0.5 == 1/2, 1/2^99 != 1/2^98, 5 != 5.001);
     otherwise with a relative tolerance of 1e-8. A decimal with at least 3 significant digits also
-    matches an irrational value it rounds (0.577 == sqrt(3)/3, 3.14 == pi); never 5 == 500.
-  - Thousands separators `7,425,000`, `1\\,000`, `14{,}916`; scientific `1.5e3`, `1.5\\times10^3`;
-    mixed numbers `918\\frac12` == 918.5 (an integer written right before an integer \\frac).
+    matches a value it rounds to the digits shown: an irrational one (0.577 == sqrt(3)/3, 3.14 ==
+    pi) or a rational one with no exact decimal (0.3333 == 0.333 == 1/3, 2.6667 == 8/3). Never with
+    fewer digits (`\\pi^2` != 9.9, `e` != 2.7, 2/3 != 0.67: two digits prove too little), never a
+    rounding off by more than half a unit (`\\sqrt2` != 1.42), and never against a rational that HAS
+    an exact decimal (1.13 != 9/8 = 1.125: a model that means 9/8 can write it exactly).
+  - Scientific notation is an exact decimal: `1.07e16` == `1.07 \\times 10^{16}` (never a binary
+    float, which would make it 10700000000000000 +- 2); `10^4`, `1.5\\cdot10^3` likewise.
+  - Separators: `7,425,000`, `1\\,000`, `14{,}916`, `11,\\! 111`, `10 000` (groups of exactly three
+    digits, first group not starting with 0). A comma that cannot be a thousands separator is a
+    decimal comma when compared with a plain number: `1,22` == 1.22, `0,111` == 0.111 (a group of
+    two digits, or a leading 0); `1,222` stays 1222. Against a list `1, 22` it stays a list.
+  - Repeating decimals `0.1\\overline{6}` == 1/6. Ratios `3:2` == 3/2 against a number; times `2:30`
+    compare as clock times, `14:30` == `2:30 p.m.`, and `2:30` == `2:30 p.m.` (a bare time is read
+    on a 12-hour clock, as questions that ask "what time" mean).
+  - Bases: `10110_2` == `22_{10}` (values); a bare `10110` against `10110_2` is read in the
+    reference's base (models often drop the subscript the question asked for).
+  - Mixed numbers `918\\frac12` == 918.5 (an integer written right before an integer \\frac).
   - Percent: `10\\%` equals both `10` and `0.1` (graders disagree; we accept both readings).
-  - Units: `\\text{...}`, `\\mbox{...}` and trailing words after a number are dropped (`10\\text{ cm}` == 10),
-    `^\\circ` is dropped (degrees), `\\$` is dropped, a trailing `\\` or `.` is dropped.
-  - `x = 3` equals `3` when the left side is a single variable; two equations are equal when
-    (lhs - rhs) of one is a nonzero constant multiple of the other (`2x+2y=2` == `x+y=1`).
-  - Lists and tuples are ORDERED (`10, 4, -2` != `4, 10, -2`); sets `\\{...\\}` and the pieces of a
-    union `A \\cup B` are unordered; intervals compare bracket kinds and end points.
+  - Units: `\\text{...}`, `\\textnormal`, `\\mbox`, `\\mathrm` and trailing words after a number are
+    dropped (`10\\text{ cm}^2` == 10, `150 meters`, `5 m/s`), `^\\circ` is dropped (degrees) except
+    inside a trig function, where it converts (`\\sin 30^\\circ` == 1/2), `\\$` is dropped, a
+    trailing `\\` or `.` is dropped. Degrees are not radians (`45^\\circ` != `\\pi/4`).
+  - Labels: `x = 3`, `f(2) = 7`, `AB = 5`, `(p,q) = (3,2)` equal their value. Several labelled
+    values compare by label in any order when both sides are labelled (`a_3 = 2, a_{37} = 19`),
+    else by value in order (`k = 45 \\text{ and } n = 2` == `45, 2`). An equality chain is its last
+    side (`48 + 18 = 66`, `x = 2 + 3 = 5`). Two equations are equal when (lhs - rhs) of one is a
+    nonzero constant multiple of the other, and `y = 2x+3` is also the line `2x - y + 3 = 0`.
+  - Relations: `\\geq`, `\\ge`, `>=`, `≥`, `\\lt`, `\\gt`, `\\neq`, `!=`; a linear relation in one
+    variable is the interval it describes (`x \\geq 5` == `[5, \\infty)` == `5 \\le x`, `-x > -1`
+    == `x < 1`, `-2 \\le x \\le 7` == `x \\in [-2,7]`, `x < -1 \\text{ or } x > 2` == the union);
+    `\\{x \\mid x > 2\\}` is the relation. `a \\approx 3.46` compares `a` unless `a` is a single
+    variable; a bare `\\approx 3.46` compares 3.46.
+  - Lists and tuples are ORDERED (`10, 4, -2` != `4, 10, -2`: the hendrycks MATH convention, and
+    MATH lists ordered answers), and a bare list equals a tuple (`1,2,3` == `(1, 2, 3)`). Sets
+    `\\{...\\}` (with `,` or `;`), `{1, 2}`, answers joined by `or`, `\\pm` (`\\pm 2021` ==
+    `\\{-2021, 2021\\}`) and the pieces of a union are unordered, and a set on either side makes the
+    comparison unordered. Intervals compare bracket kinds and end points. A one-column or one-row
+    matrix equals the tuple of its entries.
   - Algebraic expressions are compared by evaluating pred - gold at random points where every
-    variable is a positive real (so sqrt(x^2) == x); `i` is the imaginary unit, `e` is Euler's number,
-    single capitals A-E alone are multiple-choice letters (`(C)` == `\\text{C}` == `C`).
-  - Matrices (pmatrix, bmatrix, ...) compare element by element.
+    variable is a positive real (so sqrt(x^2) == x); `i` is the imaginary unit, `e` is Euler's
+    number, `\\log` is base 10 (as in contest problems; `\\ln` is natural), `\\sin 2x` is sin(2x),
+    `2**3` is a power; single capitals A-E alone are multiple-choice letters (`(C)` == `\\text{C}`
+    == `C`); `A. because ...`, `(B) 12`, `B: 12` are the letter against a letter reference and the
+    value after it otherwise.
+  - Matrices (pmatrix, bmatrix, vmatrix, array inside \\left[ \\right], ...) compare element by
+    element (a vmatrix answer is read as its entries, as models write it for a matrix).
   - Words (three letters or more, outside LaTeX commands) compare as case-folded text.
 
 Safety: nothing from a completion reaches eval/exec. Strings are turned into sympy objects by a
@@ -119,9 +172,11 @@ def _clean_completion(text):
     if think >= 0 and text[think + 8:].strip():
         text = text[think + 8:]
     text = text[-MAX_COMPLETION_CHARS:]
+    text = _BOLD_RE.sub(r"\1", text)  # markdown **72**, never the power 2**3
     return _CHAT_TOKEN_RE.sub(" ", text)
 
 
+_BOLD_RE = re.compile(r"(?<![\w*])\*\*(?=\S)([^*\n]{1,200}?)(?<=\S)\*\*(?![\w*])")
 _MATH_OPEN_RE = re.compile(r"\$\$|(?<!\\)\$|\\\[|\\\(")
 _PROSE_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}[,.]?\s+[a-zA-Z]{2,}\s+[a-zA-Z]{2,}")
 _TEXT_ARG_RE = re.compile(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}")
@@ -218,8 +273,8 @@ def _after_phrase(text):
         pass
     if match is None:
         return None
-    rest = text[match.end():match.end() + 400].lstrip(" \t*:：")
-    rest = rest.lstrip("\n").split("\n")[0] if rest.strip() else ""
+    rest = text[match.end():match.end() + 400].lstrip(" \t\r\n*:：")
+    rest = rest.split("\n")[0] if rest.strip() else ""
     return _answer_in_segment(rest) if rest.strip() else None
 
 
@@ -360,7 +415,7 @@ _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|textup|tex
                           r"mathsf|mathtt|mbox|hbox|operatorname|emph|num)\s*\{([^{}]*)\}")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
 _THOUSANDS_RE = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])|(?<![\d.])[1-9]\d{0,2}(?:\\? \d{3})+(?![\d.])")
-_UNIT_WORD = r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+[a-zA-Z]{2,}\.?)(?:\s*\^\s*\{?\d\}?)?"
+_UNIT_WORD = r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+[a-zA-Z]{2,}\.?|\s+[a-zA-Z]+/[a-zA-Z]+)(?:\s*\^\s*\{?\d\}?)?"
 _UNIT_TAIL_RE = re.compile(r"^(.*?\d)\s*(?:" + _UNIT_WORD + r")+\s*$")
 _TEXT_TAIL_RE = re.compile(r"^(.+?[\d})])\s*\\(?:text\w*|mbox|mathrm)\s*\{\s*[a-zA-Z][^{}]*\}(?:\s*\^\s*\{?\d\}?)?\s*$")
 _EMPTY_SET_RE = re.compile(r"\\varnothing|\\\{\s*\\\}|∅")
@@ -385,6 +440,7 @@ def _normalize(s):
     s = reference_answer(s) if s.startswith(("$", "\\(", "\\[")) else s
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = s.replace("\\\\frac", "\\frac")
+    s = s.replace("**", "^")  # Python's power, as code-minded models write it
     s = re.sub(r"(\d),\s*\\!\s*(?=\d{3}(?!\d))", r"\1,", s)  # `11,\! 111`: a thousands separator
     for token in _REMOVE:
         s = s.replace(token, "")
@@ -400,7 +456,7 @@ def _normalize(s):
     s = _DEGREE_RE.sub("", s)
     if "\\approx" in s:  # `a \approx 0.58` means a; a bare `\approx 8.24` means 8.24
         before, after = s.split("\\approx", 1)
-        s = before if before.strip() else after
+        s = after if not before.strip() or re.fullmatch(r"\s*[a-zA-Z]\s*=?\s*", before) else before
     percent = "%" in s
     s = s.replace("\\%", "").replace("%", "")
     s = re.sub(r"(?<!\\)\\ ", " ", s)  # `\ ` is a space, `\\` (matrix row) stays
