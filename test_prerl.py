@@ -1044,6 +1044,8 @@ REAL_CASES = {
         ("\\boxed{\\pi r^2 h}", "h\\pi r^2", True),
     ],
     "text": [
+        ("So she has twelve apples left. The answer is twelve.", "12", True),
+        ("So she has eleven apples left. The answer is eleven.", "12", False),
         ("Looking at the graphs, the correct option is (B).", "B", True),
         ("Looking at the graphs, the correct option is (B).", "A", False),
         ("\\boxed{\\varnothing}", "\\emptyset", True),

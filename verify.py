@@ -532,6 +532,11 @@ _BASE_RE = re.compile(r"\(?([0-9A-Za-z]+)\)?_\{?\(?(\d{1,2})\)?\}?")
 _TIME_RE = re.compile(r"(\d{1,2}):(\d{2})(?:\s*([ap])\.?\s*m\.?)?", re.IGNORECASE)
 _CHOICE_PREFIX_RE = re.compile(r"\(?([A-E])\)?(?:[.:)]\s*|\s+)(.+)")
 _DECIMAL_COMMA_RE = re.compile(r"(-?\d+),(\d+)")
+_NUMBER_WORDS = {w: k for k, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update({w: 10 * k for k, w in enumerate("thirty forty fifty sixty seventy eighty ninety".split(), 3)})
+_NUMBER_WORDS.update({"hundred": 100, "a hundred": 100, "one hundred": 100, "a thousand": 1000, "one thousand": 1000})
 _RATIO_RE = re.compile(r"(\d+)\s*:\s*(\d+)")
 
 
@@ -550,6 +555,10 @@ def _special_forms(p, g):
                     return value == int(b, int(m.group(2)))
             except ValueError:
                 pass
+    for a, b, swap in ((p, g, False), (g, p, True)):
+        if a.lower() in _NUMBER_WORDS and _fast_number(b) is not None:
+            a = str(_NUMBER_WORDS[a.lower()])  # `twelve` against 12
+            p, g = (b, a) if swap else (a, b)
     tp, tg = _TIME_RE.fullmatch(p), _TIME_RE.fullmatch(g)
     if tp and tg:
         def minutes(m):
