@@ -1136,6 +1136,7 @@ def _watch_parent(parent_pid):
 
 
 _idle_workers = []
+_warmed = False
 _workers_lock = threading.Lock()
 _parent_ends = set()              # the parent's pipe end of every live worker
 _fork_lock = threading.Lock()     # so no worker forks while another pipe is not yet in _parent_ends
@@ -1146,6 +1147,11 @@ def _start_worker():
     # never re-runs the caller's main script. It only runs pure Python and sympy (no torch, no CUDA),
     # which is what makes forking a multi-threaded trainer safe, as torch's own DataLoader does.
     import sympy  # noqa: F401  (imported once here, inherited by every worker)
+    global _warmed
+    if not _warmed:  # sympy's first evalf and solve take ~0.7 s of lazy set-up: do it once here,
+        _warmed = True  # before forking, so that no worker (nor a restarted one) pays it per call
+        for pred, gold in (("(x-2)(x+2)", "x^2-4"), ("-x>-1", "x<1"), ("y=2x+3", "2x-y+3=0"), ("\\sin 2x", "1.5")):
+            _compare_normalized(pred, gold, False)
     context = multiprocessing.get_context("fork")
     with _fork_lock:
         parent_end, child_end = context.Pipe()
