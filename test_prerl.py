@@ -1015,6 +1015,8 @@ REAL_CASES = {
         ("\\boxed{\\sqrt{2}}", "1.414", True),
     ],
     "expressions": [
+        ("\\boxed{sqrt(2)/2}", "\\frac{\\sqrt2}{2}", True),
+        ("\\boxed{2*pi}", "\\pi", False),
         ("\\boxed{\\sin 30^\\circ}", "\\frac12", True),
         ("\\boxed{\\log 1000}", "3", True),
         ("\\boxed{\\lfloor 7.9 \\rfloor}", "7", True),
@@ -1101,6 +1103,8 @@ REAL_CASES = {
         ("So the answer is 3 + 4 = 7 cookies.", "7", True),
     ],
     "matrices": [
+        ("\\boxed{[[1, 2], [3, 4]]}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
+        ("\\boxed{[[1, 2], [4, 3]]}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", False),
         ("\\boxed{\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]}",
          "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
         ("\\boxed{\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 5 \\end{array}\\right]}",

@@ -407,6 +407,7 @@ def reference_answer(gold):
 
 _REMOVE = ["\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\quad", "\\qquad", "\\displaystyle",
            "\\bigl", "\\bigr", "\\Bigl", "\\Bigr", "\\big", "\\Big", "{,}", "\\$", "$", "~", "\\limits"]
+_BARE_FUNCTION_RE = re.compile(r"(?<![\\a-zA-Z])(sqrt|sin|cos|tan|cot|sec|csc|log|ln|exp|pi|arcsin|arccos|arctan)(?![a-zA-Z])")
 _RELATIONS = [(re.compile(r"\\(?:geqslant|geq|ge)(?![a-zA-Z])|≥|=>"), ">="),
               (re.compile(r"\\(?:leqslant|leq|le)(?![a-zA-Z])|≤|=<"), "<="),
               (re.compile(r"\\(?:neq|ne)(?![a-zA-Z])|\\not\s*=|≠"), "!="),
@@ -441,6 +442,7 @@ def _normalize(s):
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = s.replace("\\\\frac", "\\frac")
     s = s.replace("**", "^")  # Python's power, as code-minded models write it
+    s = _BARE_FUNCTION_RE.sub(r"\\\1", s)  # sqrt(2), pi, sin(x) written without a backslash
     s = re.sub(r"(\d),\s*\\!\s*(?=\d{3}(?!\d))", r"\1,", s)  # `11,\! 111`: a thousands separator
     for token in _REMOVE:
         s = s.replace(token, "")
@@ -1037,6 +1039,14 @@ def _sequence(p):
     return None
 
 
+def _as_matrix(p, other):
+    """`[[1, 2], [3, 4]]` (rows as brackets, as Python prints them) as a matrix, against a matrix."""
+    if other[0] == "matrix" and p[0] in ("list", "interval[]", "interval()") and all(
+            isinstance(row, tuple) and row[0] in ("interval[]", "interval()", "list") for row in p[1]):
+        return ("matrix", [list(row[1]) for row in p[1]])
+    return p
+
+
 def _unordered_equal(items_p, items_g, percent):
     if len(items_p) != len(items_g):
         return False
@@ -1075,6 +1085,8 @@ def _structures_equal(p, g, percent):
         return _expressions_equal(p[1], g[1], p[2], g[2], percent)
     if "set" in (kind_p, kind_g) and {kind_p, kind_g} <= {"set", "list"}:
         return _unordered_equal(p[1], g[1], percent)  # a set on either side: order does not matter
+    p, g = _as_matrix(p, g), _as_matrix(g, p)
+    kind_p, kind_g = p[0], g[0]
     seq_p, seq_g = _sequence(p), _sequence(g)
     if kind_p != kind_g and seq_p is not None and seq_g is not None:  # `1,2,3` == `(1, 2, 3)`
         return len(seq_p) == len(seq_g) and all(_structures_equal(a, b, percent) for a, b in zip(seq_p, seq_g))
