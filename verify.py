@@ -876,6 +876,9 @@ def _structure(s):
         label = _LABEL_RE.fullmatch(sides[0])
         if label:  # `x = 3`, `(p, q) = (3, 2)`, `x = 2 + 3 = 5`: the value, with its label
             return ("labelled", re.sub(r"[\s{}]", "", label.group(1)), _structure(sides[-1]), sides[0])
+        label = _LABEL_RE.fullmatch(sides[-1])
+        if label and len(sides) == 2 and not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", sides[0])):
+            return ("labelled", re.sub(r"[\s{}]", "", label.group(1)), _structure(sides[0]), sides[-1])  # `5 = x`
         if len(sides) > 2 or not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", sides[0])):
             return _structure(sides[-1])  # an equality chain `48 + 18 = 66`: its last side
         return ("equation", (_scalar(sides[0]), _scalar(sides[1])))
