@@ -874,6 +874,8 @@ COT_LONG_NO_BOX = (
 
 REAL_CASES = {
     "extraction": [  # a completion that is itself the answer, vs a long one that is not
+        ("The ratio of the two areas is the square of the ratio of the sides.\n\n\\frac{10}{9}", "\\frac{10}{9}", True),
+        ("The ratio of the two areas is the square of the ratio of the sides.\n\n\\frac{10}{9}", "9", False),
         ("\\frac{10}{9}", "\\frac{10}{9}", True),
         ("\\frac{10}{9}", "\\frac{9}{10}", False),
         ("[2,5)", "[2, 5)", True),

@@ -26,7 +26,8 @@ when an answer follows it, markdown bold is unwrapped. Then the first rule that 
   4. a last line `A: 72`;
   5. the whole completion when it is short (<= 100 characters, one line) and is itself an answer:
      math with no prose (`\\frac{10}{9}`, `[2,5)`, `(x-2)(x+2)`, `$x=3$`) or one or two words
-     (`east`). Longer text is never taken whole.
+     (`east`). Longer text is never taken whole, but its last line is when that line is a short
+     formula with no prose and no `$` (`\\frac{10}{9}` after the reasoning; a leading `=` dropped).
   6. the last math span ($...$, $$...$$, \\(...\\), \\[...\\]) or number, whichever ends later,
      skipping any inside a clause that denies (`36 is not divisible by 5`: not, no, never, cannot,
      wrong, ...) or a sentence that only checks (`Since $7 > 5$, ...`, `Let me double check: ...`).
@@ -313,6 +314,15 @@ def _whole_answer(text):
     return None
 
 
+def _last_line_math(text):
+    """The last line of a long completion when it is a short formula with no prose (`\\frac{10}{9}`)."""
+    lines = text.rstrip().rsplit("\n", 1)
+    line = re.sub(r"^\s*(?:=|\\Rightarrow|\\implies|\\therefore|→)\s*", "", lines[-1]).strip().rstrip(".").strip()
+    if len(lines) < 2 or not line or len(line) > SHORT_ANSWER_CHARS or "$" in line or "\\(" in line:
+        return None
+    return line if _is_prose_free(line) and re.search(r"[\d\\]", line) else None
+
+
 def _justifies(text, pos):
     """True inside a sentence that checks or explains rather than concludes (`Since $7 > 5$, ...`)."""
     start = max(text.rfind(c, max(0, pos - 300), pos) for c in ".!?\n")
@@ -364,7 +374,7 @@ def extract_answer(completion):
             pass
         if gsm8k:
             return _answer_in_segment(gsm8k.group(1)) or gsm8k.group(1).strip()
-        for rule in (_after_phrase, _last_line_a, _whole_answer, _last_value):
+        for rule in (_after_phrase, _last_line_a, _whole_answer, _last_line_math, _last_value):
             answer = rule(text)
             if answer is not None and answer.strip():
                 return answer.strip()
