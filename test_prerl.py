@@ -1075,6 +1075,12 @@ REAL_CASES = {
         ("\\boxed{45^\\circ}", "45", True),
     ],
     "cot": [  # long chain-of-thought without a box
+        ("Since $\\sin^2\\theta + \\cos^2\\theta = 1$, $\\cos\\theta = \\pm\\frac{4}{5}$. As $\\theta$ is in the second "
+         "quadrant, $\\cos\\theta = -\\frac{4}{5}$.", "-\\frac45", True),
+        ("Let $n$ be the number. Then $3n + 5 = 20$, so $3n = 15$ and $n = 5$.", "5", True),
+        ("Let $n$ be the number. Then $3n + 5 = 20$, so $3n = 15$ and $n = 5$.", "15", False),
+        ("By Fermat's little theorem, $2^{100} \\equiv 2 \\pmod 7$.", "2", True),
+        ("By Fermat's little theorem, $2^{100} \\equiv 2 \\pmod 7$.", "7", False),
         ("We get $n = 7$. Since $7 > 5$, this satisfies the condition.", "7", True),
         ("We get $n = 7$. Since $7 > 5$, this satisfies the condition.", "5", False),
         ("So the perimeter is 24 cm, and the area is 36 cm^2.", "36", True),

@@ -324,8 +324,9 @@ def _last_line_math(text):
 
 
 def _justifies(text, pos):
-    """True inside a sentence that checks or explains rather than concludes (`Since $7 > 5$, ...`)."""
-    start = max(text.rfind(c, max(0, pos - 300), pos) for c in ".!?\n")
+    """True inside a clause that checks or explains rather than concludes: `Since $7 > 5$, ...`,
+    `Let me double check: 17 = 2*7 + 3` (but not the main clause of `As x > 0, $y = 2$`)."""
+    start = max(text.rfind(c, max(0, pos - 300), pos) for c in ".!?\n,;")
     return bool(_JUSTIFY_RE.match(text, start + 1, pos))
 
 
@@ -336,8 +337,9 @@ def _joined_spans(text, spans, k):
     while k > 0:
         between = text[spans[k - 1][1]:spans[k][0]]
         m = re.fullmatch(r"\s*(,|,?\s*and|,?\s*or)\s*", between)
-        if not m:
-            break
+        left, right = spans[k - 1][2].split("=")[0].strip(), spans[k][2].split("=")[0].strip()
+        if not m or ("=" in spans[k - 1][2]) != ("=" in spans[k][2]) or ("=" in spans[k][2] and left != right):
+            break  # only values, or values of one unknown (`$x = 2$ or $x = 3$`), never steps
         joiner = joiner or (" \\text{ or } " if m.group(1).endswith("or") else ", ")
         inner.insert(0, spans[k - 1][2])
         k -= 1
@@ -356,6 +358,8 @@ def _last_value(text):
             break
         if not _sentence_denies(text, m.start()) and not _justifies(text, m.start()):
             return m.group(0)
+    if best is None and spans and not _sentence_denies(text, spans[-1][0]):
+        return spans[-1][2]  # everything sits in checking clauses: the last math still beats nothing
     return best[1] if best else None
 
 
@@ -429,6 +433,7 @@ _THOUSANDS_RE = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])|(?<![\d
 _UNIT_WORD = r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+[a-zA-Z]{2,}\.?|\s+[a-zA-Z]+/[a-zA-Z]+)(?:\s*\^\s*\{?\d\}?)?"
 _UNIT_TAIL_RE = re.compile(r"^(.*?\d)\s*(?:" + _UNIT_WORD + r")+\s*$")
 _TEXT_TAIL_RE = re.compile(r"^(.+?[\d})])\s*\\(?:text\w*|mbox|mathrm)\s*\{\s*[a-zA-Z][^{}]*\}(?:\s*\^\s*\{?\d\}?)?\s*$")
+_MOD_RE = re.compile(r"\s*\(?\s*\\(?:pmod|bmod|mod)\s*\{?\s*\w+\s*\}?\s*\)?\s*$")
 _EMPTY_SET_RE = re.compile(r"\\varnothing|\\\{\s*\\\}|∅")
 _TRIG_DEGREES_RE = re.compile(r"(\\(?:sin|cos|tan|sec|csc|cot))\s*(\(?)\s*(\d+(?:\.\d+)?)\s*\^\s*\{?\s*\\circ\s*\}?")
 _REPEATING_RE = re.compile(r"(\d*)\.(\d*)\\(?:overline|bar|dot)\{(\d+)\}")
@@ -461,6 +466,7 @@ def _normalize(s):
     for pattern, replacement in _RELATIONS:
         s = pattern.sub(replacement, s)
     s = _EMPTY_SET_RE.sub(r"\\emptyset", s)
+    s = _MOD_RE.sub("", s).replace("\\equiv", "=")  # `x \equiv 3 \pmod{5}` is the residue 3
     s = _REPEATING_RE.sub(_repeating_to_fraction, s)  # 0.1\overline{6} == 1/6
     s = _SET_BUILDER_RE.sub(r"\1", s)  # `\{x \mid x > 2\}` is the relation x > 2
     s = re.sub(r"\\(?:operatorname|text|mathrm)\{(lcm|gcd)\}", r"\\\1", s)
