@@ -772,8 +772,7 @@ def train(cfg):
 
         accuracy_before = evaluate(model, tokenizer, eval_set, cfg)
         print(f"held-out accuracy at step {first_step}: {accuracy_text(accuracy_before)}")
-        if accuracy_before is not None:
-            report({"step": first_step, "eval_accuracy": accuracy_before})
+        report({"step": first_step, "eval_accuracy": accuracy_before})
         log = open_metrics(metrics_path, first_step)  # run safety: on --resume, cut back to the checkpoint's step
         nonfinite_in_a_row = 0
         progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl")
@@ -800,8 +799,7 @@ def train(cfg):
         if stop.signal:
             exit_after_signal(stop, cfg, cfg.steps)
         accuracy_after = evaluate(model, tokenizer, eval_set, cfg)
-        if accuracy_after is not None:
-            report({"step": cfg.steps, "eval_accuracy": accuracy_after})
+        report({"step": cfg.steps, "eval_accuracy": accuracy_after})
     print(f"held-out accuracy: before {accuracy_text(accuracy_before)} -> after {accuracy_text(accuracy_after)} "
           f"({len(eval_set)} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
     print(f"metrics: {metrics_path}   checkpoint: {checkpoint_path}   model: {os.path.join(cfg.out_dir, 'model')}")
@@ -1139,6 +1137,7 @@ def accuracy_text(accuracy):
 
 
 def tracker_values(record):
+    """The record's numbers (None, text and the step itself left out), and DSRL's stage as a number."""
     values = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
     if "stage" in record:
         values["pretrain_space"] = float(record["stage"].endswith("prerl"))   # DSRL's switch: 1 -> 0
@@ -1147,7 +1146,8 @@ def tracker_values(record):
 
 @contextlib.contextmanager
 def open_reporter(cfg):
-    """Yields report(record), which sends a record's numbers at its step; closes the tracker at the end."""
+    """Yields report(record), which sends a record's numbers at its step (nothing when it has none,
+    e.g. the accuracy of an evaluation that did not run); closes the tracker at the end."""
     name = os.path.basename(os.path.abspath(cfg.out_dir))
     if cfg.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
@@ -1165,8 +1165,12 @@ def open_reporter(cfg):
         log, close = (lambda values, step: trackio.log(values, step=step)), trackio.finish
     else:
         log, close = (lambda values, step: None), (lambda: None)
+    def report(record):
+        values = tracker_values(record)
+        if values:
+            log(values, record["step"])
     try:
-        yield lambda record: log(tracker_values(record), record["step"])
+        yield report
     finally:
         close()
 
