@@ -1702,3 +1702,205 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(tiny_
     assert prerl.load_checkpoint(str(out / "checkpoint.pt"), model) == step
     prerl.train(prerl.parse_config(run_args(tiny_model_folder, out, "--steps", str(step + 1), *CRASH_ARGS, "--resume")))
     assert [m["step"] for m in prerl.read_metrics(out / "metrics.jsonl")] == list(range(step + 1))
+
+
+# ---------------------------------------------------------------------------
+# Issue 11: GPU decode -- a static KV cache and a fixed-shape decode step (machinery.static_generate).
+# On CPU the step runs eagerly (capture=False): the same Python function that CUDA records as a graph.
+
+EOS_MANY = list(range(4, 40, 3))  # many "end" tokens: rows stop at different steps
+
+
+@pytest.fixture
+def static_path(monkeypatch):
+    """prerl.generate forced onto the static path, and a way back to today's loop or the plain path."""
+    def use(path):
+        monkeypatch.setattr(machinery, "STATIC_DECODE", "on" if path == "static" else "off")
+        monkeypatch.setattr(prerl, "PLAIN", path == "plain")
+    return use
+
+
+def test_static_decode_greedy_matches_todays_sampler_and_transformers_generate(static_path):
+    model = tiny_model(torch.float32)
+    prompt_ids = torch.tensor([[3, 3, 20, 21], [22, 23, 24, 25], [3, 26, 27, 28]])
+    prompt_mask = (prompt_ids != 3).long()                    # left-padded prompts of three lengths
+    out = {}
+    for path in ("static", "loop", "plain"):
+        static_path(path)
+        out[path] = prerl.generate(model, prompt_ids, prompt_mask, 2, 12, 0.0, 1.0, EOS_MANY, pad_id=3)
+    reference = model.generate(input_ids=prompt_ids.repeat_interleave(2, 0), attention_mask=prompt_mask.repeat_interleave(2, 0),
+                               do_sample=False, max_new_tokens=12, eos_token_id=EOS_MANY, pad_token_id=3)[:, 4:]
+    mask = prerl.response_mask_from_positions(out["static"], EOS_MANY)
+    lengths = mask.sum(1)
+    assert ((1 < lengths) & (lengths < 12)).any() and lengths.min() < lengths.max()  # rows ended in the static steps
+    assert torch.equal(out["static"], out["loop"]) and torch.equal(out["static"], out["plain"])  # pads and width too
+    assert torch.equal(mask, prerl.response_mask_from_positions(reference, EOS_MANY))
+    assert torch.equal(out["static"] * mask, reference[:, :out["static"].shape[1]] * mask)
+    assert machinery.StaticDecoder in {type(d) for d in machinery._DECODERS[model].values()}  # really the static path
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_static_decode_samples_the_same_tokens_as_prerl_generate(static_path, monkeypatch, top_p):
+    """Same uniforms u[row, t], same pick_next_token: token-identical to the loop and the plain path, for a
+    second rollout on the same buffers too (stale KV slots from the first must never be read)."""
+    monkeypatch.setattr(machinery, "ROOM_MULTIPLE", 32)
+    model = tiny_model(torch.float32)
+    batches = [torch.tensor([[3, 20, 21], [22, 23, 24]]), torch.tensor([[25, 26, 27, 28], [3, 3, 29, 30]])]
+    reuses = machinery.DECODE_STATS["graph_reuses"]
+    for i, prompts in enumerate(batches):                     # 3 + 10 and 4 + 10 tokens: one room of 32
+        uniforms = prerl.sampling_uniforms([f"k-{i}-0", f"k-{i}-1"], 4, 10)
+        out = {}
+        for path in ("static", "loop", "plain"):
+            static_path(path)
+            out[path] = prerl.generate(model, prompts, (prompts != 3).long(), 4, 10, 1.0, top_p, EOS_MANY, 3, uniforms)
+        lengths = prerl.response_mask_from_positions(out["plain"], EOS_MANY).sum(1)
+        assert lengths.min() < lengths.max()
+        assert torch.equal(out["static"], out["loop"]) and torch.equal(out["static"], out["plain"])
+    assert machinery.DECODE_STATS["graph_reuses"] == reuses + 1   # the second rollout reused the first's buffers
+
+
+def test_static_decode_chosen_tokens_logprobs_match_teacher_forced_forward():
+    """Each logit row the static step picks from, against a plain forward over prompt + response (fp32)."""
+    model = tiny_model(torch.float32)
+    prompts = torch.tensor([[3, 3, 20, 21], [22, 23, 24, 25]])
+    prompt_mask = (prompts != 3).long()
+    seen = []
+
+    def recording_pick(logits, temperature, top_p, u=None):
+        seen.append(torch.log_softmax(logits.float(), -1))
+        return prerl.pick_next_token(logits, temperature, top_p, u)
+    uniforms = prerl.sampling_uniforms(["a", "b"], 3, 9)
+    responses = machinery.static_generate(model, prompts, prompt_mask, 3, 9, 1.0, 1.0, EOS_MANY, 3, uniforms, recording_pick,
+                                          torch.autocast("cpu", enabled=False), prerl.cache_keyword(model), capture=False)
+    response_mask = prerl.response_mask_from_positions(responses, EOS_MANY)
+    assert response_mask.sum() > len(responses)               # several tokens per row were decoded
+    chosen = torch.stack([lp[torch.arange(len(lp)), responses[:, t]] for t, lp in enumerate(seen[:responses.shape[1]])], 1)
+    with torch.no_grad():
+        forward = prerl.conditional_logprobs(model, prompts.repeat_interleave(3, 0), prompt_mask.repeat_interleave(3, 0),
+                                             responses, response_mask)
+    keep = response_mask.bool()
+    torch.testing.assert_close(chosen[keep], forward[keep], rtol=0, atol=1e-5)
+
+
+def test_static_decode_sampled_distribution_follows_temperature_and_top_p(monkeypatch):
+    """The second token (the first one the static step picks): every row shares the first token (one u),
+    then its frequencies follow softmax(logits / T) restricted to the top-p nucleus."""
+    monkeypatch.setattr(machinery, "ROOM_MULTIPLE", 1)
+    model = tiny_model(torch.float32)
+    prompt, rows = torch.tensor([[20, 21, 22]]), 6000
+    uniforms = torch.rand(rows, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    uniforms[:, 0] = 0.5
+    for temperature, top_p in ((0.7, 1.0), (0.5, 0.6)):
+        out = machinery.static_generate(model, prompt, torch.ones_like(prompt), rows, 2, temperature, top_p, [0], 3, uniforms,
+                                        prerl.pick_next_token, torch.autocast("cpu", enabled=False), prerl.cache_keyword(model),
+                                        capture=False)
+        assert (out[:, 0] == out[0, 0]).all()
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt, out[:1, :1]], 1)).logits[0, -1]
+        p = torch.softmax(logits / temperature, -1)
+        sorted_p, order = p.sort(descending=True)
+        kept = order[(sorted_p.cumsum(0) - sorted_p) <= top_p]    # the smallest set reaching top_p
+        expected = torch.zeros_like(p)
+        expected[kept] = p[kept] / p[kept].sum()
+        observed = torch.bincount(out[:, 1], minlength=p.numel()).float() / rows
+        assert observed[expected == 0].sum() == 0
+        assert (observed - expected).abs().max() < 0.03
+        if top_p < 1:
+            assert 1 < len(kept) < p.numel()                    # the nucleus really cut
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_static_decode_bf16_weight_copies_equal_autocast_casts(static_path, monkeypatch, tied):
+    """Under low-precision autocast the step reads copies of the matmul weights made once per rollout;
+    they are autocast's own casts (the embedding, tied or not, stays fp32), so the tokens are identical
+    to the same step letting autocast cast every weight itself."""
+    monkeypatch.setattr(prerl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    model = tiny_model(torch.float32, tied=tied)
+    prompts = torch.tensor([[3, 20, 21], [22, 23, 24]])
+    uniforms = prerl.sampling_uniforms(["x", "y"], 3, 8)
+    static_path("static")
+    out = {}
+    for copies in (True, False):
+        machinery._DECODERS.pop(model, None)
+        if not copies:
+            monkeypatch.setattr(machinery.StaticDecoder, "load", without_weight_copies(machinery.StaticDecoder.load))
+        out[copies] = prerl.generate(model, prompts, (prompts != 3).long(), 3, 8, 1.0, 1.0, EOS_MANY, 3, uniforms)
+        decoder = next(iter(machinery._DECODERS[model].values()))
+        assert bool(decoder.shadow) == copies
+    assert torch.equal(out[True], out[False])
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def without_weight_copies(load):
+    def wrapped(self, *args, **kwargs):
+        self.shadow = {}
+        return load(self, *args, **kwargs)
+    return wrapped
+
+
+def test_static_decoder_survives_in_place_updates_and_is_rebuilt_for_new_storage(static_path):
+    model = tiny_model(torch.float32)
+    prompts = torch.tensor([[3, 20, 21], [22, 23, 24]])
+    mask = (prompts != 3).long()
+
+    def both():
+        out = {}
+        for path in ("static", "plain"):
+            static_path(path)
+            out[path] = prerl.generate(model, prompts, mask, 2, 8, 0.0, 1.0, EOS_MANY, 3)
+        assert torch.equal(out["static"], out["plain"])
+        return out["static"]
+    before = both()
+    stats = dict(machinery.DECODE_STATS)
+    with torch.no_grad():                                       # as the optimizer does: in place
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    after = both()
+    assert not torch.equal(before, after)                       # the new weights were really read
+    assert machinery.DECODE_STATS["graph_reuses"] == stats["graph_reuses"] + 1
+    assert machinery.DECODE_STATS["rebuilds_after_weight_change"] == stats["rebuilds_after_weight_change"]
+    model.load_state_dict({k: v.clone() * 1.1 for k, v in model.state_dict().items()}, assign=True)  # new storage
+    both()
+    assert machinery.DECODE_STATS["rebuilds_after_weight_change"] == stats["rebuilds_after_weight_change"] + 1
+
+
+def test_static_decode_is_taken_only_where_it_fits(monkeypatch):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    model, cpu = tiny_model(torch.float32), torch.device("cpu")
+    monkeypatch.setattr(machinery, "STATIC_DECODE", "auto")
+    assert not machinery.static_decode_fits(model, cpu)                       # today's loop stays on CPU
+    assert machinery.static_decode_fits(model, torch.device("cuda"))          # (nothing is allocated)
+    monkeypatch.setattr(machinery, "STATIC_DECODE", "on")
+    assert machinery.static_decode_fits(model, cpu)
+    sliding = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, vocab_size=60, use_sliding_window=True, sliding_window=16,
+                                           max_window_layers=0))
+    assert not machinery.static_decode_fits(sliding, cpu)                     # sliding windows keep the loop
+    monkeypatch.setattr(machinery, "STATIC_DECODE", "off")
+    assert not machinery.static_decode_fits(model, torch.device("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_decodes_like_the_same_step_eagerly():
+    model = tiny_model(torch.float32).cuda()
+    prompts = torch.tensor([[3, 20, 21], [22, 23, 24]], device="cuda")
+    uniforms = prerl.sampling_uniforms(["g0", "g1"], 4, 24).cuda()
+    captures = machinery.DECODE_STATS["captures"]
+    outs = [machinery.static_generate(model, prompts, (prompts != 3).long(), 4, 24, 1.0, 0.9, EOS_MANY, 3, uniforms,
+                                      prerl.pick_next_token, prerl.autocast(prompts.device), prerl.cache_keyword(model),
+                                      capture=capture) for capture in (False, True, True)]
+    assert machinery.DECODE_STATS["captures"] == captures + 1 and machinery.DECODE_STATS["capture_failures"] == 0
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+def test_gpu_suite_dry_run_runs_every_section():
+    """bench.py --gpu-suite, on the CPU with a tiny shape: the script a lent GPU will run, end to end."""
+    out = subprocess.run([sys.executable, "bench.py", "--gpu-suite", "--dry-run"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "FAILED" not in out.stdout and "| failed" not in out.stdout, out.stdout[-3000:]
+    for row in ("agreement, static vs plain, T=1.0", "ms/step", "loop / static", "warm-up of the static path",
+                "RL step grpo", "model FLOPs utilisation", "peak memory", "graph captures", "gpu suite wall time"):
+        assert row in out.stdout, row
+    agreement = [line for line in out.stdout.splitlines() if line.startswith("agreement")]
+    assert len(agreement) == 4 and all("identical |" in line for line in agreement)  # fp32: equal tokens
