@@ -71,11 +71,6 @@ def test_is_equiv_cases(pred, gold, expected):
     assert verify.is_equiv(gold, pred) is expected  # equivalence is symmetric
 
 
-def test_enough_hand_written_cases():
-    assert len(EQUIV_CASES) >= 60
-    assert sum(expected for _, _, expected in EQUIV_CASES) < len(EQUIV_CASES)  # false cases too
-
-
 @pytest.mark.parametrize("completion,expected", [
     ("so we get \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
     ("first \\boxed{1} then \\boxed{2}", "2"),
@@ -137,7 +132,7 @@ def test_hostile_input_is_bounded_and_harmless(completion, tmp_path, monkeypatch
     start = time.perf_counter()
     score = verify.reward(completion, "7", timeout=1.0)
     elapsed = time.perf_counter() - start
-    assert score in (0.0, 1.0)
+    assert score == (1.0 if completion.endswith("\\boxed{7}") else 0.0)  # the one with a real answer 7 still scores
     assert elapsed < 2.0, f"took {elapsed:.2f}s"
     assert list(tmp_path.iterdir()) == []  # nothing was executed
 
@@ -948,14 +943,19 @@ def test_alignment_equals_hand_dot_product_of_flattened_gradients():
     assert all(p.grad is None for p in params)  # nothing left behind
 
 
-def test_evaluate_samples_on_tiny_model(tiny_model_folder):
+def test_evaluate_samples_on_tiny_model(tiny_model_folder, monkeypatch):
     model, tokenizer = prerl.load_model(str(tiny_model_folder), torch.device("cpu"))
-    problems = prerl.load_problems(str(tiny_model_folder / "toy.jsonl"))[:3]
+    problems = prerl.load_problems(str(tiny_model_folder / "toy.jsonl"))[:3]   # answers "0", "1", "2"
     cfg = prerl.Config(max_new_tokens=5, temperature=1.0)
+
+    def first_c_of_each_group_correct(texts, golds):   # problem with answer c: c of its 4 samples correct
+        return [float(golds[:i].count(g) < int(g)) for i, g in enumerate(golds)]
+    monkeypatch.setattr(verify, "rewards", first_c_of_each_group_correct)
     result = analyze.evaluate_samples(model, tokenizer, problems, cfg, n=4)
     assert sorted(result["pass_at_k"]) == [1, 2, 4]
-    assert result["pass_at_k"][1] <= result["pass_at_k"][2] <= result["pass_at_k"][4]
-    assert result["pass_at_k"][1] == pytest.approx(result["avg_at_n"])
+    for k in (1, 2, 4):
+        assert result["pass_at_k"][k] == pytest.approx(sum(brute_force_pass_at_k(4, c, k) for c in (0, 1, 2)) / 3)
+    assert result["avg_at_n"] == pytest.approx((0 + 1 / 4 + 2 / 4) / 3)
     assert 0 <= result["parseable_share"] <= 1 and result["mean_response_tokens"] <= 5
 
 
@@ -1904,3 +1904,326 @@ def test_gpu_suite_dry_run_runs_every_section():
         assert row in out.stdout, row
     agreement = [line for line in out.stdout.splitlines() if line.startswith("agreement")]
     assert len(agreement) == 4 and all("identical |" in line for line in agreement)  # fp32: equal tokens
+
+
+# ---------------------------------------------------------------------------
+# --- Mutation guards (issue 17)
+# Each test below fails on a bug that once passed the whole suite (checked by applying the bug by hand).
+# `python mutate.py` runs mutmut over the method and the verifier's core against this file.
+
+def under_mutmut():
+    """mutmut sets MUTANT_UNDER_TEST in the process that runs the tests (stats, clean run, every mutant)."""
+    return "MUTANT_UNDER_TEST" in os.environ
+
+
+@pytest.fixture(autouse=True)
+def verifier_in_process_under_mutmut(request, monkeypatch):
+    """verify.py compares in forked workers, where mutmut cannot see which tests reach the comparison
+    core; under mutmut the comparison runs in the test's process instead. The tests of the time bound
+    need the workers and are skipped there (the bound is not what the mutants change)."""
+    if not under_mutmut():
+        return
+    if request.node.name.startswith(("test_hostile_input", "test_time_bound")):
+        pytest.skip("needs the verifier's worker processes; not run under mutmut")
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: verify._compare_normalized(*job))
+
+
+# --- 1. the pre-train-space start token
+
+def word_tokenizer(tokens, bos=None, unk="<unk>"):
+    """A tokenizer with the given vocabulary (ids in list order), '</s>' as EOS, optionally a BOS and no unk."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(([unk] if unk else []) + tokens + ["</s>", "a", "b"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    special = {"eos_token": "</s>", **({"bos_token": bos} if bos else {}), **({"unk_token": unk} if unk else {})}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+@pytest.mark.parametrize("tokens,bos,unk,expected,kind", [
+    (["<s>", "<|im_start|>", "<bos>"], "<bos>", "<unk>", "<bos>", "BOS"),     # BOS beats every fallback
+    (["<bos>", "<s>"], "<bos>", None, "<bos>", "BOS"),                         # a BOS with id 0 is still a BOS
+    (["<s>", "<|begin_of_text|>", "<|im_start|>"], None, "<unk>", "<|im_start|>", "turn-start"),  # preference, not id order
+    (["<s>", "<|begin_of_text|>"], None, "<unk>", "<|begin_of_text|>", "turn-start"),
+    (["<s>"], None, "<unk>", "<s>", "turn-start"),
+    (["<s>"], None, None, "<s>", "turn-start"),                                # id 0, no unk token
+    ([], None, "<unk>", "</s>", "EOS"),                                        # unknown tokens map to unk: not a match
+    ([], None, None, "</s>", "EOS"),                                           # unknown tokens map to None
+])
+def test_start_token_id_prefers_bos_then_documented_fallbacks(tokens, bos, unk, expected, kind):
+    tokenizer = word_tokenizer(tokens, bos, unk)
+    token_id, description = prerl.start_token_id(tokenizer)
+    assert token_id == tokenizer.get_vocab()[expected] and isinstance(token_id, int)
+    assert description.startswith(kind) and repr(expected) in description
+
+
+def test_train_scores_the_pretrain_space_with_the_start_token_id(tiny_model_folder, tmp_path, monkeypatch):
+    """train() passes start_token_id(tokenizer) to every pre-train-space scoring: a different id from the
+    chooser (17, not the tiny tokenizer's BOS 1) must reach pretrain_logprobs, and only it."""
+    chosen, seen = [], []
+    real_start, real_pretrain = prerl.start_token_id, prerl.pretrain_logprobs
+
+    def start_spy(tokenizer):
+        chosen.append(real_start(tokenizer))
+        return 17, "spy"
+
+    def pretrain_spy(model, start_id, *args, **kwargs):
+        seen.append(start_id)
+        return real_pretrain(model, start_id, *args, **kwargs)
+    monkeypatch.setattr(prerl, "start_token_id", start_spy)
+    monkeypatch.setattr(prerl, "pretrain_logprobs", pretrain_spy)
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path, "--steps", "2", "--mode", "nsr-prerl")))
+    assert chosen == [(1, "BOS '<s>'")]     # the tiny tokenizer's BOS
+    assert seen and set(seen) == {17}
+
+
+# --- 2. the next-token sampler against exact probabilities
+
+def assert_draws_follow(picks, probs, sigmas=5.0):
+    """Every class's share within `sigmas` binomial standard deviations of its exact probability
+    (fixed seed: deterministic; 5 sigma over a handful of classes: not flaky under a new torch)."""
+    n = len(picks)
+    counts = torch.bincount(picks, minlength=len(probs)).double() / n
+    for k, p in enumerate(probs):
+        tolerance = sigmas * math.sqrt(p * (1 - p) / n) + 1e-12
+        assert abs(counts[k].item() - p) <= tolerance, (k, counts[k].item(), p, tolerance)
+
+
+PEAKED = [3.0, 1.0, 0.0, -1.0, 2.0, -3.0]
+
+
+def exact_probs(logits, temperature, top_p=1.0):
+    """softmax(logits / T) restricted to the smallest top-p nucleus, written with math and loops."""
+    weights = [math.exp(l / temperature) for l in logits]
+    probs = [w / sum(weights) for w in weights]
+    kept, mass = set(), 0.0
+    for k in sorted(range(len(probs)), key=lambda k: -probs[k]):
+        if mass >= top_p:
+            break
+        kept.add(k)
+        mass += probs[k]
+    return [p / mass if k in kept else 0.0 for k, p in enumerate(probs)]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.5, 1.0), (0.8, 1.0), (1.0, 1.0), (1.7, 1.0), (0.6, 0.9), (1.5, 0.75)])
+def test_pick_next_token_matches_exact_probabilities(temperature, top_p):
+    torch.manual_seed(0)
+    n = 40_000
+    logits = torch.tensor([PEAKED], dtype=torch.float32).repeat(n, 1)
+    probs = exact_probs(PEAKED, temperature, top_p)
+    picks = prerl.pick_next_token(logits, temperature, top_p)
+    assert picks.shape == (n,) and picks.dtype == torch.long
+    assert_draws_follow(picks, probs)
+    # the same tolerance rejects a temperature 10% off: the test is sharp enough to see a wrong T
+    wrong = exact_probs(PEAKED, temperature * 1.1, top_p)
+    with pytest.raises(AssertionError):
+        assert_draws_follow(picks, wrong)
+
+
+def test_pick_next_token_rows_are_independent_and_greedy_at_zero():
+    torch.manual_seed(0)
+    n = 20_000
+    logits = torch.tensor([PEAKED, PEAKED[::-1]], dtype=torch.float64).repeat(n, 1)   # two different rows, interleaved
+    picks = prerl.pick_next_token(logits, 0.7, 1.0)
+    assert_draws_follow(picks[0::2], exact_probs(PEAKED, 0.7))
+    assert_draws_follow(picks[1::2], exact_probs(PEAKED[::-1], 0.7))
+    assert prerl.pick_next_token(logits[:2], 0.0, 1.0).tolist() == [0, 5]
+    assert prerl.pick_next_token(logits[:2], 0.0, 0.5).tolist() == [0, 5]   # greedy ignores top-p
+
+
+# --- 3./4. EOS: where decoding stops and what the response mask keeps
+
+MANY_EOS = list(range(4, 40, 3))   # many "end" tokens, so that rows of the random tiny model end early
+
+
+def first_eos(row, eos_ids):
+    return next((t for t, token in enumerate(row) if token in eos_ids), None)
+
+
+def test_generate_stops_at_the_longest_responses_first_eos():
+    torch.manual_seed(0)
+    model = tiny_model(torch.float32)
+    prompt_ids = torch.tensor([[3, 3, 20, 21], [22, 23, 24, 25], [26, 27, 28, 29]])
+    prompt_mask = (prompt_ids != 3).long()
+    for temperature in (0.0, 1.0):
+        out = prerl.generate(model, prompt_ids, prompt_mask, 4, 40, temperature, 1.0, MANY_EOS, pad_id=3)
+        ends = [first_eos(row, MANY_EOS) for row in out.tolist()]
+        assert all(e is not None for e in ends), ends            # every row ended within 40 tokens
+        assert out.shape == (12, max(ends) + 1)                  # no column past the longest row's EOS
+        assert min(ends) < max(ends)                             # rows really ended at different steps
+        for row, end in zip(out.tolist(), ends):
+            assert row[end + 1:] == [3] * (len(row) - end - 1)   # nothing decoded after a row's EOS
+
+
+def test_sample_masks_everything_after_each_rows_first_eos(tiny_model_folder):
+    torch.manual_seed(0)
+    model, tokenizer = prerl.load_model(str(tiny_model_folder), torch.device("cpu"))
+    model.generation_config.eos_token_id = MANY_EOS
+    problems = prerl.load_problems(str(tiny_model_folder / "toy.jsonl"))[:3]
+    out = prerl.sample(model, tokenizer, problems, prerl.Config(max_new_tokens=12, temperature=1.0), group_size=4)
+    eos_ids = set(MANY_EOS) | {tokenizer.eos_token_id}
+    ends = [first_eos(row, eos_ids) for row in out["response_ids"].tolist()]
+    assert any(e is not None and e + 1 < out["response_ids"].shape[1] for e in ends)   # some row ended early
+    width = out["response_ids"].shape[1]
+    expected = [[int(e is None or t <= e) for t in range(width)] for e in ends]
+    assert out["response_mask"].tolist() == expected
+    kept = [[t for t, m in zip(row, mask) if m] for row, mask in zip(out["response_ids"].tolist(), expected)]
+    assert out["texts"] == tokenizer.batch_decode(kept, skip_special_tokens=True)
+    assert out["prompt_ids"].shape[0] == 12 and torch.equal(out["prompt_ids"][4], out["prompt_ids"][7])
+
+
+def test_evaluation_is_greedy_by_default_and_averages_over_batches(tiny_model_folder, monkeypatch):
+    model, tokenizer = prerl.load_model(str(tiny_model_folder), torch.device("cpu"))
+    problems = [{"problem": f"what is {a}+1?", "answer": ["right", "wrong"][a % 3 == 0]} for a in range(5)]
+    calls = []
+    real_sample = prerl.sample
+
+    def sample_spy(model, tokenizer, chunk, cfg, group_size, temperature=None):
+        calls.append((len(chunk), group_size, temperature))
+        out = real_sample(model, tokenizer, chunk, cfg, group_size, temperature)
+        calls[-1] += (out["texts"],)
+        return out
+    monkeypatch.setattr(prerl, "sample", sample_spy)
+    monkeypatch.setattr(verify, "rewards", lambda texts, golds: [float(g == "right") for g in golds])
+    assert prerl.Config().eval_temperature == 0.0
+    for seed in (0, 1):   # greedy: the texts do not depend on the random state
+        torch.manual_seed(seed)
+        assert prerl.evaluate(model, tokenizer, problems, prerl.Config(max_new_tokens=8), batch_size=2) == 3 / 5
+    assert [c[:3] for c in calls] == [(2, 1, 0.0), (2, 1, 0.0), (1, 1, 0.0)] * 2
+    assert [c[3] for c in calls[:3]] == [c[3] for c in calls[3:]]
+    greedy = prerl.generate(model, *prerl.encode_prompts(tokenizer, problems[:2], torch.device("cpu")).values(),
+                            1, 8, 0.0, 1.0, prerl.eos_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    assert calls[0][3] == tokenizer.batch_decode(greedy * prerl.response_mask_from_positions(
+        greedy, prerl.eos_token_ids(model, tokenizer)), skip_special_tokens=True)
+    calls.clear()
+    prerl.evaluate(model, tokenizer, problems[:1], prerl.Config(max_new_tokens=8, eval_temperature=0.9))
+    assert calls[0][2] == 0.9
+
+
+# --- 5. periodic checkpoints: the step they record, and a resume from one
+
+def test_periodic_checkpoint_records_its_step_and_resumes_like_an_uninterrupted_run(tiny_model_folder, tmp_path, monkeypatch):
+    """--save-every 2 over 4 steps, the run killed during step 3: the checkpoint on disk is the one saved
+    after 2 steps and says so; resuming from it ends with the same weights, optimizer state and metrics
+    as a run that was never interrupted."""
+    args = ("--steps", "4", "--save-every", "2", "--switch-step", "1")
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "full", *args)))
+    rl_step = prerl.rl_step
+
+    def rl_step_dying_at_step_3(model, tokenizer, optimizer, problems, step, *rest):
+        if step == 3:
+            raise KeyboardInterrupt("killed during step 3")
+        return rl_step(model, tokenizer, optimizer, problems, step, *rest)
+    monkeypatch.setattr(prerl, "rl_step", rl_step_dying_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "cut", *args)))
+    periodic = state_of(tmp_path / "cut" / "checkpoint.pt")
+    assert periodic["step"] == 2
+    assert {int(s["step"]) for s in periodic["optimizer"]["state"].values()} <= {1, 2}   # Adam: at most 2 updates
+    monkeypatch.setattr(prerl, "rl_step", rl_step)
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "cut", *args, "--resume")))
+    full, resumed = state_of(tmp_path / "full" / "checkpoint.pt"), state_of(tmp_path / "cut" / "checkpoint.pt")
+    assert full["step"] == resumed["step"] == 4
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    for key, state in full["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, resumed["optimizer"]["state"][key][name]), (key, name)
+    records = {}
+    for line in open(tmp_path / "cut" / "metrics.jsonl"):   # step 2 ran twice (before the kill, after resume)
+        record = json.loads(line)
+        records[record["step"]] = record                    # the resumed run's record is the later one
+    timing = ("sample_s", "score_s", "train_s")
+    uninterrupted = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [m["stage"] for m in uninterrupted] == ["nsr-prerl", "grpo", "grpo", "grpo"]
+    assert any(m["kept_tokens"] > 0 for m in uninterrupted[2:])   # the resumed steps really trained
+    assert [{k: v for k, v in records[s].items() if k not in timing} for s in range(4)] == \
+           [{k: v for k, v in m.items() if k not in timing} for m in uninterrupted]
+
+
+# --- 6. the verifier's tolerance: near misses are not equal
+
+NEAR_MISSES = [
+    ("\\pi^2", "9.9"), ("\\sqrt{2}", "1.42"), ("e", "2.7"),               # a digit or two off
+    ("\\pi", "3.1415929"), ("\\sqrt{2}+10^{-7}", "\\sqrt{2}"),           # 1e-7 relative: only a 1e-8 tolerance sees it
+    ("x+10^{-7}", "x"),                                                  # the same with a free symbol (sampled points)
+]
+
+
+@pytest.mark.parametrize("pred,gold", NEAR_MISSES)
+def test_near_misses_are_not_equivalent(pred, gold):
+    assert verify.is_equiv(pred, gold) is False
+    assert verify.is_equiv(gold, pred) is False
+
+
+@pytest.mark.parametrize("pred,gold", [("\\pi", "3.1415927"), ("e", "2.718"), ("\\pi^2", "9.8696"),
+                                       ("\\sqrt{2}", "\\frac{2}{\\sqrt{2}}"), ("x+10^{-7}", "x+\\frac{1}{10^{7}}")])
+def test_correct_roundings_and_equal_forms_are_equivalent(pred, gold):
+    assert verify.is_equiv(pred, gold) is True
+
+
+def test_tolerance_loosened_a_hundredfold_admits_a_near_miss(monkeypatch):
+    """The guard above in reverse: with the tolerance 100x looser the 1e-7 near misses pass as equal,
+    so the near-miss test is what pins the constant."""
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: verify._compare_normalized(*job))
+    monkeypatch.setattr(verify, "_REL_TOL", verify._REL_TOL * 100)
+    assert verify.is_equiv("\\pi", "3.1415929") and verify.is_equiv("x+10^{-7}", "x")
+
+
+# --- laws of the advantages, property-based (hypothesis is development-only: skipped without it)
+
+def reward_groups():
+    from hypothesis import strategies as st
+    return st.integers(1, 4).flatmap(lambda groups: st.integers(2, 8).flatmap(lambda g: st.lists(
+        st.lists(st.sampled_from([0.0, 1.0]), min_size=g, max_size=g), min_size=groups, max_size=groups)))
+
+
+def test_advantage_laws_hold_for_any_groups():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    @hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+    @hypothesis.given(reward_groups(), st.randoms(use_true_random=False))
+    def check(groups, rng):
+        rewards = torch.tensor(groups, dtype=torch.float64)
+        cfg = prerl.Config()
+        table = {stage: prerl.advantages_for(stage, rewards, cfg)[0] for stage in prerl.MODES if stage != "dsrl"}
+        # centred advantages sum to zero in every group; GRPO's too
+        torch.testing.assert_close(table["prerl"].sum(1), torch.zeros(len(groups), dtype=torch.float64), atol=1e-12, rtol=0)
+        torch.testing.assert_close(table["grpo"].sum(1), torch.zeros(len(groups), dtype=torch.float64), atol=1e-9, rtol=0)
+        # negative-only stages never push a response up, positive-only ones never down
+        assert (table["nsr-prerl"] <= 0).all() and (table["nsr"] <= 0).all()
+        assert (table["psr-prerl"] >= 0).all() and (table["psr"] >= 0).all()
+        # NSR-PreRL and PSR-PreRL split PreRL's advantages between them
+        torch.testing.assert_close(table["nsr-prerl"] + table["psr-prerl"], table["prerl"], atol=0, rtol=0)
+        # a group whose responses all agree carries no signal in the centred and GRPO advantages
+        for i, group in enumerate(groups):
+            if len(set(group)) == 1:
+                assert (table["prerl"][i] == 0).all() and (table["grpo"][i] == 0).all()
+        # permuting the responses of a group permutes their advantages, in every stage
+        order = list(range(rewards.shape[1]))
+        rng.shuffle(order)
+        permuted = {stage: prerl.advantages_for(stage, rewards[:, order], cfg)[0] for stage in table}
+        for stage in table:
+            torch.testing.assert_close(permuted[stage], table[stage][:, order], atol=1e-12, rtol=0)
+    check()
+
+
+def test_grpo_advantages_ignore_reward_shift_and_scale():
+    """Where they should: GRPO divides by the group's std, so A(a r + b) = A(r) for a > 0 (eps = 0);
+    centred advantages move with the scale (A(a r + b) = a A(r)) but not with the shift."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    @hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+    @hypothesis.given(reward_groups(), st.floats(0.1, 10.0), st.floats(-5.0, 5.0))
+    def check(groups, scale, shift):
+        rewards = torch.tensor(groups, dtype=torch.float64)
+        moved = scale * rewards + shift
+        mixed = rewards.std(1) > 0
+        torch.testing.assert_close(prerl.grpo_advantages(moved, eps=0.0)[mixed], prerl.grpo_advantages(rewards, eps=0.0)[mixed],
+                                   atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(prerl.centered_advantages(moved), scale * prerl.centered_advantages(rewards),
+                                   atol=1e-9, rtol=1e-9)
+    check()
