@@ -2310,7 +2310,8 @@ def test_bf16_training_at_lr_1e6_moves_like_fp32_and_round_to_nearest_does_not()
         assert_moves_like_fp32(moved["nearest"], moved["fp32"])
 
 
-def test_bf16_resume_is_exact_weights_optimizer_and_rounding_rng(tiny_model_folder, tmp_path):
+def test_bf16_resume_is_exact_weights_optimizer_and_rounding_rng(tiny_model_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(prerl, "PLAIN", False)                  # bf16 weights are machinery
     bf16 = ("--precision", "bf16", "--prompts-per-step", "8", "--switch-step", "1")
     prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "full", "--steps", "3", *bf16)))
     prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "part", "--steps", "2", *bf16)))
