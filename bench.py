@@ -423,8 +423,8 @@ def suite_agreement(model, tokenizer, problems, s, device, rows):
             same = out["static"].shape == out[other].shape and bool((out["static"] == out[other]).all())
             agree = float((out["static"][:, :out[other].shape[1]] == out[other][:, :out["static"].shape[1]]).float().mean())
             rows.append((f"agreement, static vs {other}, T={temperature} (8 rows x {n} tokens)",
-                         "identical" if same else f"{100 * agree:.1f}% tokens", "fp32 on CPU: identical (tests); under bf16 "
-                         "autocast another batch shape may round a near-tie the other way and the row then diverges"))
+                         "identical" if same else f"{100 * agree:.1f}% tokens", "in fp32 identical (tests); under bf16 autocast "
+                         "another batch shape may round a near-tie the other way, and that row then diverges"))
     if device.type == "cuda":  # graph replay vs the same step eagerly: the same kernels on the same buffers
         uniforms = prerl.sampling_uniforms(range(2), 4, n).to(device)
         outs = [machinery.static_generate(model, encoded["input_ids"], encoded["attention_mask"], 4, n, 1.0, 1.0, eos,
@@ -449,7 +449,9 @@ def suite_decode(model, tokenizer, problems, s, device, bandwidth, rows):
 
     captures_before, capture_s_before = machinery.DECODE_STATS["captures"], machinery.DECODE_STATS["capture_s"]
     first, _ = seconds("static", n)                    # builds the buffers and captures the graph
-    warm = [seconds(how, k)[0] for how in ("loop", "hf") for k in (1, n)]  # noqa: F841  (warm-up of the others)
+    for how in ("loop", "hf"):                          # the others' warm-up
+        for k in (1, n):
+            seconds(how, k)
     per_step, totals, produced = {}, {}, {}
     for how in ("static", "loop", "hf"):
         per_step[how], totals[how] = [], []
@@ -544,12 +546,13 @@ def gpu_suite(args):
     device = torch.device("cpu") if dry else torch.device("cuda")
     if not dry and not torch.cuda.is_available():
         raise SystemExit("error: --gpu-suite needs a CUDA GPU (--dry-run runs it on the CPU with a tiny shape)")
-    if dry:
+    if dry:  # the CPU under bf16 autocast, as prerl runs on CUDA: the same dtypes go through the same code
         MATMUL_SIZE["cpu"] = 256
+        prerl.autocast = lambda device: torch.autocast(device.type, dtype=torch.bfloat16)
     start = time.perf_counter()
     rows = []
     import transformers
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run: tiny shape, tiny sizes)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run: tiny shape and sizes, bf16 autocast)"
     rows.append(("machine", name, f"torch {torch.__version__}, transformers {transformers.__version__}"))
     peak, bandwidth = matmul_flops(device), copy_bandwidth(device)
     rows.append((f"matmul peak ({'bf16' if device.type == 'cuda' else 'fp32'})", f"{peak / 1e12:,.1f} TFLOP/s", "this run"))
