@@ -486,17 +486,17 @@ def suite_decode(model, tokenizer, problems, s, device, bandwidth, rows):
     one, _ = timed(lambda: go(1), device)
     full, out = timed(lambda: go(n), device)
     step_s = (full - one) / max(out.shape[1] - 1, 1)
-    config = model.config
-    kv_per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2
-    room = -(-(prompt_length + n) // machinery.ROOM_MULTIPLE) * machinery.ROOM_MULTIPLE
+    decoder = [d for d in machinery._DECODERS[model].values() if len(d.token) == wide_rows][-1]
+    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in decoder.cache.layers)  # as allocated
+    room = decoder.mask.shape[1]
     weight_bytes = 2 * matmul_parameters(model)         # bf16 copies of the matmul weights
-    static_bytes = weight_bytes + wide_rows * room * kv_per_slot            # what the static step reads
-    ideal_bytes = weight_bytes + wide_rows * (prompt_length + n / 2) * kv_per_slot   # the average filled cache
+    static_bytes = weight_bytes + kv_bytes              # what the static step reads
+    ideal_bytes = weight_bytes + kv_bytes * (prompt_length + n / 2) / room   # the average filled cache
     floor_s = ideal_bytes / bandwidth
     rows.append((f"decode {wide_rows} rows x {n} new tokens: static path", f"{wide_rows / step_s:,.0f} tok/s",
                  f"{1000 * step_s:.2f} ms/step; floor {1000 * floor_s:.2f} ms/step ({ideal_bytes / 1e9:.2f} GB: bf16 weights "
                  f"+ the average filled KV cache, at the measured copy rate) = {100 * floor_s / step_s:.0f}% of the floor; "
-                 f"the step reads the whole room: {static_bytes / 1e9:.2f} GB"))
+                 f"the step reads the whole room of {room} slots: {static_bytes / 1e9:.2f} GB"))
 
 
 def suite_rl_step(model, tokenizer, s, device, rows):
@@ -533,6 +533,8 @@ def suite_rl_step(model, tokenizer, s, device, rows):
 def suite_memory(shape, device, rows):
     """Peak GPU memory of training steps of the shape, in a fresh process; against a 24 GB card."""
     before = len(rows)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()                        # this process's cached blocks, for the probe's process
     bench_memory(shape, 0, False, device, rows)
     if len(rows) > before and rows[-1][1] != "failed":
         used = float(rows[-1][1].split()[0])
