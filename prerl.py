@@ -397,6 +397,9 @@ def generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, tempera
     if temperature > 0 and uniforms is None:
         raise ValueError("generate: sampling at a temperature needs its uniforms (see sampling_uniforms)")
     device = prompt_ids.device
+    if not PLAIN and machinery.static_decode_fits(model, device):  # machinery: static KV cache, one CUDA graph per token
+        return machinery.static_generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_p,
+                                         eos_ids, pad_id, uniforms, pick_next_token, autocast(device), cache_keyword(model))
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     cache_name = cache_keyword(model)
     eos = torch.tensor(eos_ids, device=device)
