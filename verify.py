@@ -30,7 +30,8 @@ when an answer follows it, markdown bold is unwrapped. Then the first rule that 
      formula with no prose and no `$` (`\\frac{10}{9}` after the reasoning; a leading `=` dropped).
   6. the last math span ($...$, $$...$$, \\(...\\), \\[...\\]) or number, whichever ends later,
      skipping any inside a clause that denies (`36 is not divisible by 5`: not, no, never, cannot,
-     wrong, ...) or a sentence that only checks (`Since $7 > 5$, ...`, `Let me double check: ...`).
+     wrong, ...) or a clause that only checks or explains (`Since $7 > 5$, ...`, `Let me double
+     check: ...`), unless nothing else is left.
      Math spans joined by `and`/`or`/`,` are read together (`$x = 2$ and $x = 3$`). A `$` whose span
      would hold prose, run up to a digit (`$5 and $6`) or never close is a dollar sign, not math
      (`48+18=$66`); a number right after `^` or `_` (`cm^2`) is not a candidate.
@@ -63,7 +64,7 @@ Conventions of is_equiv(pred, gold) (where graders disagree, the choice and why)
   - Labels: `x = 3`, `f(2) = 7`, `AB = 5`, `(p,q) = (3,2)` equal their value. Several labelled
     values compare by label in any order when both sides are labelled (`a_3 = 2, a_{37} = 19`),
     else by value in order (`k = 45 \\text{ and } n = 2` == `45, 2`). An equality chain is its last
-    side (`48 + 18 = 66`, `x = 2 + 3 = 5`). Two equations are equal when (lhs - rhs) of one is a
+    side (`48 + 18 = 66`, `x = 2 + 3 = 5`); `\\equiv` is `=` and a trailing `\\pmod{n}` is dropped. Two equations are equal when (lhs - rhs) of one is a
     nonzero constant multiple of the other, and `y = 2x+3` is also the line `2x - y + 3 = 0`.
   - Relations: `\\geq`, `\\ge`, `>=`, `≥`, `\\lt`, `\\gt`, `\\neq`, `!=`; a linear relation in one
     variable is the interval it describes (`x \\geq 5` == `[5, \\infty)` == `5 \\le x`, `-x > -1`
