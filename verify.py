@@ -64,8 +64,9 @@ Conventions of is_equiv(pred, gold) (where graders disagree, the choice and why)
   - Labels: `x = 3`, `f(2) = 7`, `AB = 5`, `(p,q) = (3,2)` equal their value. Several labelled
     values compare by label in any order when both sides are labelled (`a_3 = 2, a_{37} = 19`),
     else by value in order (`k = 45 \\text{ and } n = 2` == `45, 2`). An equality chain is its last
-    side (`48 + 18 = 66`, `x = 2 + 3 = 5`); `\\equiv` is `=` and a trailing `\\pmod{n}` is dropped. Two equations are equal when (lhs - rhs) of one is a
-    nonzero constant multiple of the other, and `y = 2x+3` is also the line `2x - y + 3 = 0`.
+    side (`48 + 18 = 66`, `x = 2 + 3 = 5`); `\\equiv` is `=` and a trailing `\\pmod{n}` is
+    dropped. Two equations are equal when (lhs - rhs) of one is a nonzero constant multiple of the
+    other, and `y = 2x+3` is also the line `2x - y + 3 = 0`.
   - Relations: `\\geq`, `\\ge`, `>=`, `≥`, `\\lt`, `\\gt`, `\\neq`, `!=`; a linear relation in one
     variable is the interval it describes (`x \\geq 5` == `[5, \\infty)` == `5 \\le x`, `-x > -1`
     == `x < 1`, `-2 \\le x \\le 7` == `x \\in [-2,7]`, `x < -1 \\text{ or } x > 2` == the union);
@@ -467,7 +468,8 @@ def _normalize(s):
     for token in _REMOVE:
         s = s.replace(token, "")
     s = s.replace("\\langle", "(").replace("\\rangle", ")").replace("\\lbrace", "\\{").replace("\\rbrace", "\\}")
-    s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)").replace("−", "-").replace("×", "\\times").replace("·", "\\cdot").replace("≈", "\\approx")
+    s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)").replace("−", "-").replace("×", "\\times")
+    s = s.replace("·", "\\cdot").replace("≈", "\\approx")
     for pattern, replacement in _RELATIONS:
         s = pattern.sub(replacement, s)
     s = _EMPTY_SET_RE.sub(r"\\emptyset", s)
