@@ -1319,10 +1319,12 @@ def test_extract_answer_real_formats(completion, expected):
 def test_hostile_long_completions_stay_fast():
     # the new extraction rules (math spans, phrases, denial scan) on long hostile text stay linear
     for completion in ["$" * 200_000, "$a" * 100_000, "answer: " * 50_000, "not 5. " * 50_000,
-                       "\\boxed{" * 50_000, "<|im_end|>" * 50_000 + "7", "#### " * 50_000]:
+                       "\\boxed{" * 50_000, "<|im_end|>" * 50_000 + "7", "#### " * 50_000, "\n" * 1_000_000,
+                       "A: " + " " * 900_000 + "x", "the answer is " + " " * 900_000 + "x", "\\boxed{a" + " " * 3998 + "=}",
+                       "\\boxed{1" + "\\ " * 1999 + "}", "\\boxed{x" + " " * 3990 + "\\pmod 7}"]:
         start = time.perf_counter()
         assert verify.reward(completion, "7") in (0.0, 1.0)
-        assert time.perf_counter() - start < 2.0
+        assert time.perf_counter() - start < 2.0, repr(completion[:30])
 
 
 # ---------------------------------------------------------------------------
