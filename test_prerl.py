@@ -1319,10 +1319,12 @@ def test_extract_answer_real_formats(completion, expected):
 def test_hostile_long_completions_stay_fast():
     # the new extraction rules (math spans, phrases, denial scan) on long hostile text stay linear
     for completion in ["$" * 200_000, "$a" * 100_000, "answer: " * 50_000, "not 5. " * 50_000,
-                       "\\boxed{" * 50_000, "<|im_end|>" * 50_000 + "7", "#### " * 50_000]:
+                       "\\boxed{" * 50_000, "<|im_end|>" * 50_000 + "7", "#### " * 50_000, "\n" * 1_000_000,
+                       "A: " + " " * 900_000 + "x", "the answer is " + " " * 900_000 + "x", "\\boxed{a" + " " * 3998 + "=}",
+                       "\\boxed{1" + "\\ " * 1999 + "}", "\\boxed{x" + " " * 3990 + "\\pmod 7}"]:
         start = time.perf_counter()
         assert verify.reward(completion, "7") in (0.0, 1.0)
-        assert time.perf_counter() - start < 2.0
+        assert time.perf_counter() - start < 2.0, repr(completion[:30])
 
 
 # ---------------------------------------------------------------------------
@@ -2262,3 +2264,33 @@ def test_grpo_advantages_ignore_reward_shift_and_scale():
         torch.testing.assert_close(prerl.centered_advantages(moved), scale * prerl.centered_advantages(rewards),
                                    atol=1e-9, rtol=1e-9)
     check()
+
+
+# --- the verifier's comparison core, case by case (each case pins one rule that a mutant changed)
+
+CORE_CASES = [
+    # the tolerance is relative above magnitude 1 and absolute (1e-8) below it
+    ("10^{6}\\pi", "3141592.66", True), ("\\pi\\cdot 10^{-10}", "3.1416\\cdot 10^{-10}", True),
+    ("\\sqrt{2}-0.414213547", "1", False),                       # 1.5e-8 off at magnitude 1
+    ("\\sin^{2}(1)+\\cos^{2}(1)", "1", True),                     # equal only numerically, no symbols
+    # answers over 1000 characters are never parsed; 1000 exactly still is
+    ("1" + "+0" * 600, "1", False), ("10" + "+0" * 499, "10", True),
+    # percent: either side may carry the %, and only the side without it is scaled
+    ("10\\%", "\\frac{1}{2}\\cdot\\frac{1}{5}", True), ("2\\cdot 5", "1000", False), ("2 \\cdot 5", "0.1", False),
+    ("\\{10\\%, 20\\%\\}", "\\{0.2, 0.1\\}", True), ("10\\%, 20\\%", "0.1, 0.2", True),
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}100\\\\200\\end{pmatrix}", False),  # no percent in cells
+    # equations: proportional sides, statements without symbols, tautologies, text sides
+    ("x+y=0", "0.1x+0.1y=0", True), ("1+1=3", "2=2", False), ("x+y=1", "(x+1)^2-x^2-2x-1=0", False),
+    ("x+y=\\text{Yes}", "x+y=yes", True), ("\\text{Yes}=x+y", "yes=x+y", True),
+    ("x+y=\\text{Yes}", "x+y=no", False), ("\\text{Yes}=x+y", "no=x+y", False),
+    # text compares case-insensitively; undefined expressions are not equal to defined ones
+    ("\\text{Even}", "even", True), ("\\frac{x}{0}", "x", False),
+    # lists of different lengths
+    ("1, 2", "1, 2, 3", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", CORE_CASES)
+def test_verifier_core_cases(pred, gold, expected):
+    assert verify.is_equiv(pred, gold) is expected
+    assert verify.is_equiv(gold, pred) is expected
