@@ -15,6 +15,7 @@ Paper: "From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train S
     python prerl.py --resume --out-dir runs/demo           # continue a run from its checkpoint
     python prerl.py --plain                                # the method exactly as written here, no machinery
     python prerl.py --help                                 # every option
+    torchrun --nproc_per_node 8 prerl.py --model ...       # several GPUs (or CPU processes): FSDP2
 
 How to read this file. Top to bottom is the method, in the order a step runs: Config (every field is a
 flag), Data (problems and reference answers), Model (loading, the pre-train-space start token),
@@ -25,7 +26,10 @@ stage_for_step), Evaluation and Checkpoints. The method ends with train() at the
 What only makes it faster or smaller lives in machinery.py, reached from here through one call each
 (marked "machinery:") -- a preallocated KV cache and an inverse-CDF draw for sampling, a chunked LM head
 with a hand-written backward for scoring, and glibc's allocator kept from page-faulting on CPU. With
---plain (or PRERL_PLAIN=1) none of it runs, and the tests check that both paths agree.
+--plain (or PRERL_PLAIN=1) none of it runs, and the tests check that both paths agree. Under torchrun
+(`torchrun --nproc_per_node N prerl.py ...`) the lines marked "if DIST is not None" split each step's
+prompts across ranks and shard the model with FSDP2 (machinery.py, "Distribution"); the result equals
+one process, which the tests check.
 """
 
 import argparse
@@ -49,6 +53,8 @@ import verify
 # The one switch between the plain path (this file only) and the machinery. Set by --plain or
 # PRERL_PLAIN=1; the test suite runs both ways.
 PLAIN = os.environ.get("PRERL_PLAIN", "0") not in ("", "0")
+# Under torchrun (WORLD_SIZE > 1) this process is one rank of several (machinery.init_distributed); else None.
+DIST = None
 
 # -----------------------------------------------------------------------------
 # Config: every field is a command-line flag (--switch-step etc.). The method's own knobs are under
@@ -552,8 +558,12 @@ def loss_denominator(space, response_mask, advantages):
     """Token-mean denominator for the whole batch: in the pre-train space only kept tokens (A != 0)
     count (PAPER.md); in the conditional space every response token counts (verl's token-mean)."""
     if space == "pretrain":
-        return (response_mask * (advantages != 0)[:, None]).sum().clamp(min=1)
-    return response_mask.sum().clamp(min=1)
+        tokens = (response_mask * (advantages != 0)[:, None]).sum()
+    else:
+        tokens = response_mask.sum()
+    if DIST is not None:  # machinery: count every rank's tokens, scaled for FSDP's gradient averaging
+        return machinery.global_denominator(tokens, DIST)
+    return tokens.clamp(min=1)
 
 
 def policy_loss(token_lp, response_mask, advantages, denominator, cfg, coef, ref_lp=None):
@@ -619,7 +629,10 @@ def accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model=
     lengths = lengths.tolist()                                 # scored sequence length of each row
     total_loss, kept_tokens = 0.0, 0
     model.train()
-    for chunk in micro_batches(rows, lengths, micro_batch_budget(cfg, batch["response_ids"].device)):
+    chunks = micro_batches(rows, lengths, micro_batch_budget(cfg, batch["response_ids"].device))
+    if DIST is not None:  # machinery: as many forward/backward passes as the busiest rank (FSDP's collectives)
+        machinery.match_passes(model, len(chunks), start_id, DIST)
+    for chunk in chunks:
         token_lp, mask = scored_logprobs(model, space, batch, chunk, start_id)
         ref_lp = None
         if use_kl:
@@ -636,7 +649,13 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
     """One RL step: sample G responses per prompt, verify them, one optimizer update. Returns the metrics."""
     stage = stage_for_step(cfg.mode, step, cfg.switch_step)
     t0 = time.perf_counter()
-    batch = sample(model, tokenizer, problems, cfg, cfg.group_size, [f"{cfg.seed}-{step}-{i}" for i in range(len(problems))])
+    first = 0
+    if DIST is not None:  # machinery: this rank's prompts (whole groups) and the index of its first one
+        problems, first = machinery.rank_share(problems, DIST)
+        machinery.gather_weights(model)        # machinery: the rollout runs on whole weights, gathered once
+    batch = sample(model, tokenizer, problems, cfg, cfg.group_size, [f"{cfg.seed}-{step}-{first + i}" for i in range(len(problems))])
+    if DIST is not None:
+        machinery.shard_layers(model)          # machinery: training gathers one layer at a time again
     t1 = time.perf_counter()
     golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
     rewards = torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
@@ -644,15 +663,20 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
     loss, kept_tokens = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model)
     grad_norm = optimizer_step(model, optimizer, cfg)
     t3 = time.perf_counter()
+    lengths = batch["response_mask"].sum(1)
+    if DIST is not None:  # machinery: the metrics cover every rank's responses
+        rewards, lengths, loss, kept_tokens = machinery.step_totals(rewards, lengths, loss, kept_tokens)
     return {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
             "accuracy": (rewards > 0.5).float().mean().item(),
             "mixed_groups": int(((rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)).sum()),
-            "response_length": batch["response_mask"].sum(1).float().mean().item(),
+            "response_length": lengths.float().mean().item(),
             "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
             "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3), "train_s": round(t3 - t2, 3)}
 
 
 def optimizer_step(model, optimizer, cfg):
+    if DIST is not None:  # machinery: the optimizer updates the shards, so the gathered root weights go
+        machinery.release_root(model)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -672,13 +696,20 @@ def make_optimizer(model, cfg):
 
 def evaluate(model, tokenizer, problems, cfg, batch_size=32):
     """Held-out accuracy: one response per problem (greedy by default), scored by verify.rewards."""
-    correct = 0.0
+    correct, first, total = 0.0, 0, len(problems)
+    if DIST is not None:  # machinery: every rank evaluates its share on whole weights; the counts are summed
+        problems, first = machinery.rank_share(problems, DIST, may_be_empty=True)
+        machinery.gather_weights(model)
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
-        keys = [f"{cfg.seed}-eval-{i + j}" for j in range(len(chunk))]
+        keys = [f"{cfg.seed}-eval-{first + i + j}" for j in range(len(chunk))]
         out = sample(model, tokenizer, chunk, cfg, 1, keys, temperature=cfg.eval_temperature)
         correct += sum(verify.rewards(out["texts"], [p["answer"] for p in chunk]))
-    return correct / max(1, len(problems))
+    if DIST is not None:
+        correct = machinery.all_reduce(correct)
+        machinery.shard_layers(model)
+        machinery.release_root(model)
+    return correct / max(1, total)
 
 
 # -----------------------------------------------------------------------------
@@ -686,9 +717,15 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
 
 
 def save_checkpoint(path, model, optimizer, step, cfg):
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "config": dataclasses.asdict(cfg), "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    if DIST is not None:  # machinery: every rank saves its shards and RNG; rank 0 writes the whole weights here
+        machinery.save_sharded(path, model, optimizer, step, rng, DIST)
+        model_state, optimizer_state = machinery.full_state(model, optimizer)
+        if DIST.rank > 0:
+            return
+    state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": dataclasses.asdict(cfg), "rng": rng}
     temporary = f"{path}.tmp{os.getpid()}"
     torch.save(state, temporary)
     os.replace(temporary, path)
@@ -697,6 +734,8 @@ def save_checkpoint(path, model, optimizer, step, cfg):
 def load_checkpoint(path, model, optimizer=None):
     """Restore the model's weights and, when resuming a run (optimizer given), the optimizer and RNG.
     Returns the step to continue from."""
+    if DIST is not None:  # machinery: under torchrun, resume from every rank's shards
+        return machinery.load_sharded(path, model, optimizer, DIST)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -718,9 +757,12 @@ def load_checkpoint(path, model, optimizer=None):
 
 
 def train(cfg):
-    global PLAIN
+    global PLAIN, DIST
     PLAIN = PLAIN or cfg.plain                    # --plain: the reading path only, for this whole process
     device = pick_device(cfg)
+    DIST = machinery.init_distributed(device)     # machinery: one rank of a torchrun job; None otherwise
+    if DIST is not None:
+        device = DIST.device
     if not PLAIN:
         machinery.reuse_freed_memory(device)      # machinery: CPU malloc keeps freed blocks, no page faults
     if cfg.data:
@@ -733,6 +775,8 @@ def train(cfg):
     if cfg.kl_coef > 0:
         ref_model, _ = load_model(cfg.model, device)
         ref_model.requires_grad_(False).eval()
+    if DIST is not None:
+        machinery.shard_model(model, DIST)        # machinery: FSDP2, each decoder layer and the root
     # Seed after loading (a resumed run then restores its own RNG): the one-time GGUF conversion builds a
     # model with random init, and seeding before it would shift every sample of the run that converts.
     torch.manual_seed(cfg.seed)
@@ -742,6 +786,8 @@ def train(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     checkpoint_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if DIST is not None and DIST.rank > 0:       # machinery: rank 0 alone writes the metrics
+        metrics_path = os.devnull
     first_step = load_checkpoint(checkpoint_path, model, optimizer) if cfg.resume and os.path.exists(checkpoint_path) else 0
     if cfg.resume and first_step == 0:
         print(f"no checkpoint at {checkpoint_path}; starting from step 0")
@@ -752,7 +798,8 @@ def train(cfg):
     accuracy_before = evaluate(model, tokenizer, eval_set, cfg)
     print(f"held-out accuracy at step {first_step}: {accuracy_before:.3f}")
     log = open(metrics_path, "a" if first_step else "w")
-    progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl")
+    progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl",
+                    disable=DIST is not None and DIST.rank > 0)   # machinery: rank 0 alone shows progress
     for step in progress:
         record = rl_step(model, tokenizer, optimizer, batch_for_step(train_set, step, cfg), step, cfg, start_id, ref_model)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
