@@ -929,6 +929,8 @@ def test_evaluate_samples_on_tiny_model(tiny_model_folder):
 
 import torch.distributed  # noqa: E402
 
+# the runs below: both DSRL stages, the KL term (a reference model on every rank), gradient checkpointing
+RUN = ("--steps", "3", "--switch-step", "2", "--kl-coef", "0.05", "--gradient-checkpointing")
 # 4 groups of 4 with uneven response lengths (toy_batch); each rank takes 2 whole groups
 FIXED_REWARDS = {"grpo": [[1., 0., 0., 1.], [0., 1., 1., 1.], [0., 0., 1., 0.], [1., 0., 1., 0.]],
                  # rank 1's groups are all-equal: it has no pass of its own and joins rank 0's collectives
@@ -997,9 +999,9 @@ def distributed_worker(folder, out):
             sys.stdout.flush()
             os._exit(0)
         return real_rl_step(*args)
-    prerl.train(prerl.parse_config(run_args(folder, out / "uninterrupted", "--steps", "3")))
+    prerl.train(prerl.parse_config(run_args(folder, out / "uninterrupted", *RUN)))
     prerl.rl_step = rl_step_killed_at_step_2
-    prerl.train(prerl.parse_config(run_args(folder, out / "killed", "--steps", "3", "--save-every", "1")))
+    prerl.train(prerl.parse_config(run_args(folder, out / "killed", *RUN, "--save-every", "1")))
 
 
 def torchrun(*args, timeout=300):
@@ -1021,11 +1023,11 @@ def two_ranks(tiny_model_folder, tmp_path_factory):
     assert not (out / "killed" / "checkpoint.dcp.tmp").exists()
     assert torch.load(out / "killed" / "checkpoint.pt", weights_only=False)["step"] == 2   # killed after step 2's save
     resumed = torchrun(os.path.dirname(os.path.abspath(__file__)) + "/prerl.py",
-                       *run_args(tiny_model_folder, out / "killed", "--steps", "3", "--save-every", "1", "--resume"))
+                       *run_args(tiny_model_folder, out / "killed", *RUN, "--save-every", "1", "--resume"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     print(f"two-rank launches: {time.perf_counter() - start:.1f} s")
     one = tmp_path_factory.mktemp("one_rank")                 # the same run in this one process
-    prerl.train(prerl.parse_config(run_args(tiny_model_folder, one, "--steps", "3")))
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, one, *RUN)))
     return {"worker": torch.load(out / "worker.pt", weights_only=False), "resumed": resumed, "out": out, "one": one}
 
 
@@ -1073,7 +1075,8 @@ def test_torchrun_run_killed_and_resumed_equals_one_process(two_ranks):
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     one_metrics = [json.loads(line) for line in open(one / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [0, 1, 2]
-    assert any(m["kept_tokens"] > 0 for m in metrics)
+    assert [m["stage"] for m in metrics] == ["nsr-prerl", "nsr-prerl", "grpo"]
+    assert all(m["kept_tokens"] > 0 for m in metrics)
     for m, o in zip(metrics, one_metrics):
         for name in ("stage", "reward_mean", "accuracy", "mixed_groups", "response_length", "kept_tokens"):
             assert m[name] == o[name], (name, m, o)
