@@ -1004,6 +1004,20 @@ def distributed_worker(folder, out):
     prerl.train(prerl.parse_config(run_args(folder, out / "killed", *RUN, "--save-every", "1")))
 
 
+def test_rank_shares_are_contiguous_whole_and_refuse_an_empty_rank():
+    """Each rank's prompts: contiguous, in order, sizes within one, every prompt once, and the index of
+    its first one (which keys its random numbers); too few prompts for the ranks is a one-line error."""
+    for n, world in [(16, 2), (7, 3), (5, 4), (8, 8)]:
+        shares = [machinery.rank_share(list(range(n)), machinery.Distributed(r, world, "gloo", None, None))
+                  for r in range(world)]
+        assert sum((items for items, _ in shares), []) == list(range(n))
+        assert all(items[0] == first for items, first in shares)
+        assert max(len(i) for i, _ in shares) - min(len(i) for i, _ in shares) <= 1
+    with pytest.raises(SystemExit, match="--prompts-per-step 4 or more"):
+        machinery.rank_share([0, 1, 2], machinery.Distributed(3, 4, "gloo", None, None))
+    assert machinery.rank_share([0, 1, 2], machinery.Distributed(3, 4, "gloo", None, None), may_be_empty=True) == ([], 3)
+
+
 def torchrun(*args, timeout=300):
     """Two CPU ranks (gloo) on a free port; one thread each; ends on its own or fails the test."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -1016,8 +1030,9 @@ def torchrun(*args, timeout=300):
 def two_ranks(tiny_model_folder, tmp_path_factory):
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
+    import resource
     out = tmp_path_factory.mktemp("two_ranks")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     worker = torchrun(os.path.abspath(__file__), "--distributed-worker", tiny_model_folder, out)
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     assert not (out / "killed" / "checkpoint.dcp.tmp").exists()
@@ -1025,7 +1040,9 @@ def two_ranks(tiny_model_folder, tmp_path_factory):
     resumed = torchrun(os.path.dirname(os.path.abspath(__file__)) + "/prerl.py",
                        *run_args(tiny_model_folder, out / "killed", *RUN, "--save-every", "1", "--resume"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    print(f"two-rank launches: {time.perf_counter() - start:.1f} s")
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"two-rank launches: {time.perf_counter() - start:.1f} s wall, "
+          f"{cpu.ru_utime + cpu.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime:.1f} s CPU")
     one = tmp_path_factory.mktemp("one_rank")                 # the same run in this one process
     prerl.train(prerl.parse_config(run_args(tiny_model_folder, one, *RUN)))
     return {"worker": torch.load(out / "worker.pt", weights_only=False), "resumed": resumed, "out": out, "one": one}
