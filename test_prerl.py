@@ -1098,9 +1098,15 @@ def test_torchrun_run_killed_and_resumed_equals_one_process(two_ranks):
         for name in ("stage", "reward_mean", "accuracy", "mixed_groups", "response_length", "kept_tokens"):
             assert m[name] == o[name], (name, m, o)
         assert m["loss"] == pytest.approx(o["loss"], abs=1e-6) and m["grad_norm"] == pytest.approx(o["grad_norm"], abs=1e-6)
-    exported = torch.load(out / "checkpoint.pt", weights_only=False)
+    exported, one_state = torch.load(out / "checkpoint.pt", weights_only=False), torch.load(one / "checkpoint.pt", weights_only=False)
     assert exported["step"] == 3
-    assert max_difference(exported["model"], torch.load(one / "checkpoint.pt", weights_only=False)["model"]) < 1e-5
+    assert max_difference(exported["model"], one_state["model"]) < 1e-5
+    assert exported["optimizer"]["param_groups"] == one_state["optimizer"]["param_groups"]   # the one-process format
+    for index, state in one_state["optimizer"]["state"].items():
+        mine = exported["optimizer"]["state"][index]
+        assert mine["step"] == state["step"]
+        torch.testing.assert_close(mine["exp_avg"], state["exp_avg"], rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(mine["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-12)
     prerl.DIST = None
     model = tiny_model(torch.float32)
     optimizer = prerl.make_optimizer(model, prerl.Config())
