@@ -2012,7 +2012,7 @@ def test_pick_next_token_matches_exact_probabilities(temperature, top_p):
     n = 40_000
     logits = torch.tensor([PEAKED], dtype=torch.float32).repeat(n, 1)
     probs = exact_probs(PEAKED, temperature, top_p)
-    picks = prerl.pick_next_token(logits, temperature, top_p)
+    picks = prerl.pick_next_token(logits, temperature, top_p, torch.rand(n, dtype=torch.float64))
     assert picks.shape == (n,) and picks.dtype == torch.long
     assert_draws_follow(picks, probs)
     # the same tolerance rejects a temperature 10% off: the test is sharp enough to see a wrong T
@@ -2025,7 +2025,7 @@ def test_pick_next_token_rows_are_independent_and_greedy_at_zero():
     torch.manual_seed(0)
     n = 20_000
     logits = torch.tensor([PEAKED, PEAKED[::-1]], dtype=torch.float64).repeat(n, 1)   # two different rows, interleaved
-    picks = prerl.pick_next_token(logits, 0.7, 1.0)
+    picks = prerl.pick_next_token(logits, 0.7, 1.0, torch.rand(len(logits), dtype=torch.float64))
     assert_draws_follow(picks[0::2], exact_probs(PEAKED, 0.7))
     assert_draws_follow(picks[1::2], exact_probs(PEAKED[::-1], 0.7))
     assert prerl.pick_next_token(logits[:2], 0.0, 1.0).tolist() == [0, 5]
@@ -2047,7 +2047,8 @@ def test_generate_stops_at_the_longest_responses_first_eos():
     prompt_ids = torch.tensor([[3, 3, 20, 21], [22, 23, 24, 25], [26, 27, 28, 29]])
     prompt_mask = (prompt_ids != 3).long()
     for temperature in (0.0, 1.0):
-        out = prerl.generate(model, prompt_ids, prompt_mask, 4, 40, temperature, 1.0, MANY_EOS, pad_id=3)
+        uniforms = prerl.sampling_uniforms(range(len(prompt_ids)), 4, 40)
+        out = prerl.generate(model, prompt_ids, prompt_mask, 4, 40, temperature, 1.0, MANY_EOS, pad_id=3, uniforms=uniforms)
         ends = [first_eos(row, MANY_EOS) for row in out.tolist()]
         assert all(e is not None for e in ends), ends            # every row ended within 40 tokens
         assert out.shape == (12, max(ends) + 1)                  # no column past the longest row's EOS
@@ -2061,7 +2062,7 @@ def test_sample_masks_everything_after_each_rows_first_eos(tiny_model_folder):
     model, tokenizer = prerl.load_model(str(tiny_model_folder), torch.device("cpu"))
     model.generation_config.eos_token_id = MANY_EOS
     problems = prerl.load_problems(str(tiny_model_folder / "toy.jsonl"))[:3]
-    out = prerl.sample(model, tokenizer, problems, prerl.Config(max_new_tokens=12, temperature=1.0), group_size=4)
+    out = prerl.sample(model, tokenizer, problems, prerl.Config(max_new_tokens=12, temperature=1.0), 4, range(3))
     eos_ids = set(MANY_EOS) | {tokenizer.eos_token_id}
     ends = [first_eos(row, eos_ids) for row in out["response_ids"].tolist()]
     assert any(e is not None and e + 1 < out["response_ids"].shape[1] for e in ends)   # some row ended early
@@ -2079,9 +2080,9 @@ def test_evaluation_is_greedy_by_default_and_averages_over_batches(tiny_model_fo
     calls = []
     real_sample = prerl.sample
 
-    def sample_spy(model, tokenizer, chunk, cfg, group_size, temperature=None):
+    def sample_spy(model, tokenizer, chunk, cfg, group_size, keys, temperature=None):
         calls.append((len(chunk), group_size, temperature))
-        out = real_sample(model, tokenizer, chunk, cfg, group_size, temperature)
+        out = real_sample(model, tokenizer, chunk, cfg, group_size, keys, temperature)
         calls[-1] += (out["texts"],)
         return out
     monkeypatch.setattr(prerl, "sample", sample_spy)
@@ -2227,6 +2228,8 @@ def test_grpo_advantages_ignore_reward_shift_and_scale():
         torch.testing.assert_close(prerl.centered_advantages(moved), scale * prerl.centered_advantages(rewards),
                                    atol=1e-9, rtol=1e-9)
     check()
+
+
 # ---------------------------------------------------------------------------
 # Issue 12: torchrun + FSDP2 (machinery.py "Distribution"), two CPU ranks on gloo, equal to one process.
 # One torchrun launch runs this file as its script (distributed_worker below) for the in-process checks
