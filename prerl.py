@@ -36,6 +36,7 @@ import inspect
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -56,7 +57,7 @@ PLAIN = os.environ.get("PRERL_PLAIN", "0") not in ("", "0")
 # reference code) and the PPO clip range; the rest is the usual RL-with-verifiable-rewards setup.
 
 MODES = ("dsrl", "grpo", "psr", "nsr", "w-reinforce", "prerl", "psr-prerl", "nsr-prerl")
-TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand")
+TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand", "twostep")
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # reference runs
 EMBEDDED_MODEL = "embedded"
 
@@ -101,6 +102,8 @@ class Config:
     # evaluation, logging, checkpoints
     eval_every: int = opt(10, "held-out evaluation every N steps (0 = only at the start and end)")
     eval_temperature: float = opt(0.0, "evaluation temperature; 0 = greedy")
+    diagnose_every: int = opt(10, "entropy and log P(y), log P(y|x) diagnostics every N steps (a no-grad forward "
+                                  "per space); 0 = never")
     out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
@@ -134,6 +137,10 @@ def parse_config(argv=None):
 # of response y is equivalent to the reference (verify.py). Built-in generator, or MATH / GSM8K JSONL.
 
 
+NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe")
+ITEMS = ("apples", "pencils", "marbles", "stickers", "cards")
+
+
 def make_problem(family, difficulty, rng):
     """One problem {'problem', 'answer'} of a family; difficulty = digits per operand."""
     lo, hi = (1 if difficulty == 1 else 10 ** (difficulty - 1)), 10 ** difficulty - 1
@@ -158,6 +165,18 @@ def make_problem(family, difficulty, rng):
         return {"problem": f"Solve for $x$: ${a}x + {b} = {a * x + b}$.", "answer": str(x)}
     if family == "expand":
         return {"problem": f"Expand $(x + {a})(x + {b})$.", "answer": f"x^2 + {a + b}x + {a * b}"}
+    if family == "twostep":  # a word problem of two operations: the first result must be carried into the second
+        name, item, c = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(2, max(2, min(hi, 9)))
+        template = rng.randrange(3)
+        if template == 0:
+            return {"problem": f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} in each. "
+                               f"How many {item} does {name} have now?", "answer": str(a + b * c)}
+        if template == 1:
+            away = min(b, c * a)
+            return {"problem": f"{name} buys {c} boxes with {a} {item} in each and gives away {away} {item}. "
+                               f"How many {item} does {name} have left?", "answer": str(c * a - away)}
+        return {"problem": f"{name} has {a} {item} and finds {b} more. Then the number of {item} is multiplied "
+                           f"by {c}. How many {item} does {name} have now?", "answer": str((a + b) * c)}
     raise ValueError(f"unknown task family {family!r}")
 
 
@@ -640,6 +659,7 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
     t1 = time.perf_counter()
     golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
     rewards = torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
+    diagnostics = step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id)  # measured, never trained on
     t2 = time.perf_counter()
     loss, kept_tokens = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model)
     grad_norm = optimizer_step(model, optimizer, cfg)
@@ -649,7 +669,8 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
             "mixed_groups": int(((rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)).sum()),
             "response_length": batch["response_mask"].sum(1).float().mean().item(),
             "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
-            "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3), "train_s": round(t3 - t2, 3)}
+            "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
+            "train_s": round(t3 - t2, 3), **diagnostics}
 
 
 def optimizer_step(model, optimizer, cfg):
@@ -679,6 +700,93 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
         out = sample(model, tokenizer, chunk, cfg, 1, keys, temperature=cfg.eval_temperature)
         correct += sum(verify.rewards(out["texts"], [p["answer"] for p in chunk]))
     return correct / max(1, len(problems))
+
+
+# -----------------------------------------------------------------------------
+# Diagnostics: what a step's samples say about the policy that drew them; logged with the step's metrics,
+# never trained on. Every step: how responses end and their reasoning-behaviour phrases (free). Every
+# cfg.diagnose_every steps: the policy's entropy and the likelihood of right vs wrong responses in both
+# spaces -- log P(y) is what NSR-PreRL pushes down -- at the cost of one no-grad forward per space.
+
+# The paper's keyword lists are not public; these are ours. Matched case-insensitively, whole words.
+TRANSITION_PHRASES = ("alternatively", "however", "instead", "another way", "another approach", "on the other hand",
+                      "otherwise", "let's try", "let me try", "try a different", "what if")
+REFLECTION_PHRASES = ("wait", "hmm", "let me check", "let's check", "let me verify", "let's verify", "verify",
+                      "double-check", "double check", "re-examine", "reexamine", "recheck", "re-check",
+                      "check again", "make sure", "i made a mistake", "that's not right")
+
+
+def phrase_pattern(phrases):
+    return re.compile(r"\b(?:" + "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)) + r")\b",
+                      re.IGNORECASE)
+
+
+TRANSITION_RE, REFLECTION_RE = phrase_pattern(TRANSITION_PHRASES), phrase_pattern(REFLECTION_PHRASES)
+
+
+def count_behaviours(text):
+    """(transitions, reflections) in one response: whole-word, case-insensitive matches."""
+    return len(TRANSITION_RE.findall(text)), len(REFLECTION_RE.findall(text))
+
+
+def eos_share(response_ids, eos_ids):
+    """Share of responses that ended with EOS; the others ran into max_new_tokens."""
+    return torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).any(1).float().mean().item()
+
+
+def logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
+    """Per response token: log P(y_t | x, y_<t), and the exact entropy of the distribution it was drawn
+    from, softmax(logits / T) (before top-p; T = 0, greedy, reports T = 1). Full logits: no-grad only."""
+    input_ids = torch.cat([prompt_ids, response_ids], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with autocast(input_ids.device):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, prompt_ids.shape[1] - 1:-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    token_lp = logits.log_softmax(-1).gather(-1, response_ids[..., None]).squeeze(-1)
+    tempered = (logits / (temperature or 1.0)).log_softmax(-1)
+    return token_lp, -(tempered.exp() * tempered).sum(-1)
+
+
+@torch.no_grad()
+def likelihood_diagnostics(model, batch, rewards, start_id, cfg):
+    """Entropy of the sampling policy, mean over response tokens; mean over right (reward 1) and over wrong
+    responses of log P(y|x) and of log P(y), each summed over the response's tokens (None when the step
+    has no right, or no wrong, response)."""
+    rows = len(batch["response_ids"])
+    conditional, pretrain, entropy = torch.zeros(rows), torch.zeros(rows), 0.0
+    lengths = (batch["prompt_mask"].sum(1) + batch["response_mask"].sum(1)).tolist()
+    model.eval()
+    for chunk in micro_batches(range(rows), lengths, micro_batch_budget(cfg, batch["response_ids"].device)):
+        response_ids, response_mask = trim(batch["response_ids"][chunk], batch["response_mask"][chunk], left=False)
+        prompt_ids, prompt_mask = trim(batch["prompt_ids"][chunk], batch["prompt_mask"][chunk], left=True)
+        token_lp, token_entropy = logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_mask,
+                                                       cfg.temperature)
+        mask = response_mask.to(token_lp.dtype)
+        conditional[chunk] = (token_lp * mask).sum(1).cpu().float()
+        pretrain[chunk] = (pretrain_logprobs(model, start_id, response_ids, response_mask) * mask).sum(1).cpu().float()
+        entropy += float((token_entropy * mask).sum())
+    right = rewards.reshape(-1) > 0.5
+
+    def mean_over(values, which):
+        return values[which].mean().item() if which.any() else None
+    return {"entropy": entropy / max(1, int(batch["response_mask"].sum())),
+            "logp_y_given_x_right": mean_over(conditional, right), "logp_y_given_x_wrong": mean_over(conditional, ~right),
+            "logp_y_right": mean_over(pretrain, right), "logp_y_wrong": mean_over(pretrain, ~right)}
+
+
+def step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id):
+    """The diagnostics of one step (see above), and the seconds they took."""
+    start = time.perf_counter()
+    counts = [count_behaviours(text) for text in batch["texts"]]
+    record = {"eos_share": eos_share(batch["response_ids"], eos_token_ids(model, tokenizer)),
+              "transitions": sum(t for t, _ in counts) / len(counts), "reflections": sum(r for _, r in counts) / len(counts)}
+    if cfg.diagnose_every and step % cfg.diagnose_every == 0:
+        record.update(likelihood_diagnostics(model, batch, rewards, start_id, cfg))
+    record["diagnose_s"] = round(time.perf_counter() - start, 3)
+    return record
 
 
 # -----------------------------------------------------------------------------
