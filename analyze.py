@@ -13,6 +13,7 @@ Every command also takes the model and data options of prerl.py that make sense 
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -312,12 +313,15 @@ def study_run(cfg, args, mode, lr, seed, train_path, eval_path, out_dir, n_sampl
               "step_seconds": statistics.mean(m["sample_s"] + m["score_s"] + m["diagnose_s"] + m["train_s"] for m in metrics)}
     if n_samples:
         model, tokenizer = load_for_analysis(cfg.model, os.path.join(out_dir, "checkpoint.pt"), prerl.pick_device(cfg))
-        result["eval"] = evaluate_samples(model, tokenizer, prerl.load_problems(eval_path), run_cfg, n_samples)
+        eval_cfg = dataclasses.replace(run_cfg, temperature=cfg.temperature, top_p=cfg.top_p)  # as the base model's
+        result["eval"] = evaluate_samples(model, tokenizer, prerl.load_problems(eval_path), eval_cfg, n_samples)
         del model
     result["seconds_this_process"] = time.perf_counter() - start
     with open(result_path + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(result_path + ".tmp", result_path)
+    if not n_samples:   # a sweep run is done with once its curve is kept: free its checkpoint (1.6 GB for 135M)
+        os.remove(os.path.join(out_dir, "checkpoint.pt"))
     return json.load(open(result_path))   # read back: a resumed study sees exactly what a fresh one sees
 
 

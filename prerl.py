@@ -21,7 +21,8 @@ flag), Data (problems and reference answers), Model (loading, the pre-train-spac
 Sampling (G responses per prompt: a plain decode loop), Scoring (per-token log-probs in the two spaces,
 log P(y|x) and log P(y)), Advantages (the table of every mode: which responses, which space, which
 weight), Losses (PPO-clip surrogate, token-mean), the RL step and the loop (DSRL's switch is one line in
-stage_for_step), Evaluation and Checkpoints. The method ends with train() at the bottom of this file.
+stage_for_step), Evaluation, Diagnostics (measured on each step's samples, never trained on) and
+Checkpoints. The method ends with train() at the bottom of this file.
 What only makes it faster or smaller lives in machinery.py, reached from here through one call each
 (marked "machinery:") -- a preallocated KV cache and an inverse-CDF draw for sampling, a chunked LM head
 with a hand-written backward for scoring, and glibc's allocator kept from page-faulting on CPU. With

@@ -1060,7 +1060,14 @@ def test_study_resumes_per_mode_and_seed_to_the_same_table(tiny_model_folder, tm
     with pytest.raises(KeyboardInterrupt):
         analyze.main(study_argv(tiny_model_folder, tmp_path / "parts"))
     calls.clear()
+    evaluate_samples, temperatures = analyze.evaluate_samples, []
+
+    def recording_evaluate_samples(model, tokenizer, problems, cfg, n):
+        temperatures.append((cfg.temperature, cfg.top_p))
+        return evaluate_samples(model, tokenizer, problems, cfg, n)
+    monkeypatch.setattr(analyze, "evaluate_samples", recording_evaluate_samples)
     resumed = analyze.main(study_argv(tiny_model_folder, tmp_path / "parts"))
+    assert temperatures == [(0.6, 0.95)] * 2        # pass@k as for the base model, not at the training T 0.7
     assert calls == [1, 0, 1]          # finished runs are read back; nsr-prerl seed 0 goes on from step 1, then seed 1
     assert resumed["table"] == whole["table"]
     without_time = lambda rows: {m: {k: v for k, v in r.items() if k != "step_seconds"} for m, r in rows.items()}
