@@ -760,7 +760,8 @@ def likelihood_diagnostics(model, batch, rewards, start_id, cfg):
     conditional, pretrain, entropy = torch.zeros(rows), torch.zeros(rows), 0.0
     lengths = (batch["prompt_mask"].sum(1) + batch["response_mask"].sum(1)).tolist()
     model.eval()
-    for chunk in micro_batches(range(rows), lengths, micro_batch_budget(cfg, batch["response_ids"].device)):
+    budget = min(512, micro_batch_budget(cfg, batch["response_ids"].device))   # full logits: 512 x vocab x 4 bytes, a few copies
+    for chunk in micro_batches(range(rows), lengths, budget):
         response_ids, response_mask = trim(batch["response_ids"][chunk], batch["response_mask"][chunk], left=False)
         prompt_ids, prompt_mask = trim(batch["prompt_ids"][chunk], batch["prompt_mask"][chunk], left=True)
         token_lp, token_entropy = logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_mask,
