@@ -7,6 +7,9 @@ alignment between P(y) and P(y|x), and a side-by-side comparison of training mod
     python analyze.py eval --model Qwen/Qwen2.5-Math-1.5B --data amc23.jsonl --n 32 --max-new-tokens 2048
     python analyze.py align --problems 8 --samples 4         # <grad log P(y), grad log P(y|x)>
     python analyze.py compare --modes grpo,nsr,nsr-prerl,dsrl --steps 10 --plot compare.png
+    python analyze.py compare --modes grpo,nsr-prerl,dsrl --seeds 3 --lr-sweep 1e-5,2e-5,5e-5   # means, 95% CIs
+    python analyze.py eval --model runs/prerl/model              # the folder a run exports (any tool loads it)
+    python analyze.py plot runs/prerl                            # a run's curves -> runs/prerl/metrics.png
 
 Every command also takes the model and data options of prerl.py that make sense for it (--model,
 --data, --eval-size, --tasks, --difficulty, --max-new-tokens, --seed, ...); --help lists them.
@@ -18,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import time
 
@@ -302,11 +306,7 @@ def study_run(cfg, args, mode, lr, seed, train_path, eval_path, out_dir, n_sampl
     run_cfg = run_cfg_for(cfg, args, mode, lr, seed, train_path, eval_path, out_dir)
     start = time.perf_counter()
     accuracy = prerl.train(run_cfg)
-    metrics = {}
-    for line in open(os.path.join(out_dir, "metrics.jsonl")):   # a resumed run may repeat steps: keep the last
-        record = json.loads(line)
-        metrics[record["step"]] = record
-    metrics = [metrics[step] for step in sorted(metrics)]
+    metrics = prerl.read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     curve = [(0, start_accuracy(cfg, eval_path))] + [(m["step"] + 1, m["eval_accuracy"]) for m in metrics
                                                      if "eval_accuracy" in m] + [(cfg.steps, accuracy["after"])]
     result = {"mode": mode, "lr": lr, "seed": seed, "curve": curve, "metrics": metrics,
@@ -320,8 +320,9 @@ def study_run(cfg, args, mode, lr, seed, train_path, eval_path, out_dir, n_sampl
     with open(result_path + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(result_path + ".tmp", result_path)
-    if not n_samples:   # a sweep run is done with once its curve is kept: free its checkpoint (1.6 GB for 135M)
+    if not n_samples:   # a sweep run is done with once its curve is kept: free its weights (2 GB for 135M)
         os.remove(os.path.join(out_dir, "checkpoint.pt"))
+        shutil.rmtree(os.path.join(out_dir, "model"), ignore_errors=True)
     return json.load(open(result_path))   # read back: a resumed study sees exactly what a fresh one sees
 
 
@@ -502,11 +503,59 @@ def plot_curves(runs, path):
 
 
 # -----------------------------------------------------------------------------
+# One run's curves: python analyze.py plot OUT_DIR
+
+
+PLOT_PANELS = [("reward_mean", "reward (train samples)"), ("eval_accuracy", "held-out accuracy"),
+               ("response_length", "response length (tokens)"), ("grad_norm", "gradient norm (before clipping)")]
+
+
+def command_plot(args, cfg):
+    """Reward, held-out accuracy, response length and gradient norm per step, with DSRL's switch (the
+    step where the stage changes) and skipped non-finite steps marked, from OUT_DIR/metrics.jsonl."""
+    path = os.path.join(args.run_dir, "metrics.jsonl")
+    if not args.run_dir or not os.path.isfile(path):
+        raise SystemExit(f"error: analyze.py plot OUT_DIR: no metrics.jsonl in {args.run_dir!r}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: analyze.py plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    metrics = prerl.read_metrics(path)
+    switches = [m["step"] for prev, m in zip(metrics, metrics[1:]) if m.get("stage") != prev.get("stage")]
+    figure, axes = plt.subplots(len(PLOT_PANELS), 1, figsize=(7, 2.2 * len(PLOT_PANELS)), sharex=True)
+    for ax, (key, label) in zip(axes, PLOT_PANELS):
+        # eval_accuracy is measured after step s's update: drawn at s + 1, like the run's printout
+        points = [(m["step"] + (key == "eval_accuracy"), m[key]) for m in metrics if m.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_accuracy" else None, markersize=3)
+        else:
+            ax.text(0.5, 0.5, "not in this run's metrics", ha="center", va="center", transform=ax.transAxes)
+        for step in switches:
+            ax.axvline(step, color="gray", linestyle="--", linewidth=1)
+        for m in metrics:
+            if m.get("skipped"):
+                ax.axvline(m["step"], color="red", alpha=0.3)
+        ax.set_ylabel(label, fontsize=8)
+    axes[0].set_title(f"{args.run_dir}" + (f" (dashed: stage switch at step {', '.join(map(str, switches))})" if switches else ""),
+                      fontsize=9)
+    axes[-1].set_xlabel("step")
+    figure.tight_layout()
+    out = args.plot or os.path.join(args.run_dir, "metrics.png")
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    print(f"plot: {out} ({len(metrics)} steps)")
+    return out
+
+
+# -----------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["eval", "align", "compare"])
+    parser.add_argument("command", choices=["eval", "align", "compare", "plot"])
+    parser.add_argument("run_dir", nargs="?", default="", help="plot: a run's --out-dir (holds metrics.jsonl)")
     parser.add_argument("--checkpoint", default="", help="weights from one of our checkpoint.pt files")
     parser.add_argument("--base", default="", help="eval: a second model to compare against (e.g. embedded)")
     parser.add_argument("--base-checkpoint", default="", help="eval: weights for --base")
@@ -515,7 +564,7 @@ def parse_args(argv=None):
     parser.add_argument("--problems", type=int, default=8, help="align: problems")
     parser.add_argument("--samples", type=int, default=4, help="align: responses per problem")
     parser.add_argument("--modes", default="grpo,nsr,nsr-prerl,dsrl", help="compare: modes to train")
-    parser.add_argument("--plot", default="", help="compare: PNG of held-out accuracy per step (needs matplotlib)")
+    parser.add_argument("--plot", default="", help="compare, plot: the PNG to write (needs matplotlib)")
     parser.add_argument("--out-dir", default="runs/compare", help="compare: one sub-folder per mode and seed")
     parser.add_argument("--seeds", type=int, default=1, help="compare: runs per mode, seeds --seed, --seed + 1, ...")
     parser.add_argument("--threshold", type=float, default=0.5, help="compare: held-out accuracy for steps-to-threshold")
@@ -544,7 +593,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, cfg = parse_args(argv)
-    return {"eval": command_eval, "align": command_align, "compare": command_compare}[args.command](args, cfg)
+    commands = {"eval": command_eval, "align": command_align, "compare": command_compare, "plot": command_plot}
+    return commands[args.command](args, cfg)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ MODEL_SHAPES = {  # --model-config: named shapes built with random weights (no d
                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "tiny-qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,   # --dry-run
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=10240, tie_word_embeddings=True),
 }
 
 
@@ -74,9 +76,12 @@ def timed(fn, device, repeat=1):
     return statistics.median(times), result
 
 
-def matmul_flops(device, size=2048, repeat=10):
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}   # --gpu-suite --dry-run shrinks the CPU one
+
+
+def matmul_flops(device, size=None, repeat=10):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    size = 8192 if device.type == "cuda" else size
+    size = size or MATMUL_SIZE[device.type]
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     seconds, _ = timed(lambda: [a @ b for _ in range(repeat)], device, repeat=3)
     return 2 * size ** 3 * repeat / seconds
@@ -346,6 +351,250 @@ def bench_verify(rows, n=2000):
                  f"{1000 * seconds / n:.3f} ms per call"))
 
 
+# -----------------------------------------------------------------------------
+# --gpu-suite: every GPU figure the project needs, in one call of a few minutes on a lent GPU (issue 11).
+# It carries everything it needs: random weights of a named shape built on the device and a tokenizer
+# built in code (nothing downloaded, nothing read from a cache folder). --dry-run runs the same code on
+# the CPU with a tiny shape and tiny sizes, so the script itself is tested here (test_prerl.py).
+
+SUITE = {
+    "gpu": dict(shape="qwen2.5-1.5b", prompts=4, group=8, new_tokens=256, wide_prompts=32,
+                rl_prompts=8, rl_group=8, rl_tokens=1024, rl_steps=3, train_tokens=256, repeat=3),
+    "dry": dict(shape="tiny-qwen2", prompts=2, group=2, new_tokens=8, wide_prompts=4,
+                rl_prompts=2, rl_group=2, rl_tokens=8, rl_steps=2, train_tokens=8, repeat=1),
+}
+
+
+def synthetic_tokenizer(vocab_size):
+    """A character-level tokenizer over the whole vocabulary: printable ASCII, then fillers <t1234>. Built
+    in code, so the suite needs no tokenizer folder; random weights make any tokenizer as good as another."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({chr(c): len(vocab) + i for i, c in enumerate([10] + list(range(32, 127)))})
+    vocab.update({f"<t{i}>": i for i in range(len(vocab), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def copy_bandwidth(device, gigabytes=2.0, repeat=10):
+    """Bytes read + written per second by a large device-to-device copy: the practical memory ceiling."""
+    n = int(gigabytes * 2**30 / 4) if device.type == "cuda" else 2**22
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    seconds, _ = timed(lambda: [b.copy_(a) for _ in range(repeat)], device, repeat=3)
+    return 2 * a.numel() * a.element_size() * repeat / seconds
+
+
+def rollout(model, encoded, group, new_tokens, cfg, eos, pad_id, how, keys=None):
+    """One rollout of `how`: 'static' (machinery's static cache, a CUDA graph on CUDA), 'loop' (prerl.generate's
+    loop), 'plain' (prerl.py alone) or 'hf' (transformers' model.generate, same settings)."""
+    device = encoded["input_ids"].device
+    if how == "hf":
+        with torch.no_grad(), prerl.autocast(device):
+            out = model.generate(**encoded, do_sample=cfg.temperature > 0, temperature=cfg.temperature or None,
+                                 top_p=cfg.top_p, top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 num_return_sequences=group, pad_token_id=pad_id, eos_token_id=eos)
+        return out[:, encoded["input_ids"].shape[1]:]
+    keys = range(len(encoded["input_ids"])) if keys is None else keys
+    uniforms = prerl.sampling_uniforms(keys, group, new_tokens).to(device) if cfg.temperature > 0 else None
+    saved = machinery.STATIC_DECODE, prerl.PLAIN
+    machinery.STATIC_DECODE, prerl.PLAIN = ("on" if how == "static" else "off"), how == "plain"
+    try:
+        return prerl.generate(model, encoded["input_ids"], encoded["attention_mask"], group, new_tokens, cfg.temperature,
+                              cfg.top_p, eos, pad_id, uniforms)
+    finally:
+        machinery.STATIC_DECODE, prerl.PLAIN = saved
+
+
+def suite_agreement(model, tokenizer, problems, s, device, rows):
+    """Before timing anything: the static path against the loop and the plain path, greedy and sampled,
+    and the captured graph against the same static step run eagerly (that one must be identical)."""
+    encoded = prerl.encode_prompts(tokenizer, problems[:2], device)
+    eos = prerl.eos_token_ids(model, tokenizer)
+    n = min(s["new_tokens"], 64)
+    for temperature in (0.0, 1.0):
+        cfg = prerl.Config(temperature=temperature)
+        out = {how: rollout(model, encoded, 4, n, cfg, eos, tokenizer.pad_token_id, how) for how in ("static", "loop", "plain")}
+        for other in ("loop", "plain"):
+            same = out["static"].shape == out[other].shape and bool((out["static"] == out[other]).all())
+            agree = float((out["static"][:, :out[other].shape[1]] == out[other][:, :out["static"].shape[1]]).float().mean())
+            rows.append((f"agreement, static vs {other}, T={temperature} (8 rows x {n} tokens)",
+                         "identical" if same else f"{100 * agree:.1f}% tokens", "fp32 on CPU: identical (tests); under bf16 "
+                         "autocast another batch shape may round a near-tie the other way and the row then diverges"))
+    if device.type == "cuda":  # graph replay vs the same step eagerly: the same kernels on the same buffers
+        uniforms = prerl.sampling_uniforms(range(2), 4, n).to(device)
+        outs = [machinery.static_generate(model, encoded["input_ids"], encoded["attention_mask"], 4, n, 1.0, 1.0, eos,
+                                          tokenizer.pad_token_id, uniforms, prerl.pick_next_token, prerl.autocast(device),
+                                          prerl.cache_keyword(model), capture=capture) for capture in (False, True)]
+        same = outs[0].shape == outs[1].shape and bool((outs[0] == outs[1]).all())
+        rows.append(("agreement, CUDA graph vs the same static step eagerly", "identical" if same else "DIFFERENT",
+                     "must be identical"))
+
+
+def suite_decode(model, tokenizer, problems, s, device, bandwidth, rows):
+    """ms per decode step at 32 rows for the static path, prerl's loop and model.generate; then 256 rows
+    of the static path against the bandwidth floor."""
+    cfg = prerl.Config(temperature=1.0)     # sampling; random weights rarely pick EOS, so every row runs to the end
+    eos = prerl.eos_token_ids(model, tokenizer)
+    n, group = s["new_tokens"], s["group"]
+    encoded = prerl.encode_prompts(tokenizer, problems[:s["prompts"]], device)
+    rows_n = len(encoded["input_ids"]) * group
+
+    def seconds(how, tokens):
+        return timed(lambda: rollout(model, encoded, group, tokens, cfg, eos, tokenizer.pad_token_id, how), device)
+
+    captures_before, capture_s_before = machinery.DECODE_STATS["captures"], machinery.DECODE_STATS["capture_s"]
+    first, _ = seconds("static", n)                    # builds the buffers and captures the graph
+    warm = [seconds(how, k)[0] for how in ("loop", "hf") for k in (1, n)]  # noqa: F841  (warm-up of the others)
+    per_step, totals, produced = {}, {}, {}
+    for how in ("static", "loop", "hf"):
+        per_step[how], totals[how] = [], []
+    for _ in range(s["repeat"]):                        # interleaved, so a slow spell hits every path alike
+        for how in ("static", "loop", "hf"):
+            one, _ = seconds(how, 1)                    # prefill and the first pick
+            full, out = seconds(how, n)
+            produced[how] = out.shape[1]
+            per_step[how].append((full - one) / max(out.shape[1] - 1, 1))
+            totals[how].append(full)
+    ms = {how: 1000 * statistics.median(v) for how, v in per_step.items()}
+    what = f"decode {rows_n} rows x {n} new tokens"
+    for how, label in (("static", "static cache + CUDA graph" if device.type == "cuda" else "static cache (eager: CPU)"),
+                       ("loop", "prerl loop (today)"), ("hf", "model.generate")):
+        rows.append((f"{what}: {label}", f"{ms[how]:.2f} ms/step",
+                     f"median of {s['repeat']}: " + ", ".join(f"{1000 * x:.2f}" for x in per_step[how])
+                     + f"; whole rollout {statistics.median(totals[how]):.2f} s, {produced[how]} tokens per row"
+                     + ("; target <= 4 ms" if how == "static" else "")))
+    rows.append((f"{what}: loop / static", f"{ms['loop'] / ms['static']:.1f}x", "target >= 7x"))
+    rows.append((f"{what}: model.generate / static", f"{ms['hf'] / ms['static']:.1f}x", "target >= 3x"))
+    steady = statistics.median(totals["static"])
+    rows.append((f"{what}: warm-up of the static path", f"{first - steady:.2f} s",
+                 f"first rollout {first:.2f} s vs steady {steady:.2f} s; graph capture "
+                 f"{machinery.DECODE_STATS['capture_s'] - capture_s_before:.2f} s, "
+                 f"{machinery.DECODE_STATS['captures'] - captures_before} capture(s) for {1 + 2 * s['repeat']} rollouts"))
+
+    # 256 rows: the static path against the floor of streaming the weights and the KV cache once per step
+    wide = prerl.encode_prompts(tokenizer, problems[:s["wide_prompts"]], device)
+    wide_rows, prompt_length = len(wide["input_ids"]) * group, wide["input_ids"].shape[1]
+    go = lambda tokens: rollout(model, wide, group, tokens, cfg, eos, tokenizer.pad_token_id, "static")  # noqa: E731
+    go(n)                                               # this shape's capture
+    one, _ = timed(lambda: go(1), device)
+    full, out = timed(lambda: go(n), device)
+    step_s = (full - one) / max(out.shape[1] - 1, 1)
+    config = model.config
+    kv_per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2
+    room = -(-(prompt_length + n) // machinery.ROOM_MULTIPLE) * machinery.ROOM_MULTIPLE
+    weight_bytes = 2 * matmul_parameters(model)         # bf16 copies of the matmul weights
+    static_bytes = weight_bytes + wide_rows * room * kv_per_slot            # what the static step reads
+    ideal_bytes = weight_bytes + wide_rows * (prompt_length + n / 2) * kv_per_slot   # the average filled cache
+    floor_s = ideal_bytes / bandwidth
+    rows.append((f"decode {wide_rows} rows x {n} new tokens: static path", f"{wide_rows / step_s:,.0f} tok/s",
+                 f"{1000 * step_s:.2f} ms/step; floor {1000 * floor_s:.2f} ms/step ({ideal_bytes / 1e9:.2f} GB: bf16 weights "
+                 f"+ the average filled KV cache, at the measured copy rate) = {100 * floor_s / step_s:.0f}% of the floor; "
+                 f"the step reads the whole room: {static_bytes / 1e9:.2f} GB"))
+
+
+def suite_rl_step(model, tokenizer, s, device, rows):
+    """The RL step on that shape, split into sample / score (verify) / train seconds. Random weights never
+    answer right, so every group would be all-wrong and carry no gradient (prerl then skips the backward):
+    the rewards are verified for real, then forced to alternate 1, 0 so that every group is mixed."""
+    cfg = prerl.Config(mode="grpo", prompts_per_step=s["rl_prompts"], group_size=s["rl_group"],
+                       max_new_tokens=s["rl_tokens"])
+    problems = prerl.make_problems(cfg.prompts_per_step * s["rl_steps"], cfg.tasks, cfg.difficulty, seed=1, held_out=False)
+    start_id, _ = prerl.start_token_id(tokenizer)
+    optimizer = prerl.make_optimizer(model, cfg)
+    real_rewards = verify.rewards
+    verify.rewards = lambda texts, golds: [float(i % 2) for i, _ in enumerate(real_rewards(texts, golds))]
+    records = []
+    try:
+        for step in range(s["rl_steps"]):
+            batch = problems[step * cfg.prompts_per_step:(step + 1) * cfg.prompts_per_step]
+            sync(device)
+            start = time.perf_counter()
+            record = prerl.rl_step(model, tokenizer, optimizer, batch, step, cfg, start_id)
+            sync(device)
+            record["total_s"] = time.perf_counter() - start
+            records.append(record)
+    finally:
+        verify.rewards = real_rewards
+    what = f"RL step grpo ({cfg.prompts_per_step}x{cfg.group_size}, {cfg.max_new_tokens} new tokens)"
+    for i, r in enumerate(records):
+        rows.append((f"{what}, step {i + 1}", f"{r['total_s']:.2f} s", f"sample {r['sample_s']} s, score {r['score_s']} s, "
+                     f"train {r['train_s']} s; {r['response_length']:.0f} tokens per response, {r['kept_tokens']} trained tokens"
+                     + ("; includes this shape's capture" if i == 0 else "")))
+    del optimizer
+
+
+def suite_memory(shape, device, rows):
+    """Peak GPU memory of training steps of the shape, in a fresh process; against a 24 GB card."""
+    before = len(rows)
+    bench_memory(shape, 0, False, device, rows)
+    if len(rows) > before and rows[-1][1] != "failed":
+        used = float(rows[-1][1].split()[0])
+        rows.append(("fits a 24 GB card (training, fp32 master weights + AdamW)", "yes" if used * 2**30 < 24e9 else "no",
+                     f"{used:.2f} GiB peak; --precision (issue 15) is what brings it under"))
+
+
+def gpu_suite(args):
+    dry = args.dry_run
+    s = SUITE["dry" if dry else "gpu"]
+    device = torch.device("cpu") if dry else torch.device("cuda")
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("error: --gpu-suite needs a CUDA GPU (--dry-run runs it on the CPU with a tiny shape)")
+    if dry:
+        MATMUL_SIZE["cpu"] = 256
+    start = time.perf_counter()
+    rows = []
+    import transformers
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run: tiny shape, tiny sizes)"
+    rows.append(("machine", name, f"torch {torch.__version__}, transformers {transformers.__version__}"))
+    peak, bandwidth = matmul_flops(device), copy_bandwidth(device)
+    rows.append((f"matmul peak ({'bf16' if device.type == 'cuda' else 'fp32'})", f"{peak / 1e12:,.1f} TFLOP/s", "this run"))
+    rows.append(("device memory copy rate", f"{bandwidth / 1e12:,.2f} TB/s", "bytes read + written by a 2 GiB copy"))
+    torch.manual_seed(0)
+    with torch.device(device):                      # built on the device: no minute of CPU initialisation
+        model = model_from_shape(s["shape"])
+    tokenizer = synthetic_tokenizer(model.config.vocab_size)
+    rows.append(("model", f"{s['shape']} (random)", f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+                 "fp32 weights, bf16 autocast on CUDA (as prerl.load_model); character-level tokenizer built in code"))
+    problems = prerl.make_problems(max(s["wide_prompts"], s["prompts"]), "add,mul", 1, seed=0, held_out=False)
+    model.eval()
+    sections = [("agreement", lambda: suite_agreement(model, tokenizer, problems, s, device, rows)),
+                ("decode", lambda: suite_decode(model, tokenizer, problems, s, device, bandwidth, rows)),
+                ("rl-step", lambda: suite_rl_step(model, tokenizer, s, device, rows)),
+                ("training", lambda: bench_training(model, tokenizer, prerl.Config(group_size=s["rl_group"]),
+                                                    problems[:s["rl_prompts"]], peak, rows, s["train_tokens"], s["repeat"])),
+                ("memory", lambda: suite_memory(s["shape"], device, rows))]
+    for section, run in sections:
+        t0 = time.perf_counter()
+        try:
+            run()
+        except Exception as e:   # one broken section must not cost the others' figures on a lent GPU
+            rows.append((f"section {section}", "FAILED", f"{type(e).__name__}: {e}"[:300]))
+        print(f"[gpu-suite] {section}: {time.perf_counter() - t0:.1f} s", flush=True)
+    stats = machinery.DECODE_STATS
+    rows.append(("static decode: graph captures / reuses / rebuilds / failures",
+                 f"{stats['captures']} / {stats['graph_reuses']} / {stats['rebuilds_after_weight_change']} / {stats['capture_failures']}",
+                 f"{stats['capture_s']:.2f} s capturing in all, {stats['replays']} replays, {stats['eager_steps']} eager steps; "
+                 "one capture per rollout shape, none per step"))
+    rows.append(("gpu suite wall time", f"{time.perf_counter() - start:.0f} s", "target < 8 min"))
+    text = table(rows)
+    print(text)
+    if args.suite_out:
+        with open(args.suite_out, "w") as f:
+            f.write(f"python bench.py --gpu-suite{' --dry-run' if dry else ''}\n{text}\n")
+    return rows
+
+
+def table(rows):
+    width = max(len(r[0]) for r in rows)
+    lines = [f"\n{'what':<{width}} | {'figure':>16} | notes", f"{'-' * width}-|-{'-' * 16}-|------"]
+    return "\n".join(lines + [f"{what:<{width}} | {figure:>16} | {notes}" for what, figure, notes in rows])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=prerl.EMBEDDED_MODEL)
@@ -358,7 +607,12 @@ def main():
     parser.add_argument("--micro-batch-tokens", type=int, default=prerl.Config.micro_batch_tokens)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="as in prerl.py, for training and memory")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--gpu-suite", action="store_true", help="every GPU figure the project needs, in one call (< 8 min)")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu-suite: the same code on the CPU, tiny shape")
+    parser.add_argument("--suite-out", help="with --gpu-suite: also write the table to this file")
     args = parser.parse_args()
+    if args.gpu_suite:
+        return gpu_suite(args)
     if args.memory_probe:
         return memory_probe(args.memory_probe, args.micro_batch_tokens, args.gradient_checkpointing, args.device)
     sections = set(args.only.split(","))
@@ -405,11 +659,7 @@ def main():
         bench_memory(args.model_config or "smollm2-135m", args.micro_batch_tokens, args.gradient_checkpointing, device, rows)
     if "verify" in sections:
         bench_verify(rows)
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'what':<{width}} | {'figure':>16} | notes")
-    print(f"{'-' * width}-|-{'-' * 16}-|------")
-    for what, figure, notes in rows:
-        print(f"{what:<{width}} | {figure:>16} | {notes}")
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 bench_verify.py -- accuracy and latency of verify.py on the development data in ../shared/data,
 side by side with Hugging Face's math-verify when it is installed (`pip install math-verify`).
 
-    python bench_verify.py                  # needs ../shared/data (not shipped with the repo)
+    python bench_verify.py                  # uses ../shared/data when it is there
     python bench_verify.py --data DIR       # or a folder with the same files
 
-For each verifier: accuracy on verify_dev_cases.jsonl (misses listed), the rate at which
+First, per category of issue 14, the accuracy of reward(completion, reference) on the hand-written
+cases of what real models write (REAL_CASES in test_prerl.py), with per-call latency and the number
+of calls that raised. Then, with the data folder: accuracy on verify_dev_cases.jsonl (misses listed), the rate at which
 reward("... \\boxed{a}", a) is 1.0 over the MATH answers, the rate at which two different MATH answers
 are judged equal (each listed, for review), per-call latency median / p99 / max; and for verify.py
 the batch throughput of rewards().
@@ -65,25 +67,69 @@ def measure(name, is_equiv, reward, cases, answers, pairs):
     return out
 
 
+def real_cases_table(verifiers):
+    """Per-category accuracy of reward() on REAL_CASES, misses listed, latency and raised calls."""
+    from test_prerl import REAL_CASES
+    rows, misses = {}, {}
+    for name, _, reward in verifiers:
+        latencies, raised = [], 0
+        for category, cases in REAL_CASES.items():
+            correct = 0
+            for completion, gold, expected in cases:
+                start = time.perf_counter()
+                try:
+                    got = reward(completion, gold) == 1.0
+                except Exception:
+                    got, raised = None, raised + 1
+                latencies.append(time.perf_counter() - start)
+                correct += got == expected
+                if got != expected:
+                    misses.setdefault(name, []).append((category, completion, gold, expected))
+            rows.setdefault(category, {})[name] = (correct, len(cases))
+        latencies.sort()
+        rows.setdefault("(speed)", {})[name] = (1000 * statistics.median(latencies),
+                                                1000 * latencies[int(0.99 * (len(latencies) - 1))], raised)
+    names = [name for name, _, _ in verifiers]
+    print("| category | cases | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    total = {name: 0 for name in names}
+    for category, by_name in rows.items():
+        if category == "(speed)":
+            continue
+        n = next(iter(by_name.values()))[1]
+        print(f"| {category} | {n} | " + " | ".join(f"{100 * by_name[x][0] / n:.1f}%" for x in names) + " |")
+        for x in names:
+            total[x] += by_name[x][0]
+    n = sum(len(cases) for cases in REAL_CASES.values())
+    print(f"| all | {n} | " + " | ".join(f"{100 * total[x] / n:.1f}%" for x in names) + " |")
+    print("| median / p99 ms, raised | | " + " | ".join(
+        f"{rows['(speed)'][x][0]:.3f} / {rows['(speed)'][x][1]:.2f}, {rows['(speed)'][x][2]}" for x in names) + " |")
+    for name in names:
+        print(f"\n{name}: misses on the real-model cases")
+        for category, completion, gold, expected in misses.get(name, []):
+            print(f"  [{category}] gold={gold!r} expected={expected} completion={completion[:100]!r}")
+    print()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data"))
     parser.add_argument("--pairs", type=int, default=5000, help="random pairs of different answers")
     args = parser.parse_args()
-    if not os.path.isdir(args.data):
-        sys.exit(f"bench_verify.py: no data folder at {args.data} (pass --data DIR)")
-    cases = load_jsonl(os.path.join(args.data, "verify_dev_cases.jsonl"))
-    answers = [row["answer"] for row in load_jsonl(os.path.join(args.data, "math_train.jsonl"))]
-    rng, distinct = random.Random(0), sorted(set(answers))
-    pairs = [tuple(rng.sample(distinct, 2)) for _ in range(args.pairs)]
     verify.warmup()
-
     verifiers = [("verify.py", verify.is_equiv, verify.reward)]
     peer = math_verify_peer()
     if peer:
         verifiers.append(("math-verify", *peer))
     else:
         print("math-verify is not installed (pip install math-verify): only verify.py is measured\n")
+    real_cases_table(verifiers)
+    if not os.path.isdir(args.data):
+        sys.exit(f"bench_verify.py: no data folder at {args.data} (pass --data DIR) for the rest")
+    cases = load_jsonl(os.path.join(args.data, "verify_dev_cases.jsonl"))
+    answers = [row["answer"] for row in load_jsonl(os.path.join(args.data, "math_train.jsonl"))]
+    rng, distinct = random.Random(0), sorted(set(answers))
+    pairs = [tuple(rng.sample(distinct, 2)) for _ in range(args.pairs)]
     results = [measure(name, eq, rw, cases, answers, pairs) for name, eq, rw in verifiers]
 
     print(f"| verifier | dev cases correct ({len(cases)}) | MATH self-match ({len(answers)}) | "

@@ -26,19 +26,32 @@ Checkpoints. The method ends with train() at the bottom of this file.
 What only makes it faster or smaller lives in machinery.py, reached from here through one call each
 (marked "machinery:") -- a preallocated KV cache and an inverse-CDF draw for sampling, a chunked LM head
 with a hand-written backward for scoring, and glibc's allocator kept from page-faulting on CPU. With
---plain (or PRERL_PLAIN=1) none of it runs, and the tests check that both paths agree.
+--plain (or PRERL_PLAIN=1) none of it runs, and the tests check that both paths agree. After train(),
+"Run safety" holds what keeps a run from surprising its user: every flag checked before anything loads,
+one run per out-dir, Ctrl-C with a checkpoint, a crash-safe log, NaN steps skipped, a loadable model/.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import random
 import re
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import threading
 import time
+import types
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -108,6 +121,7 @@ class Config:
     out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
+    report_to: str = opt("none", "also send the metrics to: none | tensorboard | wandb (offline) | trackio")
     seed: int = opt(0, "seed for data order, sampling and the built-in problems")
     # machinery (machinery.py): speed and memory only, never the result
     plain: bool = opt(False, "run the method exactly as written in prerl.py, without machinery.py (slower)")
@@ -123,13 +137,7 @@ def parse_config(argv=None):
         else:
             parser.add_argument(flag, type=type(field.default), default=field.default, help=help)
     cfg = Config(**vars(parser.parse_args(argv)))
-    if cfg.mode not in MODES:
-        parser.error(f"--mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
-    if cfg.micro_batch_tokens < 0:
-        parser.error(f"--micro-batch-tokens {cfg.micro_batch_tokens}: use a positive budget, or 0 for the device's default")
-    unknown = set(cfg.tasks.split(",")) - set(TASK_FAMILIES)
-    if unknown:
-        parser.error(f"--tasks: unknown families {sorted(unknown)}; choose from {', '.join(TASK_FAMILIES)}")
+    refuse_bad_run(cfg)  # run safety: every flag's range, the out-dir, --resume's checkpoint; exit 2
     return cfg
 
 
@@ -408,6 +416,9 @@ def generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, tempera
     if temperature > 0 and uniforms is None:
         raise ValueError("generate: sampling at a temperature needs its uniforms (see sampling_uniforms)")
     device = prompt_ids.device
+    if not PLAIN and machinery.static_decode_fits(model, device):  # machinery: static KV cache, one CUDA graph per token
+        return machinery.static_generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_p,
+                                         eos_ids, pad_id, uniforms, pick_next_token, autocast(device), cache_keyword(model))
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     cache_name = cache_keyword(model)
     eos = torch.tensor(eos_ids, device=device)
@@ -663,22 +674,28 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
     diagnostics = step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id)  # measured, never trained on
     t2 = time.perf_counter()
     loss, kept_tokens = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model)
-    grad_norm = optimizer_step(model, optimizer, cfg)
+    grad_norm = optimizer_step(model, optimizer, cfg, loss)
     t3 = time.perf_counter()
-    return {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
-            "accuracy": (rewards > 0.5).float().mean().item(),
-            "mixed_groups": int(((rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)).sum()),
-            "response_length": batch["response_mask"].sum(1).float().mean().item(),
-            "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
-            "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
-            "train_s": round(t3 - t2, 3), **diagnostics}
+    record = {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
+              "accuracy": (rewards > 0.5).float().mean().item(),
+              "mixed_groups": int(((rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)).sum()),
+              "response_length": batch["response_mask"].sum(1).float().mean().item(),
+              "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
+              "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
+              "train_s": round(t3 - t2, 3), **diagnostics}
+    if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
+        record["skipped"] = nonfinite_reason(loss, grad_norm)
+    return record
 
 
-def optimizer_step(model, optimizer, cfg):
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
+def optimizer_step(model, optimizer, cfg, loss=0.0):
+    """Clip the gradient norm, one AdamW update. Not when the loss or the norm is NaN/inf (run safety):
+    that update would poison every weight, so the gradients are dropped and the weights stay."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    if not nonfinite_reason(loss, grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return grad_norm
 
 
 def make_optimizer(model, cfg):
@@ -693,14 +710,17 @@ def make_optimizer(model, cfg):
 
 
 def evaluate(model, tokenizer, problems, cfg, batch_size=32):
-    """Held-out accuracy: one response per problem (greedy by default), scored by verify.rewards."""
+    """Held-out accuracy: one response per problem (greedy by default), scored by verify.rewards.
+    None with no problems (--eval-size 0): nothing was measured."""
+    if not problems:
+        return None
     correct = 0.0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
         keys = [f"{cfg.seed}-eval-{i + j}" for j in range(len(chunk))]
         out = sample(model, tokenizer, chunk, cfg, 1, keys, temperature=cfg.eval_temperature)
         correct += sum(verify.rewards(out["texts"], [p["answer"] for p in chunk]))
-    return correct / max(1, len(problems))
+    return correct / len(problems)
 
 
 # -----------------------------------------------------------------------------
@@ -830,6 +850,7 @@ def load_checkpoint(path, model, optimizer=None):
 def train(cfg):
     global PLAIN
     PLAIN = PLAIN or cfg.plain                    # --plain: the reading path only, for this whole process
+    refuse_bad_run(cfg)                           # run safety: flags, out-dir, --resume's checkpoint; exit 2
     device = pick_device(cfg)
     if not PLAIN:
         machinery.reuse_freed_memory(device)      # machinery: CPU malloc keeps freed blocks, no page faults
@@ -852,41 +873,424 @@ def train(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     checkpoint_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    first_step = load_checkpoint(checkpoint_path, model, optimizer) if cfg.resume and os.path.exists(checkpoint_path) else 0
-    if cfg.resume and first_step == 0:
-        print(f"no checkpoint at {checkpoint_path}; starting from step 0")
-    verify.warmup()
-    print(f"model {cfg.model} on {device} | mode {cfg.mode} (switch at step {cfg.switch_step}) | "
-          f"pre-train-space start token: {start_desc} | {len(train_set)} train / {len(eval_set)} eval problems")
+    # run safety: one live run per out-dir, Ctrl-C stops with a checkpoint, metrics also to --report-to
+    with claim_out_dir(cfg.out_dir), stop_signals() as stop, open_reporter(cfg) as report:
+        first_step = load_checkpoint(checkpoint_path, model, optimizer) if cfg.resume and os.path.exists(checkpoint_path) else 0
+        if cfg.resume and first_step == 0:
+            print(f"no checkpoint at {checkpoint_path}; starting from step 0")
+        verify.warmup()
+        print(f"model {cfg.model} on {device} | mode {cfg.mode} (switch at step {cfg.switch_step}) | "
+              f"pre-train-space start token: {start_desc} | {len(train_set)} train / {len(eval_set)} eval problems")
 
-    accuracy_before = evaluate(model, tokenizer, eval_set, cfg)
-    print(f"held-out accuracy at step {first_step}: {accuracy_before:.3f}")
-    log = open(metrics_path, "a" if first_step else "w")
-    progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl")
-    for step in progress:
-        record = rl_step(model, tokenizer, optimizer, batch_for_step(train_set, step, cfg), step, cfg, start_id, ref_model)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            record["eval_accuracy"] = evaluate(model, tokenizer, eval_set, cfg)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        progress.set_postfix(stage=record["stage"], reward=f"{record['reward_mean']:.2f}",
-                             acc=f"{record['accuracy']:.2f}", len=f"{record['response_length']:.0f}")
-        if "eval_accuracy" in record:
-            tqdm.write(f"step {step + 1}: held-out accuracy {record['eval_accuracy']:.3f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, step + 1, cfg)
-    log.close()
-    save_checkpoint(checkpoint_path, model, optimizer, cfg.steps, cfg)
-    accuracy_after = evaluate(model, tokenizer, eval_set, cfg)
-    print(f"held-out accuracy: before {accuracy_before:.3f} -> after {accuracy_after:.3f} "
+        accuracy_before = evaluate(model, tokenizer, eval_set, cfg)
+        print(f"held-out accuracy at step {first_step}: {accuracy_text(accuracy_before)}")
+        report({"step": first_step, "eval_accuracy": accuracy_before})
+        log = open_metrics(metrics_path, first_step)  # run safety: on --resume, cut back to the checkpoint's step
+        nonfinite_in_a_row = 0
+        progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl")
+        for step in progress:
+            if stop.signal:                           # run safety: Ctrl-C or SIGTERM -- checkpoint, then exit
+                save_run(checkpoint_path, model, tokenizer, optimizer, step, cfg)
+                progress.close()
+                exit_after_signal(stop, cfg, step)
+            record = rl_step(model, tokenizer, optimizer, batch_for_step(train_set, step, cfg), step, cfg, start_id, ref_model)
+            if cfg.eval_every and eval_set and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                record["eval_accuracy"] = evaluate(model, tokenizer, eval_set, cfg)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            report(record)
+            nonfinite_in_a_row = count_nonfinite_steps(record, nonfinite_in_a_row, cfg)  # run safety: stop at 3
+            progress.set_postfix(stage=record["stage"], reward=f"{record['reward_mean']:.2f}",
+                                 acc=f"{record['accuracy']:.2f}", len=f"{record['response_length']:.0f}")
+            if "eval_accuracy" in record:
+                tqdm.write(f"step {step + 1}: held-out accuracy {record['eval_accuracy']:.3f}")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                save_run(checkpoint_path, model, tokenizer, optimizer, step + 1, cfg)
+        log.close()
+        save_run(checkpoint_path, model, tokenizer, optimizer, cfg.steps, cfg)
+        if stop.signal:
+            exit_after_signal(stop, cfg, cfg.steps)
+        accuracy_after = evaluate(model, tokenizer, eval_set, cfg)
+        report({"step": cfg.steps, "eval_accuracy": accuracy_after})
+    print(f"held-out accuracy: before {accuracy_text(accuracy_before)} -> after {accuracy_text(accuracy_after)} "
           f"({len(eval_set)} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
-    print(f"metrics: {metrics_path}   checkpoint: {checkpoint_path}")
+    print(f"metrics: {metrics_path}   checkpoint: {checkpoint_path}   model: {os.path.join(cfg.out_dir, 'model')}")
     return {"before": accuracy_before, "after": accuracy_after}
 
 
 # -----------------------------------------------------------------------------
 # Run safety, after the method: flag validation, one run per out-dir, Ctrl-C, crash-safe logs, export (issue 16)
+# Nothing here changes what a run computes; it makes a run refuse bad input before it starts, survive a
+# crash or a Ctrl-C with its log and checkpoint consistent, and leave a model folder any tool can load.
+
+# --- Flags: one rule per line, checked before anything is loaded or written. A broken rule prints
+# "error: --flag value: why, and what to use" and exits with code 2 (argparse's usage-error code).
+# A rule is (flag, is the value wrong?, why and what to use); `why` may name other fields as {c.field}.
+# Written as "not (what is right)" so that NaN, which fails every comparison, is refused too.
+
+GROUP_MODES = ("dsrl", "grpo", "prerl", "psr-prerl", "nsr-prerl")  # advantages from the group's mean (and std)
+REPORTERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # -> package
+
+FLAG_RULES = [
+    ("model",              lambda c: c.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(c.model)), "no such folder; pass a hub id, a model folder, or 'embedded'"),
+    ("device",             lambda c: not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device), "use auto, cpu or cuda (or cuda:N)"),
+    ("device",             lambda c: c.device.startswith("cuda") and not torch.cuda.is_available(), "this machine has no usable CUDA GPU; use --device cpu (or auto)"),
+    ("data",               lambda c: not (c.data == "" or os.path.isfile(c.data)), "no such file; pass a JSONL file, or leave it out for the built-in problems"),
+    ("eval-data",          lambda c: not (c.eval_data == "" or os.path.isfile(c.eval_data)), "no such file; pass a JSONL file, or leave it out for the built-in held-out set"),
+    ("tasks",              lambda c: not set(c.tasks.split(",")) <= set(TASK_FAMILIES), "built-in families are " + ",".join(TASK_FAMILIES)),
+    ("difficulty",         lambda c: not c.difficulty >= 1,               "digits per operand: use 1 or more"),
+    ("eval-size",          lambda c: not c.eval_size >= 0,                "use a number of problems, or 0 for no held-out evaluation"),
+    ("mode",               lambda c: c.mode not in MODES,                 "choose one of " + ", ".join(MODES)),
+    ("switch-step",        lambda c: not c.switch_step >= 0,              "DSRL's switch is a step number: use 0 (GRPO throughout) or more, e.g. 10"),
+    ("prerl-coef",         lambda c: not c.prerl_coef >= 0,               "a negative coefficient turns the loss around; use 0.01 (reference code)"),
+    ("w-reinforce-lambda", lambda c: not c.w_reinforce_lambda >= 0,       "the weight of right answers is >= 0; use 0.1 (NSR paper)"),
+    ("clip-eps-low",       lambda c: not 0 <= c.clip_eps_low < 1,         "the ratio is clipped at 1 - eps > 0: use 0 <= eps < 1, e.g. 0.2"),
+    ("clip-eps-high",      lambda c: not c.clip_eps_high >= 0,            "the ratio is clipped at 1 + eps: use eps >= 0, e.g. 0.28"),
+    ("kl-coef",            lambda c: not c.kl_coef >= 0,                  "a KL penalty is >= 0; use 0 for none"),
+    ("prompts-per-step",   lambda c: not c.prompts_per_step >= 1,         "use 1 or more, e.g. 8"),
+    ("group-size",         lambda c: not c.group_size >= 1,               "use 2 or more, e.g. 4"),
+    ("group-size",         lambda c: c.group_size == 1 and c.mode in GROUP_MODES, "--mode {c.mode} compares each response with its group's mean, which needs 2 or more (e.g. 4); psr, nsr and w-reinforce work with 1"),
+    ("max-new-tokens",     lambda c: not c.max_new_tokens >= 1,           "a response needs at least one token; use e.g. 48"),
+    ("temperature",        lambda c: not c.temperature > 0,               "training samples G different responses per prompt: use > 0, e.g. 0.7 (--eval-temperature 0 is greedy)"),
+    ("top-p",              lambda c: not 0 < c.top_p <= 1,                "the nucleus is a share of probability: use 0 < p <= 1 (1.0 = off)"),
+    ("steps",              lambda c: not c.steps >= 0,                    "use 0 (evaluate only) or more"),
+    ("lr",                 lambda c: not c.lr > 0,                        "AdamW needs a positive learning rate, e.g. 2e-5"),
+    ("weight-decay",       lambda c: not c.weight_decay >= 0,             "use 0 or more, e.g. 0.01"),
+    ("grad-clip",          lambda c: not c.grad_clip > 0,                 "the largest gradient norm kept: use > 0, e.g. 1.0"),
+    ("micro-batch-tokens", lambda c: not c.micro_batch_tokens >= 0,       "use 0 (the device's default) or a positive budget"),
+    # Checkable up front: a pre-train-space row is the start token + up to max-new-tokens. A conditional
+    # row adds its prompt, known only after tokenizing; a row over the budget then runs alone.
+    ("micro-batch-tokens", lambda c: 0 < c.micro_batch_tokens < c.max_new_tokens + 1, "a row is the start token (or prompt) + up to --max-new-tokens {c.max_new_tokens}; use at least {c.max_new_tokens} + 1 plus the prompt, or 0"),
+    ("eval-every",         lambda c: not c.eval_every >= 0,               "use 0 (only at the start and end) or a number of steps"),
+    ("eval-temperature",   lambda c: not c.eval_temperature >= 0,         "use 0 (greedy) or more"),
+    ("diagnose-every",     lambda c: not c.diagnose_every >= 0,           "use 0 (no entropy and likelihood diagnostics) or a number of steps"),
+    ("save-every",         lambda c: not c.save_every >= 0,               "use 0 (only at the end) or a number of steps"),
+    ("report-to",          lambda c: c.report_to not in REPORTERS,        "choose one of " + ", ".join(REPORTERS)),
+    ("report-to",          lambda c: bool(REPORTERS.get(c.report_to)) and importlib.util.find_spec(REPORTERS[c.report_to]) is None, "the {c.report_to} package is not installed: pip install {c.report_to}, or use --report-to none"),
+]
+
+
+class Refused(SystemExit):
+    """A run refused before it started: exit code 2; str() is the one-line message."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def refuse(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise Refused(f"error: {message}")
+
+
+def config_problem(cfg):
+    """The first broken flag rule as "--flag value: why", or None. Floats must also be finite."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"--{field.name.replace('_', '-')} {value}: use a finite number"
+    for flag, is_wrong, why in FLAG_RULES:
+        if is_wrong(cfg):
+            return f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: {why.format(c=cfg)}"
+    return None
+
+
+def out_dir_problem(out_dir):
+    """Why the out-dir cannot take a run's files, or None. Only looks: nothing is created here."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):              # the nearest folder that exists must let us create the rest
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"--out-dir {out_dir}: {path} is a file, not a folder; choose another --out-dir"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"--out-dir {out_dir}: {path} is not writable by this user; choose another --out-dir"
+    return None
+
+
+# Fields a resumed run may change: they never change what is trained (--steps may also grow).
+RESUME_MAY_CHANGE = {"steps", "device", "gradient_checkpointing", "micro_batch_tokens", "eval_data", "eval_size",
+                     "eval_every", "eval_temperature", "diagnose_every", "out_dir", "save_every", "resume", "report_to", "plain"}
+
+
+def resume_problem(cfg):
+    """--resume continues the checkpoint's own run: the same model, data and method, and a --steps that
+    reaches at least the checkpoint's step. Reads the checkpoint memory-mapped (its weights stay on disk)."""
+    path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    if not cfg.resume or not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        saved, step = state["config"], int(state["step"])
+    except Exception as e:
+        return f"--resume: checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to start afresh"
+    differ = [f"--{name.replace('_', '-')} {saved[name]} (now {getattr(cfg, name)})" for name in saved
+              if hasattr(cfg, name) and name not in RESUME_MAY_CHANGE and saved[name] != getattr(cfg, name)]
+    if differ:
+        return (f"--resume: the checkpoint in {cfg.out_dir} was trained with {', '.join(differ)}; "
+                f"pass the checkpoint's values, or choose a new --out-dir for a new run")
+    if cfg.steps < step:
+        return f"--steps {cfg.steps}: the checkpoint in {cfg.out_dir} is already at step {step}; use --steps {step} or more"
+    return None
+
+
+def refuse_bad_run(cfg):
+    """Refuse a run that would crash later, run silently wrong, or trample another run -- before any
+    model is loaded and before anything is written: one line naming the flag, exit code 2."""
+    problem = config_problem(cfg) or out_dir_problem(cfg.out_dir) or live_run_problem(cfg.out_dir) or resume_problem(cfg)
+    if problem:
+        refuse(problem)
+
+
+# --- One run per out-dir: OUT_DIR/run.lock, locked (a POSIX record lock, fcntl) for the run's whole life.
+# The kernel drops the lock when its process ends, however it ends (kill -9, OOM killer), so a lock left
+# by a dead run is free by construction, with no PID guessing; the file's text (PID, host, start time)
+# only names the holder in the error. A POSIX lock, not flock: it belongs to the process, so the
+# verifier workers forked during the run do not inherit it and cannot keep it held after the run.
+
+
+def lock_holder_text(text):
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process whose lock file cannot be read"
+
+
+def lock_is_held(fd, kind):
+    try:
+        fcntl.lockf(fd, kind | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return True
+        raise
+
+
+def live_run_problem(out_dir):
+    """Another live run holding out_dir's lock, as an error; None when the lock is free. Only looks
+    (a shared lock, dropped when the file is closed; never call this while holding the lock)."""
+    path = os.path.join(out_dir, "run.lock")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        if not lock_is_held(f.fileno(), fcntl.LOCK_SH):
+            return None
+        holder = lock_holder_text(f.read())
+    return f"--out-dir {out_dir}: another run is using it ({holder}); wait for it, stop it, or choose another --out-dir"
+
+
+@contextlib.contextmanager
+def claim_out_dir(out_dir):
+    """Hold OUT_DIR/run.lock for the run; a lock left by a dead process is taken over (and said so).
+    Every read and write goes through the one descriptor: closing any other one would drop the lock."""
+    path = os.path.join(out_dir, "run.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if lock_is_held(fd, fcntl.LOCK_EX):
+        os.close(fd)
+        refuse(live_run_problem(out_dir) or f"--out-dir {out_dir}: another run is using it")
+    try:
+        left = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        if left:
+            print(f"taking over {path} from {lock_holder_text(left)}, which is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        yield
+    finally:
+        os.ftruncate(fd, 0)                      # empty = no holder; the file stays (unlinking would race)
+        os.close(fd)                             # releases the lock
+
+
+# --- Ctrl-C and SIGTERM: the first stops the run after the current step (or evaluation) with a
+# checkpoint and the command to resume; the second raises KeyboardInterrupt at once. Verifier workers
+# forked from this process inherit the handler and ignore SIGINT (a Ctrl-C reaches the whole process
+# group), so the step being finished keeps its scores; SIGTERM still ends them.
+
+
+@contextlib.contextmanager
+def stop_signals():
+    stop = types.SimpleNamespace(signal=None)
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:                 # a verifier worker forked from this process:
+            if signum == signal.SIGTERM:         # multiprocessing ends its workers with SIGTERM: die as usual
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return                               # a Ctrl-C reaches the whole group: the trainer decides
+        if stop.signal is not None:
+            raise KeyboardInterrupt
+        stop.signal = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after the current step with a checkpoint "
+              f"(press Ctrl-C again to quit at once, losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():   # signals reach the main thread only
+        yield stop
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def resume_command(cfg):
+    """The command line that continues this run: every flag that differs from its default, plus --resume."""
+    words = ["python", "prerl.py"]
+    for field in dataclasses.fields(Config):
+        value, flag = getattr(cfg, field.name), "--" + field.name.replace("_", "-")
+        if field.name == "resume" or value == field.default:
+            continue
+        words += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, shlex.quote(str(value))]
+    return " ".join(words + ["--resume"])
+
+
+def exit_after_signal(stop, cfg, step):
+    print(f"stopped by {signal.Signals(stop.signal).name} with a checkpoint at step {step} in {cfg.out_dir}; "
+          f"continue with:\n    {resume_command(cfg)}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + stop.signal)
+
+
+# --- Crash-safe logs: metrics.jsonl gets one line per step, written before that step's checkpoint. A
+# run killed between the two leaves lines past its checkpoint, maybe the last one half-written; a
+# resumed run cuts the file back to the checkpoint's step first (atomically), so every step appears once.
+
+
+def metrics_lines(path):
+    """(record, raw line) of each complete line; a last line without its newline was cut by a crash
+    and is dropped unread, as is any line that is not valid JSON."""
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                kept.append((json.loads(line), line))
+            except json.JSONDecodeError:
+                continue
+    return kept
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl, tolerating a half-written last line."""
+    return [record for record, _ in metrics_lines(path)]
+
+
+def open_metrics(path, first_step):
+    """metrics.jsonl open for appending at first_step: the lines of earlier steps kept, the rest cut."""
+    kept = [line for record, line in metrics_lines(path) if record.get("step", first_step) < first_step]
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(temporary, path)
+    return open(path, "a", encoding="utf-8")
+
+
+# --- Non-finite guard: a NaN or inf loss or gradient norm would poison every weight through AdamW. Such
+# a step is skipped (gradients dropped, no update), logged with the reason, and the run stops after
+# NONFINITE_LIMIT of them in a row.
+
+NONFINITE_LIMIT = 3
+
+
+def nonfinite_reason(loss, grad_norm):
+    bad = [f"{name} {value}" for name, value in (("loss", loss), ("grad_norm", grad_norm)) if not math.isfinite(value)]
+    return "non-finite " + ", ".join(bad) if bad else None
+
+
+def count_nonfinite_steps(record, in_a_row, cfg):
+    """Steps skipped in a row, including this one; stops the run with an error at NONFINITE_LIMIT."""
+    in_a_row = in_a_row + 1 if record.get("skipped") else 0
+    if in_a_row >= NONFINITE_LIMIT:
+        first = record["step"] - in_a_row + 1
+        raise SystemExit(f"error: steps {first}..{record['step']} all had a non-finite loss or gradient norm "
+                         f"(step {record['step']}: {record['skipped']}); their updates were skipped, so the weights "
+                         f"are those before step {first}, and the last checkpoint in {cfg.out_dir} is untouched. "
+                         f"Try a lower --lr (now {cfg.lr}) or a smaller --grad-clip, then --resume.")
+    return in_a_row
+
+
+# --- A model other tools can load: OUT_DIR/model/ written with save_pretrained (weights, config,
+# generation config, tokenizer) with every checkpoint -- the folder that from_pretrained, vLLM, lm-eval
+# and `analyze.py eval --model OUT_DIR/model` read. Written in full to a temporary folder, then renamed
+# into place; the previous export is moved aside first (a folder cannot be renamed over a non-empty one)
+# and deleted last, so a crash leaves a whole export under one of the two names.
+
+
+def export_model(out_dir, model, tokenizer):
+    final = os.path.join(out_dir, "model")
+    temporary, previous = f"{final}.tmp{os.getpid()}", f"{final}.old{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    if os.path.isdir(final):
+        os.replace(final, previous)
+    os.replace(temporary, final)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def save_run(checkpoint_path, model, tokenizer, optimizer, step, cfg):
+    """checkpoint.pt (exact resume) and model/ (for every other tool), both written atomically."""
+    save_checkpoint(checkpoint_path, model, optimizer, step, cfg)
+    export_model(cfg.out_dir, model, tokenizer)
+
+
+def accuracy_text(accuracy):
+    return "not measured (--eval-size 0)" if accuracy is None else f"{accuracy:.3f}"
+
+
+# --- See the run: --report-to sends each metrics record to the tracker the user already runs. The
+# packages are optional (never in requirements.txt); --report-to names a missing one before the run.
+
+
+def tracker_values(record):
+    """The record's numbers (None, text and the step itself left out), and DSRL's stage as a number."""
+    values = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    if "stage" in record:
+        values["pretrain_space"] = float(record["stage"].endswith("prerl"))   # DSRL's switch: 1 -> 0
+    return values
+
+
+@contextlib.contextmanager
+def open_reporter(cfg):
+    """Yields report(record), which sends a record's numbers at its step (nothing when it has none,
+    e.g. the accuracy of an evaluation that did not run); closes the tracker at the end."""
+    name = os.path.basename(os.path.abspath(cfg.out_dir))
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        log = lambda values, step: [writer.add_scalar(k, v, step) for k, v in values.items()]  # noqa: E731
+        close = writer.close
+    elif cfg.report_to == "wandb":
+        import wandb   # offline unless WANDB_MODE says otherwise: `wandb sync OUT_DIR/wandb/offline-run-*` uploads
+        run = wandb.init(project="prerl", name=name, dir=cfg.out_dir, config=dataclasses.asdict(cfg),
+                         mode=os.environ.get("WANDB_MODE", "offline"))
+        log, close = (lambda values, step: run.log(values, step=step)), run.finish
+    elif cfg.report_to == "trackio":
+        import trackio  # local by default (a Hugging Face Space only with TRACKIO_SPACE_ID)
+        trackio.init(project="prerl", name=name, config=dataclasses.asdict(cfg))
+        log, close = (lambda values, step: trackio.log(values, step=step)), trackio.finish
+    else:
+        log, close = (lambda values, step: None), (lambda: None)
+    def report(record):
+        values = tracker_values(record)
+        if values:
+            log(values, record["step"])
+    try:
+        yield report
+    finally:
+        close()
 
 
 if __name__ == "__main__":
-    train(parse_config())
+    try:
+        train(parse_config())
+    except KeyboardInterrupt:                     # a second Ctrl-C: out at once
+        print("\ninterrupted; --resume continues from the last checkpoint", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -71,11 +71,6 @@ def test_is_equiv_cases(pred, gold, expected):
     assert verify.is_equiv(gold, pred) is expected  # equivalence is symmetric
 
 
-def test_enough_hand_written_cases():
-    assert len(EQUIV_CASES) >= 60
-    assert sum(expected for _, _, expected in EQUIV_CASES) < len(EQUIV_CASES)  # false cases too
-
-
 @pytest.mark.parametrize("completion,expected", [
     ("so we get \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
     ("first \\boxed{1} then \\boxed{2}", "2"),
@@ -137,7 +132,7 @@ def test_hostile_input_is_bounded_and_harmless(completion, tmp_path, monkeypatch
     start = time.perf_counter()
     score = verify.reward(completion, "7", timeout=1.0)
     elapsed = time.perf_counter() - start
-    assert score in (0.0, 1.0)
+    assert score == (1.0 if completion.endswith("\\boxed{7}") else 0.0)  # the one with a real answer 7 still scores
     assert elapsed < 2.0, f"took {elapsed:.2f}s"
     assert list(tmp_path.iterdir()) == []  # nothing was executed
 
@@ -161,6 +156,43 @@ def test_non_string_inputs_never_raise():
     assert verify.reward(None, "1") == 0.0
     assert verify.is_equiv(None, "1") is False
     assert verify.reward("\\boxed{1}", 1) == 1.0
+
+
+def _alive(pid):
+    """True while pid runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to see processes")
+def test_verifier_workers_exit_when_their_parent_is_killed():
+    # issue 16, no orphans: a process starts verifier workers (from a thread too, as rewards() does)
+    # and dies by SIGKILL; within a few seconds none of its workers may be left.
+    script = (
+        "import threading, time, verify\n"
+        "verify.warmup(2)\n"
+        "t = threading.Thread(target=verify.is_equiv, args=('x^2-1', '(x-1)(x+1)')); t.start(); t.join()\n"
+        "verify.warmup(1)\n"
+        "print(' '.join(str(p.pid) for p, _ in verify._idle_workers), flush=True)\n"
+        "time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        pids = [int(p) for p in child.stdout.readline().split()]
+        assert len(pids) >= 3 and all(_alive(p) for p in pids)
+    finally:
+        child.kill()
+        child.wait(10)
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in pids if _alive(p)]
+    for pid in left:  # clean up before failing, so a failure does not leak processes either
+        os.kill(pid, 9)
+    assert not left, f"verifier workers {left} outlived their parent"
 
 
 # ---------------------------------------------------------------------------
@@ -911,15 +943,1291 @@ def test_alignment_equals_hand_dot_product_of_flattened_gradients():
     assert all(p.grad is None for p in params)  # nothing left behind
 
 
-def test_evaluate_samples_on_tiny_model(tiny_model_folder):
+def test_evaluate_samples_on_tiny_model(tiny_model_folder, monkeypatch):
     model, tokenizer = prerl.load_model(str(tiny_model_folder), torch.device("cpu"))
-    problems = prerl.load_problems(str(tiny_model_folder / "toy.jsonl"))[:3]
+    problems = prerl.load_problems(str(tiny_model_folder / "toy.jsonl"))[:3]   # answers "0", "1", "2"
     cfg = prerl.Config(max_new_tokens=5, temperature=1.0)
+
+    def first_c_of_each_group_correct(texts, golds):   # problem with answer c: c of its 4 samples correct
+        return [float(golds[:i].count(g) < int(g)) for i, g in enumerate(golds)]
+    monkeypatch.setattr(verify, "rewards", first_c_of_each_group_correct)
     result = analyze.evaluate_samples(model, tokenizer, problems, cfg, n=4)
     assert sorted(result["pass_at_k"]) == [1, 2, 4]
-    assert result["pass_at_k"][1] <= result["pass_at_k"][2] <= result["pass_at_k"][4]
-    assert result["pass_at_k"][1] == pytest.approx(result["avg_at_n"])
+    for k in (1, 2, 4):
+        assert result["pass_at_k"][k] == pytest.approx(sum(brute_force_pass_at_k(4, c, k) for c in (0, 1, 2)) / 3)
+    assert result["avg_at_n"] == pytest.approx((0 + 1 / 4 + 2 / 4) / 3)
     assert 0 <= result["parseable_share"] <= 1 and result["mean_response_tokens"] <= 5
+
+
+# --- verify.py: what real models write (issue 14)
+# Hand-written (completion, reference, expected reward) cases in the formats models produce, one
+# table per category of issue 14, true and false in each. bench_verify.py prints the per-category
+# accuracy of verify.py next to math-verify's on these same tables.
+
+COT_GSM8K = (
+    "Natalia sold 48 clips in April.\nIn May she sold half as many: 48 / 2 = 24 clips.\n"
+    "Altogether she sold 48 + 24 = 72 clips.\n#### 72")
+COT_LONG_NO_BOX = (
+    "Let's think step by step. Weng earns $12 an hour for babysitting. Yesterday she did 50 minutes, "
+    "which is 50/60 = 5/6 of an hour.\nSo she earned 12 * 5/6 = $10.\nTherefore Weng earned $10.")
+
+REAL_CASES = {
+    "extraction": [  # a completion that is itself the answer, vs a long one that is not
+        ("The ratio of the two areas is the square of the ratio of the sides.\n\n\\frac{10}{9}", "\\frac{10}{9}", True),
+        ("The ratio of the two areas is the square of the ratio of the sides.\n\n\\frac{10}{9}", "9", False),
+        ("\\frac{10}{9}", "\\frac{10}{9}", True),
+        ("\\frac{10}{9}", "\\frac{9}{10}", False),
+        ("[2,5)", "[2, 5)", True),
+        ("[2,5)", "[2, 5]", False),
+        ("(1, 2)", "(1,2)", True),
+        ("(x-2)(x+2)", "x^2-4", True),
+        ("(x-2)(x+2)", "x^2+4", False),
+        ("$\\dfrac{3}{4}$", "\\frac34", True),
+        ("east", "\\text{east}", True),
+        ("West", "\\text{east}", False),
+        ("\\sqrt{3}.", "\\sqrt3", True),
+        ("x^2 + 2x + 1\n", "(x+1)^2", True),
+        ("The ball travels 3 meters before it stops bouncing, so 18 is wrong and 20 is too big.", "20", False),
+        ("We need the area first. The area is 25, and the perimeter is 20.", "25", False),
+        ("After simplifying, the expression equals 2x+1 for all x, and at x = 3 it is 7.", "7", True),
+        ("3 apples", "3", True),
+        ("-\\infty, 0", "(-\\infty,0]", False),
+        ("12", "12.0", True),
+        ("I think it's 5", "5", True),
+        ("I think it's 5", "6", False),
+    ],
+    "templates": [  # $$..$$, several boxes, Minerva, chat tokens, other languages
+        ("Therefore the answer is 4.\n\nQuestion: What is 3 + 3?\nAnswer: 6", "4", True),
+        ("Therefore the answer is 4.\n\nQuestion: What is 3 + 3?\nAnswer: 6", "6", False),
+        ("**Final Answer**: 128", "128", True),
+        ("We solve the system.\n$$x = \\frac{7}{2}$$", "\\frac72", True),
+        ("We solve the system.\n$$x = \\frac{7}{2}$$", "\\frac27", False),
+        ("The roots are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3", True),
+        ("The roots are $\\boxed{2}$ and $\\boxed{5}$.", "2, 3", False),
+        ("First I guessed \\boxed{4}. Checking again, the correct value is \\boxed{6}.", "4", False),
+        ("First I guessed \\boxed{4}. Checking again, the correct value is \\boxed{6}.", "6", True),
+        ("\\boxed{1, 2, 3}", "1,2,3", True),
+        ("Final Answer: The final answer is $\\frac{1}{3}$. I hope it is correct.", "\\frac13", True),
+        ("Final Answer: The final answer is $\\frac{1}{3}$. I hope it is correct.", "\\frac23", False),
+        ("Final Answer: The final answer is 4. I hope it is correct.", "4", True),
+        ("Final Answer: The final answer is (2,-1). I hope it is correct.", "(2,-1)", True),
+        ("So the answer is 15.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4", "15", True),
+        ("So the answer is 15.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4", "4", False),
+        ("The total is \\boxed{36}.<|eot_id|>", "36", True),
+        ("<think>Maybe 7? No, recount: 8.</think>\nThe answer is 8.", "8", True),
+        ("<think>Maybe 7? No, recount: 8.</think>\nThe answer is 8.", "7", False),
+        ("所以，答案是 $12$。", "12", True),
+        ("计算得 x=3，所以答案是 5。", "3", False),
+        ("Réponse : $\\frac{5}{2}$", "2.5", True),
+        ("Die Antwort ist 42.", "42", True),
+        ("Respuesta: 17", "17", True),
+        ("Ответ: 9", "9", True),
+        ("Ответ: 9", "8", False),
+        ("答案：$\\sqrt{2}$", "\\sqrt{2}", True),
+    ],
+    "relations": [
+        ("\\boxed{\\{x \\mid x > 2\\}}", "(2, \\infty)", True),
+        ("\\boxed{\\{x \\mid x \\geq 2\\}}", "(2, \\infty)", False),
+        ("\\boxed{x \\geq 5}", "x >= 5", True),
+        ("\\boxed{x \\geq 5}", "5 \\le x", True),
+        ("\\boxed{x \\geq 5}", "x > 5", False),
+        ("\\boxed{x \\gt 3}", "x > 3", True),
+        ("\\boxed{x \\lt 3}", "x > 3", False),
+        ("\\boxed{-2 \\le x \\le 7}", "x \\in [-2,7]", True),
+        ("\\boxed{-2 < x \\le 7}", "[-2,7]", False),
+        ("\\boxed{-x > -1}", "x < 1", True),
+        ("\\boxed{-x > -1}", "x > 1", False),
+        ("\\boxed{2x + 1 \\le 7}", "(-\\infty, 3]", True),
+        ("\\boxed{-793 < a < 10}", "(-793, 10)", True),
+        ("\\boxed{-793 < a < 10}", "(-793, 11)", False),
+        ("\\boxed{x < -1 \\text{ or } x > 2}", "(-\\infty,-1)\\cup(2,\\infty)", True),
+        ("\\boxed{x < -1 \\text{ or } x > 3}", "(-\\infty,-1)\\cup(2,\\infty)", False),
+        ("\\boxed{x \\neq 2}", "x != 2", True),
+        ("\\boxed{x \\neq 2}", "x \\ne 3", False),
+        ("\\boxed{\\approx 3.46}", "3.46", True),
+        ("\\boxed{2\\sqrt{3} \\approx 3.46}", "2\\sqrt3", True),
+        ("\\boxed{x \\ge \\frac{1}{2}}", "[\\frac12, \\infty)", True),
+        ("\\boxed{x \\ge \\frac{1}{2}}", "(\\frac12, \\infty)", False),
+    ],
+    "labelled": [
+        ("So $f(2) = 7$.", "7", True),
+        ("So $f(2) = 7$.", "2", False),
+        ("The roots are $x = 2$ and $x = 3$.", "2, 3", True),
+        ("The roots are $x = 2$ and $x = 4$.", "2, 3", False),
+        ("\\boxed{AB = 5}", "5", True),
+        ("\\boxed{(p,q)=(3,2)}", "(3,2)", True),
+        ("\\boxed{(p,q)=(2,3)}", "(3,2)", False),
+        ("\\boxed{a_3 = 2, a_{37} = 19}", "a_{37} = 19, a_3 = 2", True),
+        ("\\boxed{a_3 = 2, a_{37} = 19}", "a_{37} = 2, a_3 = 19", False),
+        ("\\boxed{k = 45 \\text{ and } n = 2}", "k=45, n=2", True),
+        ("\\boxed{k = 45 \\text{ and } n = 2}", "45, 2", True),
+        ("\\boxed{k = 45 \\text{ and } n = 3}", "k=45, n=2", False),
+        ("\\boxed{\\pm 2021}", "\\{-2021, 2021\\}", True),
+        ("\\boxed{\\pm 2021}", "2021", False),
+        ("\\boxed{x = \\pm 3}", "-3, 3", True),
+        ("\\boxed{\\{1; 2; 3\\}}", "\\{3, 2, 1\\}", True),
+        ("\\boxed{\\{1; 2; 4\\}}", "\\{3, 2, 1\\}", False),
+        ("\\boxed{x = 1 \\text{ or } x = -4}", "-4, 1", True),
+        ("\\boxed{x = 1 \\text{ or } x = -4}", "-4, 2", False),
+        ("\\boxed{1 \\text{ or } 2}", "\\{1, 2\\}", True),
+        ("The solutions are $x=5$ and $y=-1$, so \\boxed{x=5, y=-1}.", "(5,-1)", True),
+        ("\\boxed{x=5, y=-1}", "(-1,5)", False),
+        ("\\boxed{f(x) = 3x - 2}", "3x-2", True),
+        ("\\boxed{y = 2x + 3}", "2x - y + 3 = 0", True),
+        ("\\boxed{y = 2x + 3}", "2x + y + 3 = 0", False),
+    ],
+    "numbers": [
+        ("\\boxed{0.1\\overline{6}}", "\\frac16", True),
+        ("\\boxed{0.\\overline{6}}", "\\frac16", False),
+        ("\\boxed{3:2}", "\\frac32", True),
+        ("\\boxed{2:3}", "\\frac32", False),
+        ("The probability is 0.25 or 25%.", "0.25", True),
+        ("\\boxed{0.3333}", "\\frac13", True),
+        ("\\boxed{0.3334}", "\\frac13", False),
+        ("\\boxed{0.333}", "\\frac13", True),
+        ("\\boxed{0.33}", "\\frac13", False),
+        ("\\boxed{1.13}", "\\frac98", False),
+        ("\\boxed{[2.6667, 5)}", "[\\frac83, 5)", True),
+        ("\\boxed{[2.6, 5)}", "[\\frac83, 5)", False),
+        ("\\boxed{11,\\! 111}", "11111", True),
+        ("\\boxed{11,\\! 112}", "11111", False),
+        ("\\boxed{10 000}", "10000", True),
+        ("\\boxed{1.5 \\times 10^{3}}", "1500", True),
+        ("\\boxed{1.5e3}", "1500", True),
+        ("\\boxed{10^4}", "10000", True),
+        ("\\boxed{1.07e16}", "1.07 \\times 10^{16}", True),
+        ("\\boxed{1.07e16}", "1.07 \\times 10^{15}", False),
+        ("\\boxed{1.0700000000000001e16}", "1.07 \\times 10^{16}", False),
+        ("\\boxed{10110_2}", "10110_2", True),
+        ("\\boxed{10110}", "10110_2", True),
+        ("\\boxed{22_{10}}", "10110_2", True),
+        ("\\boxed{10111_2}", "10110_2", False),
+        ("\\boxed{2:30}", "2:30 \\text{ p.m.}", True),
+        ("\\boxed{14:30}", "2:30 p.m.", True),
+        ("\\boxed{2:45}", "2:30", False),
+        ("\\boxed{1,22}", "1.22", True),
+        ("\\boxed{0,111}", "0.111", True),
+        ("\\boxed{1,222}", "1.222", False),
+        ("\\boxed{5}", "500", False),
+        ("\\boxed{1/2^{99}}", "\\frac{1}{2^{98}}", False),
+        ("\\boxed{\\pi^2}", "9.9", False),
+        ("\\boxed{\\sqrt{2}}", "1.42", False),
+        ("\\boxed{e}", "2.7", False),
+        ("\\boxed{\\sqrt{2}}", "1.414", True),
+    ],
+    "expressions": [
+        ("\\boxed{sqrt(2)/2}", "\\frac{\\sqrt2}{2}", True),
+        ("\\boxed{2*pi}", "\\pi", False),
+        ("\\boxed{\\sin 30^\\circ}", "\\frac12", True),
+        ("\\boxed{\\log 1000}", "3", True),
+        ("\\boxed{\\lfloor 7.9 \\rfloor}", "7", True),
+        ("\\boxed{\\gcd(12, 18)}", "6", True),
+        ("\\boxed{\\gcd(12, 18)}", "3", False),
+        ("\\boxed{2^6 3^5 5^4}", "2^6\\cdot3^5\\cdot5^4", True),
+        ("\\boxed{2^6 3^5 5^4}", "2^5\\cdot3^6\\cdot5^4", False),
+        ("\\boxed{3 \\times 4 \\cdot 5}", "60", True),
+        ("\\boxed{2\\sin x \\cos x}", "\\sin(2x)", True),
+        ("\\boxed{\\sin 2x}", "2\\sin(x)\\cos(x)", True),
+        ("\\boxed{\\sin 2x}", "2\\sin x", False),
+        ("\\boxed{\\tan\\frac{\\pi}{4}}", "1", True),
+        ("\\boxed{\\log_3 81}", "4", True),
+        ("\\boxed{\\ln 8}", "3\\ln 2", True),
+        ("\\boxed{\\ln 8}", "2\\ln 3", False),
+        ("\\boxed{\\sqrt[3]{16}}", "2\\sqrt[3]{2}", True),
+        ("\\boxed{\\sqrt[4]{16}}", "4", False),
+        ("\\boxed{\\sqrt{2+\\sqrt{3}}}", "\\frac{\\sqrt6+\\sqrt2}{2}", True),
+        ("\\boxed{3+4i}", "4i+3", True),
+        ("\\boxed{(1+i)^2}", "2i", True),
+        ("\\boxed{3-4i}", "3+4i", False),
+        ("\\boxed{(2x+1)(x-3)}", "(x-3)(2x+1)", True),
+        ("\\boxed{(2x-1)(x+3)}", "(x-3)(2x+1)", False),
+        ("\\boxed{y = -\\frac{1}{2}x + 4}", "x + 2y = 8", True),
+        ("\\boxed{y = -\\frac{1}{2}x + 4}", "x + 2y = 4", False),
+        ("\\boxed{\\frac{x+1}{x^2-1}}", "\\frac{1}{x-1}", True),
+        ("\\boxed{\\pi r^2 h}", "h\\pi r^2", True),
+    ],
+    "text": [
+        ("So she has twelve apples left. The answer is twelve.", "12", True),
+        ("So she has eleven apples left. The answer is eleven.", "12", False),
+        ("Looking at the graphs, the correct option is (B).", "B", True),
+        ("Looking at the graphs, the correct option is (B).", "A", False),
+        ("\\boxed{\\varnothing}", "\\emptyset", True),
+        ("\\boxed{\\text{east}}", "east", True),
+        ("\\boxed{\\text{East}}", "east", True),
+        ("\\boxed{\\text{west}}", "east", False),
+        ("\\boxed{12\\text{ cm}^2}", "12", True),
+        ("\\boxed{13\\text{ cm}^2}", "12", False),
+        ("\\boxed{\\textbf{Tuesday}}", "\\text{Tuesday}", True),
+        ("\\boxed{\\textnormal{6 weeks}}", "6", True),
+        ("\\boxed{6 \\mbox{ weeks}}", "6", True),
+        ("\\boxed{150 meters}", "150", True),
+        ("\\boxed{15 meters}", "150", False),
+        ("\\boxed{A. because the slope is positive}", "A", True),
+        ("\\boxed{B. because the slope is positive}", "A", False),
+        ("\\boxed{(B) 12}", "B", True),
+        ("\\boxed{(B) 12}", "12", True),
+        ("\\boxed{(B) 12}", "C", False),
+        ("Comparing the options, the answer is C.", "C", True),
+        ("Comparing the options, the answer is C.", "D", False),
+        ("\\boxed{\\text{(D)}}", "D", True),
+        ("\\boxed{\\$7.50}", "7.5", True),
+        ("\\boxed{45^\\circ}", "45", True),
+    ],
+    "cot": [  # long chain-of-thought without a box
+        ("Since $\\sin^2\\theta + \\cos^2\\theta = 1$, $\\cos\\theta = \\pm\\frac{4}{5}$. As $\\theta$ is in the second "
+         "quadrant, $\\cos\\theta = -\\frac{4}{5}$.", "-\\frac45", True),
+        ("Let $n$ be the number. Then $3n + 5 = 20$, so $3n = 15$ and $n = 5$.", "5", True),
+        ("Let $n$ be the number. Then $3n + 5 = 20$, so $3n = 15$ and $n = 5$.", "15", False),
+        ("By Fermat's little theorem, $2^{100} \\equiv 2 \\pmod 7$.", "2", True),
+        ("By Fermat's little theorem, $2^{100} \\equiv 2 \\pmod 7$.", "7", False),
+        ("We get $n = 7$. Since $7 > 5$, this satisfies the condition.", "7", True),
+        ("We get $n = 7$. Since $7 > 5$, this satisfies the condition.", "5", False),
+        ("So the perimeter is 24 cm, and the area is 36 cm^2.", "36", True),
+        ("So the perimeter is 24 cm, and the area is 36 cm^2.", "2", False),
+        ("The answer is not 5; it is 6.", "6", True),
+        ("The answer is not 5; it is 6.", "5", False),
+        (COT_GSM8K, "72", True),
+        (COT_GSM8K, "24", False),
+        ("Janet's ducks lay 16 eggs. She eats 3 and bakes with 4, leaving 16 - 3 - 4 = 9.\n"
+         "She sells them at $2 each: 9 * 2 = 18.\nA: 18", "18", True),
+        ("Janet's ducks lay 16 eggs. She eats 3 and bakes with 4, leaving 9.\nA: 18", "9", False),
+        ("First, 3 * 4 = 12. Then 12 + 6 = 18.\n\n**Answer:** Janet makes $18 every day at the market.", "18", True),
+        ("First, 3 * 4 = 12. Then 12 + 6 = 18.\n\n**Answer:** Janet makes $18 every day at the market.", "12", False),
+        ("The shirt costs $7.00 and the pants cost $12.00, so the total is $19.00.", "19", True),
+        ("The shirt costs $7.00 and the pants cost $12.00, so the total is $19.00.", "7", False),
+        ("He saved 48+18=$66 in total.", "66", True),
+        (COT_LONG_NO_BOX, "10", True),
+        (COT_LONG_NO_BOX, "12", False),
+        ("His height is 5 feet 9 inches, that is 5 * 12 = 60 inches plus 9.\nSo 60 + 9 + 3 = 72 inches.", "72", True),
+        ("Substituting back, x = 2 + 3 = 5.", "5", True),
+        ("Substituting back, x = 2 + 3 = 5.", "3", False),
+        ("We need n with n divisible by 4 and 9. The smallest is n = 36.\nCheck: 36 is not divisible by 5.", "36", True),
+        ("We need n with n divisible by 4 and 9. The smallest is n = 36.\nCheck: 36 is not divisible by 5.", "5", False),
+        ("Trying n = 12: 12 is divisible by 6. Trying n = 14: 14 is not divisible by 6.", "14", False),
+        ("So the number of apples Tom has, $a$, satisfies $a + 5 = 12$, and therefore Tom has 7 apples.", "7", True),
+        ("Thus, the smallest positive integer $n$ for which $n^2 + 1$ is prime and $n > 3$ is $n = 4$.", "4", True),
+        ("Thus, the smallest positive integer $n$ for which $n^2 + 1$ is prime and $n > 3$ is $n = 4$.", "3", False),
+        ("So the answer is 3 + 4 = 7 cookies.", "7", True),
+    ],
+    "matrices": [
+        ("\\boxed{[[1, 2], [3, 4]]}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
+        ("\\boxed{[[1, 2], [4, 3]]}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", False),
+        ("\\boxed{\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 4 \\end{array}\\right]}",
+         "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", True),
+        ("\\boxed{\\left[\\begin{array}{cc} 1 & 2 \\\\ 3 & 5 \\end{array}\\right]}",
+         "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", False),
+        ("\\boxed{\\begin{matrix} 1 & 0 \\\\ 0 & 1 \\end{matrix}}", "\\begin{bmatrix}1&0\\\\0&1\\end{bmatrix}", True),
+        ("\\boxed{\\begin{vmatrix} 2 & 1 \\\\ 1 & 2 \\end{vmatrix}}", "\\begin{pmatrix}2&1\\\\1&2\\end{pmatrix}", True),
+        ("\\boxed{\\begin{vmatrix} 2 & 1 \\\\ 1 & 2 \\end{vmatrix}}", "\\begin{pmatrix}1&2\\\\2&1\\end{pmatrix}", False),
+        ("\\boxed{\\begin{pmatrix} 0.5 \\\\ 0.3333 \\end{pmatrix}}", "\\begin{pmatrix} \\frac12 \\\\ \\frac13 \\end{pmatrix}", True),
+        ("\\boxed{\\begin{pmatrix} 0.5 \\\\ 0.3 \\end{pmatrix}}", "\\begin{pmatrix} \\frac12 \\\\ \\frac13 \\end{pmatrix}", False),
+        ("\\boxed{\\begin{pmatrix} 3 \\\\ -1 \\end{pmatrix}}", "(3, -1)", True),
+        ("\\boxed{\\begin{pmatrix} 3 \\\\ -1 \\end{pmatrix}}", "(-1, 3)", False),
+        ("\\boxed{\\begin{pmatrix} 1 & 2 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", False),
+        ("\\boxed{\\begin{bmatrix} \\frac{1}{2} & -\\frac{\\sqrt3}{2} \\\\ \\frac{\\sqrt3}{2} & \\frac12 \\end{bmatrix}}",
+         "\\begin{pmatrix} 1/2 & -\\sqrt{3}/2 \\\\ \\sqrt{3}/2 & 1/2 \\end{pmatrix}", True),
+    ],
+    "lists": [  # a bare list against a tuple; scientific notation parsed exactly
+        ("\\boxed{(1, 2, 3)}", "1,2,3", True),
+        ("\\boxed{(1, 3, 2)}", "1,2,3", False),
+        ("\\boxed{1, 2, 3}", "(1,2,3)", True),
+        ("\\boxed{2.5e-3}", "\\frac{1}{400}", True),
+        ("\\boxed{2.5e-3}", "\\frac{1}{40}", False),
+    ],
+}
+
+
+@pytest.mark.parametrize("category,completion,gold,expected",
+                         [(cat, *row) for cat, rows in REAL_CASES.items() for row in rows])
+def test_what_real_models_write(category, completion, gold, expected):
+    assert verify.reward(completion, gold) == (1.0 if expected else 0.0)
+
+
+def test_real_cases_cover_every_category_both_ways():
+    assert sum(len(rows) for rows in REAL_CASES.values()) >= 150
+    for category, rows in REAL_CASES.items():
+        assert {expected for _, _, expected in rows} == {True, False}, category
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_decimal_rounding_a_rational_agrees_with_decimal_module(seed):
+    # The rule "a decimal with >= 3 significant digits that rounds p/q to the digits shown" against
+    # Python's decimal module: the rounded value matches, one unit in the last place off does not.
+    import decimal
+    rng = random.Random(seed)
+    for _ in range(40):
+        q = rng.choice([3, 7, 9, 11, 12, 13, 15, 21, 24, 60])
+        p = rng.randint(1, 5 * q)
+        places = rng.randint(3, 6)
+        exact = decimal.Decimal(p) / decimal.Decimal(q)
+        shown = exact.quantize(decimal.Decimal(1).scaleb(-places), rounding=decimal.ROUND_HALF_EVEN)
+        if len(str(shown).replace(".", "").lstrip("0")) < 3:
+            continue
+        unit = decimal.Decimal(1).scaleb(-places)
+        assert verify.is_equiv(str(shown), f"\\frac{{{p}}}{{{q}}}"), (shown, p, q)
+        assert not verify.is_equiv(str(shown + unit), f"\\frac{{{p}}}{{{q}}}"), (shown + unit, p, q)
+        assert not verify.is_equiv(str(shown - unit), f"{p}/{q}"), (shown - unit, p, q)
+
+
+def test_scientific_notation_is_exact_decimal():
+    from fractions import Fraction
+    rng = random.Random(5)
+    for _ in range(30):
+        mantissa = f"{rng.randint(1, 9)}.{rng.randint(0, 999):03d}"
+        exponent = rng.randint(-30, 30)
+        exact = Fraction(mantissa) * Fraction(10) ** exponent  # the value written, no binary float
+        text = f"{exact.numerator}/{exact.denominator}" if exact.denominator > 1 else str(exact.numerator)
+        assert verify.is_equiv(f"{mantissa}e{exponent}", f"{mantissa} \\times 10^{{{exponent}}}")
+        assert verify.is_equiv(f"{mantissa}e{exponent}", text)
+        assert not verify.is_equiv(f"{mantissa}e{exponent}", f"{mantissa} \\times 10^{{{exponent + 1}}}")
+
+
+def test_numbers_in_a_base_agree_with_int():
+    rng = random.Random(7)
+    digits = "0123456789ABCDEF"
+
+    def write(n, base):  # independent of verify's int(s, base)
+        out = ""
+        while n:
+            n, r = divmod(n, base)
+            out = digits[r] + out
+        return out or "0"
+    for _ in range(30):
+        n, base = rng.randint(1, 5000), rng.choice([2, 3, 5, 8, 12, 16])
+        assert verify.is_equiv(f"{write(n, base)}_{{{base}}}", f"{write(n, 10)}_{{10}}")
+        assert verify.is_equiv(write(n, base), f"{write(n, base)}_{base}")
+        assert not verify.is_equiv(f"{write(n + 1, base)}_{base}", f"{write(n, base)}_{base}")
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("\\frac{10}{9}", "\\frac{10}{9}"),
+    ("$$x = 2$$", "x = 2"),
+    ("Final Answer: The final answer is $7$. I hope it is correct.", "7"),
+    ("Final Answer: The final answer is 3.5. I hope it is correct.", "3.5"),
+    ("so the total is 3.<|im_end|><|im_start|>user\n12", "3"),
+    ("bla\n#### 1,234", "1,234"),
+    ("steps\nA: 72", "72"),
+    ("She pays $7.00 for shirts and $3 for socks, $10.00 in all.", "10.00"),
+    ("Then 12 is the count. Check: 12 is not divisible by 5.", "12"),
+    ("所以答案是 $\\frac{1}{2}$", "\\frac{1}{2}"),
+    ("no numbers here", None),
+])
+def test_extract_answer_real_formats(completion, expected):
+    assert verify.extract_answer(completion) == expected
+
+
+def test_hostile_long_completions_stay_fast():
+    # the new extraction rules (math spans, phrases, denial scan) on long hostile text stay linear
+    for completion in ["$" * 200_000, "$a" * 100_000, "answer: " * 50_000, "not 5. " * 50_000,
+                       "\\boxed{" * 50_000, "<|im_end|>" * 50_000 + "7", "#### " * 50_000]:
+        start = time.perf_counter()
+        assert verify.reward(completion, "7") in (0.0, 1.0)
+        assert time.perf_counter() - start < 2.0
+
+
+# ---------------------------------------------------------------------------
+# Issue 16: run safety -- every bad flag refused up front, one run per out-dir, Ctrl-C and kill -9 leave
+# a resumable run, non-finite steps skipped, an exported model folder, plots and trackers.
+
+import fcntl  # noqa: E402
+import signal  # noqa: E402
+import types  # noqa: E402
+
+# (flags, the flag the error must name): each alone makes a run that would crash, or run silently wrong
+INVALID_FLAGS = [
+    (["--prompts-per-step", "0"], "--prompts-per-step"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--lr", "-1"], "--lr"), (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--device", "tpu"], "--device"), (["--group-size", "1"], "--group-size"),
+    (["--group-size", "1", "--mode", "nsr-prerl"], "--group-size"), (["--group-size", "0", "--mode", "nsr"], "--group-size"),
+    (["--temperature", "-1"], "--temperature"), (["--temperature", "0"], "--temperature"),
+    (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"), (["--switch-step", "-3"], "--switch-step"),
+    (["--eval-size", "-1"], "--eval-size"), (["--eval-every", "-1"], "--eval-every"), (["--save-every", "-2"], "--save-every"),
+    (["--micro-batch-tokens", "-1"], "--micro-batch-tokens"), (["--micro-batch-tokens", "48"], "--micro-batch-tokens"),
+    (["--kl-coef", "-0.1"], "--kl-coef"), (["--w-reinforce-lambda", "-1"], "--w-reinforce-lambda"),
+    (["--clip-eps-low", "1"], "--clip-eps-low"), (["--clip-eps-low", "-0.1"], "--clip-eps-low"),
+    (["--clip-eps-high", "-0.1"], "--clip-eps-high"), (["--steps", "-1"], "--steps"), (["--mode", "ppo"], "--mode"),
+    (["--tasks", "add,foo"], "--tasks"), (["--difficulty", "0"], "--difficulty"), (["--prerl-coef", "-1"], "--prerl-coef"),
+    (["--weight-decay", "-1"], "--weight-decay"), (["--grad-clip", "0"], "--grad-clip"),
+    (["--eval-temperature", "-1"], "--eval-temperature"), (["--report-to", "mlflow"], "--report-to"),
+    (["--data", "no/such.jsonl"], "--data"), (["--eval-data", "no/such.jsonl"], "--eval-data"),
+    (["--model", "./no/such/model"], "--model"),
+]
+
+
+def refused_line(argv, capsys):
+    """Run parse_config on argv; it must refuse with exit code 2 and exactly one stderr line, 'error: ...'."""
+    with pytest.raises(SystemExit) as refusal:
+        prerl.parse_config(argv)
+    assert refusal.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1 and err.endswith("\n") and err.count("\n") == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("flags,flag", INVALID_FLAGS)
+def test_every_invalid_flag_is_refused_in_one_line_before_anything_is_written(flags, flag, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = refused_line(["--out-dir", str(out), *flags], capsys)
+    assert line.startswith(f"error: {flag} "), line
+    assert not out.exists()
+
+
+def test_cuda_without_a_gpu_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = refused_line(["--device", "cuda", "--out-dir", str(tmp_path / "out")], capsys)
+    assert line.startswith("error: --device cuda: this machine has no usable CUDA GPU") and not (tmp_path / "out").exists()
+
+
+def test_missing_tracker_package_is_named(tmp_path, capsys, monkeypatch):
+    find_spec = prerl.importlib.util.find_spec
+    monkeypatch.setattr(prerl.importlib.util, "find_spec", lambda name: None if name == "wandb" else find_spec(name))
+    line = refused_line(["--report-to", "wandb", "--out-dir", str(tmp_path / "out")], capsys)
+    assert line == "error: --report-to wandb: the wandb package is not installed: pip install wandb, or use --report-to none"
+
+
+@pytest.mark.parametrize("flags", [
+    ["--group-size", "1", "--mode", "nsr"], ["--group-size", "1", "--mode", "w-reinforce"], ["--micro-batch-tokens", "49"],
+    ["--eval-size", "0"], ["--top-p", "1"], ["--switch-step", "0"], ["--clip-eps-low", "0"], ["--clip-eps-high", "0"],
+    ["--kl-coef", "0"], ["--w-reinforce-lambda", "0"], ["--steps", "0"], ["--eval-every", "0"], ["--save-every", "0"],
+    ["--eval-temperature", "0"], ["--device", "cpu"], ["--micro-batch-tokens", "0"],
+])
+def test_boundary_values_are_accepted(flags, tmp_path):
+    prerl.parse_config(["--out-dir", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()  # parsing only looks
+
+
+def test_out_dir_that_is_a_file_or_not_writable_is_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    assert refused_line(["--out-dir", str(tmp_path / "file")], capsys).endswith("is a file, not a folder; choose another --out-dir")
+    assert "is a file" in refused_line(["--out-dir", str(tmp_path / "file" / "run")], capsys)
+    monkeypatch.setattr(prerl.os, "access", lambda path, mode: False)  # as root, permission bits never refuse
+    line = refused_line(["--out-dir", str(tmp_path / "new" / "run")], capsys)
+    assert line == f"error: --out-dir {tmp_path / 'new' / 'run'}: {tmp_path} is not writable by this user; choose another --out-dir"
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "new").exists()
+
+
+def test_a_bad_flag_from_the_command_line_exits_2_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "prerl.py", "--lr", "-1", "--out-dir", str(out)], capture_output=True,
+                          text=True, timeout=120, cwd=os.path.dirname(os.path.abspath(prerl.__file__)))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["error: --lr -1.0: AdamW needs a positive learning rate, e.g. 2e-5"]
+    assert not out.exists()
+
+
+def test_metrics_are_cut_back_to_the_checkpoint_and_a_half_line_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(5)]
+    path.write_text("".join(lines) + '{"step": 5, "lo')
+    assert [m["step"] for m in prerl.read_metrics(path)] == [0, 1, 2, 3, 4]
+    with prerl.open_metrics(str(path), 3) as log:
+        log.write(json.dumps({"step": 3}) + "\n")
+    assert path.read_text() == "".join(lines[:3]) + json.dumps({"step": 3}) + "\n"  # the kept lines byte for byte
+    prerl.open_metrics(str(path), 0).close()  # a fresh run starts an empty log
+    assert path.read_text() == "" and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_resume_command_rebuilds_the_run(tmp_path):
+    cfg = prerl.parse_config(["--out-dir", str(tmp_path / "o u t"), "--mode", "grpo", "--lr", "1e-3", "--plain", "--steps", "7"])
+    words = prerl.resume_command(cfg).split(" ")
+    assert words[:2] == ["python", "prerl.py"] and words[-1] == "--resume"
+    import shlex
+    assert prerl.parse_config(shlex.split(prerl.resume_command(cfg))[2:]) == dataclasses_replace(cfg, resume=True)
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_resume_with_other_settings_names_the_fields_and_steps_may_only_grow(tiny_model_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, out, "--steps", "2", "--eval-size", "0")))
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    line = refused_line(run_args(tiny_model_folder, out, "--steps", "3", "--resume", "--mode", "grpo", "--group-size", "4"), capsys)
+    assert line.startswith(f"error: --resume: the checkpoint in {out} was trained with ") and "--mode dsrl (now grpo)" in line
+    assert "--group-size 8 (now 4)" in line and "--steps" not in line
+    line = refused_line(run_args(tiny_model_folder, out, "--steps", "1", "--resume"), capsys)
+    assert line == f"error: --steps 1: the checkpoint in {out} is already at step 2; use --steps 2 or more"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # refusals write nothing
+    prerl.parse_config(run_args(tiny_model_folder, out, "--steps", "5", "--resume", "--eval-every", "2"))  # allowed
+
+
+def test_a_held_lock_refuses_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
+    """A child process holds run.lock as a live run does (lockf + its PID); while it lives, a run into the
+    folder is refused naming it; once it is killed with -9 the lock is free and taken over."""
+    (tmp_path / "run.lock").touch()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, json, os, socket, sys, time\n"
+                               f"fd = os.open({str(tmp_path / 'run.lock')!r}, os.O_RDWR)\n"
+                               "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+                               "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'started': 'now'}).encode())\n"
+                               "print('held', flush=True)\ntime.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        line = refused_line(["--out-dir", str(tmp_path)], capsys)
+        assert line.startswith(f"error: --out-dir {tmp_path}: another run is using it (pid {holder.pid} on host ")
+        with pytest.raises(SystemExit) as refusal, prerl.claim_out_dir(str(tmp_path)):
+            pass
+        assert refusal.value.code == 2
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    prerl.parse_config(["--out-dir", str(tmp_path)])
+    with prerl.claim_out_dir(str(tmp_path)):
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+        assert f"from pid {holder.pid} on host" in capsys.readouterr().out  # the take-over is said
+    assert (tmp_path / "run.lock").read_text() == ""  # released: empty, free
+
+
+def nan_loss(monkeypatch):
+    policy_loss = prerl.policy_loss
+    monkeypatch.setattr(prerl, "policy_loss", lambda *args, **kwargs: policy_loss(*args, **kwargs) * float("nan"))
+
+
+def test_a_non_finite_loss_skips_the_update_and_leaves_the_weights(monkeypatch):
+    model, batch = tiny_model(torch.float32), toy_batch()
+    rewards = torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]])
+    cfg = prerl.Config(lr=1e-2)
+    optimizer = prerl.make_optimizer(model, cfg)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with monkeypatch.context() as patch:
+        nan_loss(patch)
+        loss, kept = prerl.accumulate_gradients(model, batch, rewards, "grpo", cfg, start_id=1)
+    assert math.isnan(loss) and kept > 0 and not torch.isfinite(flat_grad(model)).all()  # the grads are poisoned
+    grad_norm = prerl.optimizer_step(model, optimizer, cfg, loss)
+    assert prerl.nonfinite_reason(loss, grad_norm).startswith("non-finite loss nan")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert all(p.grad is None for p in model.parameters()) and not optimizer.state  # dropped, no Adam step
+    loss, _ = prerl.accumulate_gradients(model, batch, rewards, "grpo", cfg, start_id=1)  # a good step still trains
+    prerl.optimizer_step(model, optimizer, cfg, loss)
+    assert math.isfinite(loss) and not all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_non_finite_steps_are_logged_and_three_in_a_row_stop_the_run(tiny_model_folder, tmp_path, monkeypatch, capsys):
+    accumulate = prerl.accumulate_gradients
+    monkeypatch.setattr(prerl, "accumulate_gradients", lambda *a, **k: (float("nan"), accumulate(*a, **k)[1]))
+    with pytest.raises(SystemExit, match=r"steps 0\.\.2 all had a non-finite loss or gradient norm"):
+        prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path, "--steps", "6", "--eval-size", "0")))
+    metrics = prerl.read_metrics(tmp_path / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2] and all(m["skipped"].startswith("non-finite loss nan") for m in metrics)
+    assert "not measured (--eval-size 0)" in capsys.readouterr().out  # no evaluation is said, not 0.000
+    assert not (tmp_path / "checkpoint.pt").exists() and (tmp_path / "run.lock").read_text() == ""
+
+
+def test_exported_model_loads_anywhere_with_the_checkpoints_log_probs(tiny_model_folder, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import analyze
+    result = prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path, "--steps", "2", "--save-every", "1",
+                                                     "--eval-size", "0", "--lr", "1e-2", "--temperature", "1.5")))
+    assert result == {"before": None, "after": None}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model", "run.lock"]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    assert (tmp_path / "model" / "generation_config.json").exists()
+    assert AutoTokenizer.from_pretrained(tmp_path / "model")("1+2").input_ids == tiny_tokenizer()("1+2").input_ids
+    checkpointed, _ = prerl.load_model(str(tiny_model_folder), torch.device("cpu"))
+    start, _ = prerl.load_model(str(tiny_model_folder), torch.device("cpu"))
+    prerl.load_checkpoint(str(tmp_path / "checkpoint.pt"), checkpointed)
+    batch = toy_batch()
+    with torch.no_grad():
+        lps = [prerl.conditional_logprobs(m.eval(), batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                                          batch["response_mask"]) for m in (exported, checkpointed, start)]
+    assert torch.equal(lps[0], lps[1]) and not torch.equal(lps[0], lps[2])  # the trained weights, exactly
+    out = analyze.main(["eval", "--model", str(tmp_path / "model"), "--eval-data", str(tiny_model_folder / "toy.jsonl"),
+                        "--eval-size", "2", "--n", "2", "--max-new-tokens", "4", "--json", str(tmp_path / "eval.json")])
+    assert list(out) == [str(tmp_path / "model")] and out[str(tmp_path / "model")]["problems"] == 2
+
+
+def fake_tracker(name, calls):
+    """A stand-in for the wandb / trackio package: records what the run sends."""
+    import importlib.machinery
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    run = types.SimpleNamespace(log=lambda values, step: calls.append((step, values)), finish=lambda: calls.append("finish"))
+    module.init = lambda **kwargs: calls.append(("init", kwargs)) or run
+    module.log, module.finish = run.log, run.finish
+    return module
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "trackio"])
+def test_report_to_sends_every_metrics_record(tracker, tiny_model_folder, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, tracker, fake_tracker(tracker, calls))
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path, "--steps", "3", "--switch-step", "2",
+                                            "--eval-every", "2", "--report-to", tracker)))
+    assert calls[0][0] == "init" and calls[0][1]["config"]["steps"] == 3 and calls[-1] == "finish"
+    if tracker == "wandb":
+        assert calls[0][1]["mode"] == os.environ.get("WANDB_MODE", "offline")
+    sent = calls[1:-1]
+    metrics = prerl.read_metrics(tmp_path / "metrics.jsonl")
+    assert sent[0][0] == 0 and set(sent[0][1]) == {"eval_accuracy"} and sent[-1][0] == 3  # before and after
+    for record, (step, values) in zip(metrics, sent[1:-1]):
+        assert step == record["step"] and values["grad_norm"] == record["grad_norm"]
+        assert values["pretrain_space"] == (1.0 if record["stage"] == "nsr-prerl" else 0.0)
+    assert len(sent) == len(metrics) + 2 and "eval_accuracy" in sent[2][1]
+
+
+def test_report_to_tensorboard_writes_the_scalars(tiny_model_folder, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path, "--steps", "2", "--eval-size", "0",
+                                            "--report-to", "tensorboard")))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    metrics = prerl.read_metrics(tmp_path / "metrics.jsonl")
+    assert [(e.step, e.value) for e in events.Scalars("reward_mean")] == [(m["step"], pytest.approx(m["reward_mean"])) for m in metrics]
+
+
+def test_plot_draws_a_png_or_says_matplotlib_is_missing(tmp_path, monkeypatch):
+    import analyze
+    stages = ["nsr-prerl"] * 3 + ["grpo"] * 3
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "stage": st, "reward_mean": s / 10, "response_length": 5 + s, "grad_norm": 1.0, **({"eval_accuracy": 0.5} if s % 2 else {})})
+        + "\n" for s, st in enumerate(stages)) + '{"step": 6, "sta')
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+        with pytest.raises(SystemExit, match="needs matplotlib, which is not installed: pip install matplotlib"):
+            analyze.main(["plot", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        analyze.main(["plot", str(tmp_path / "nothing")])
+    pytest.importorskip("matplotlib")
+    assert analyze.main(["plot", str(tmp_path)]) == str(tmp_path / "metrics.png")
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_first_signal_asks_to_stop_second_interrupts_at_once():
+    previous = signal.getsignal(signal.SIGINT)
+    with prerl.stop_signals() as stop:
+        assert stop.signal is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal == signal.SIGTERM  # asked to stop after the step: nothing raised
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # (the handler runs between bytecodes; never reached)
+    assert signal.getsignal(signal.SIGINT) is previous  # restored
+
+
+# --- real processes: kill -9, a second run, Ctrl-C (the tiny model; each start imports torch)
+
+REPO = os.path.dirname(os.path.abspath(prerl.__file__))
+CRASH_ARGS = ("--save-every", "2", "--eval-size", "0", "--lr", "1e-2", "--temperature", "1.5")
+
+
+def launch(folder, out, *extra):
+    """prerl.py in its own process, its output in a file (a pipe could fill and block it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out.parent / f"{out.name}.log", "w")
+    return subprocess.Popen([sys.executable, "prerl.py", *run_args(folder, out, *extra)], cwd=REPO, stdout=log, stderr=log)
+
+
+def wait_for(condition, process, timeout=240):
+    start = time.monotonic()
+    while not condition():
+        assert process.poll() is None, f"the run ended early with code {process.returncode}"
+        assert time.monotonic() - start < timeout, "timed out waiting for the run"
+        time.sleep(0.05)
+
+
+def children_of(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    return kids
+
+
+def kill_all(process, kids):
+    for pid in [process.pid, *kids]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=60)
+
+
+def lines_of(path):
+    return len(open(path).readlines()) if os.path.exists(path) else 0
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run_and_the_lock_is_taken_over(tiny_model_folder, tmp_path, capsys):
+    out, straight = tmp_path / "killed", tmp_path / "straight"
+    first = launch(tiny_model_folder, out, "--steps", "500", *CRASH_ARGS)
+    kids = []
+    try:
+        wait_for(lambda: lines_of(out / "metrics.jsonl") >= 3 and (out / "checkpoint.pt").exists(), first)
+        first.send_signal(signal.SIGSTOP)  # frozen but alive: the out-dir of a live run
+        kids = children_of(first.pid)      # its verifier workers (their exit on the parent's death is verify.py's)
+        files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        line = refused_line(run_args(tiny_model_folder, out, "--steps", "500", *CRASH_ARGS, "--resume"), capsys)
+        assert line.startswith(f"error: --out-dir {out}: another run is using it (pid {first.pid} on host ")
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files  # the second run wrote nothing
+    finally:
+        kill_all(first, kids)                # kill -9, as the OOM killer would
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 499, "rew')         # and a half-written last line
+    steps = int(state_of(out / "checkpoint.pt")["step"]) + 1
+    assert steps - 1 < lines_of(out / "metrics.jsonl")  # lines past the checkpoint, to be cut
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, out, "--steps", str(steps), *CRASH_ARGS, "--resume")))
+    assert f"from pid {first.pid} on host" in capsys.readouterr().out  # the dead run's lock, taken over
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, straight, "--steps", str(steps), *CRASH_ARGS)))
+    resumed, reference = state_of(out / "checkpoint.pt"), state_of(straight / "checkpoint.pt")
+    assert all(torch.equal(tensor, resumed["model"][name]) for name, tensor in reference["model"].items())
+    assert [m["step"] for m in prerl.read_metrics(out / "metrics.jsonl")] == list(range(steps))
+    assert open(out / "metrics.jsonl").read().endswith("}\n")  # the half line is gone
+    assert any(m["kept_tokens"] > 0 for m in prerl.read_metrics(straight / "metrics.jsonl"))  # weights did move
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(tiny_model_folder, tmp_path):
+    out = tmp_path / "stopped"
+    run = launch(tiny_model_folder, out, "--steps", "500", *CRASH_ARGS)
+    try:
+        wait_for(lambda: lines_of(out / "metrics.jsonl") >= 1, run)
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=120) == 130
+    finally:
+        if run.poll() is None:
+            kill_all(run, children_of(run.pid))
+    printed = open(tmp_path / "stopped.log").read()
+    assert "SIGINT: stopping after the current step" in printed and "Traceback" not in printed
+    step = int(state_of(out / "checkpoint.pt")["step"])
+    assert f"stopped by SIGINT with a checkpoint at step {step} in {out}; continue with:" in printed
+    command = printed.split("continue with:\n")[1].splitlines()[0]
+    assert command.startswith("    python prerl.py --model ") and command.endswith(" --resume") and "--steps 500" in command
+    assert lines_of(out / "metrics.jsonl") == step and (out / "run.lock").read_text() == ""  # log = checkpoint
+    model, _ = prerl.load_model(str(out / "model"), torch.device("cpu"))  # the export loads too
+    assert prerl.load_checkpoint(str(out / "checkpoint.pt"), model) == step
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, out, "--steps", str(step + 1), *CRASH_ARGS, "--resume")))
+    assert [m["step"] for m in prerl.read_metrics(out / "metrics.jsonl")] == list(range(step + 1))
+
+
+# ---------------------------------------------------------------------------
+# Issue 11: GPU decode -- a static KV cache and a fixed-shape decode step (machinery.static_generate).
+# On CPU the step runs eagerly (capture=False): the same Python function that CUDA records as a graph.
+
+EOS_MANY = list(range(4, 40, 3))  # many "end" tokens: rows stop at different steps
+
+
+@pytest.fixture
+def static_path(monkeypatch):
+    """prerl.generate forced onto the static path, and a way back to today's loop or the plain path."""
+    def use(path):
+        monkeypatch.setattr(machinery, "STATIC_DECODE", "on" if path == "static" else "off")
+        monkeypatch.setattr(prerl, "PLAIN", path == "plain")
+    return use
+
+
+def test_static_decode_greedy_matches_todays_sampler_and_transformers_generate(static_path):
+    model = tiny_model(torch.float32)
+    prompt_ids = torch.tensor([[3, 3, 20, 21], [22, 23, 24, 25], [3, 26, 27, 28]])
+    prompt_mask = (prompt_ids != 3).long()                    # left-padded prompts of three lengths
+    out = {}
+    for path in ("static", "loop", "plain"):
+        static_path(path)
+        out[path] = prerl.generate(model, prompt_ids, prompt_mask, 2, 12, 0.0, 1.0, EOS_MANY, pad_id=3)
+    reference = model.generate(input_ids=prompt_ids.repeat_interleave(2, 0), attention_mask=prompt_mask.repeat_interleave(2, 0),
+                               do_sample=False, max_new_tokens=12, eos_token_id=EOS_MANY, pad_token_id=3)[:, 4:]
+    mask = prerl.response_mask_from_positions(out["static"], EOS_MANY)
+    lengths = mask.sum(1)
+    assert ((1 < lengths) & (lengths < 12)).any() and lengths.min() < lengths.max()  # rows ended in the static steps
+    assert torch.equal(out["static"], out["loop"]) and torch.equal(out["static"], out["plain"])  # pads and width too
+    assert torch.equal(mask, prerl.response_mask_from_positions(reference, EOS_MANY))
+    assert torch.equal(out["static"] * mask, reference[:, :out["static"].shape[1]] * mask)
+    assert machinery.StaticDecoder in {type(d) for d in machinery._DECODERS[model].values()}  # really the static path
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_static_decode_samples_the_same_tokens_as_prerl_generate(static_path, monkeypatch, top_p):
+    """Same uniforms u[row, t], same pick_next_token: token-identical to the loop and the plain path, for a
+    second rollout on the same buffers too (stale KV slots from the first must never be read)."""
+    monkeypatch.setattr(machinery, "ROOM_MULTIPLE", 32)
+    model = tiny_model(torch.float32)
+    batches = [torch.tensor([[3, 20, 21], [22, 23, 24]]), torch.tensor([[25, 26, 27, 28], [3, 3, 29, 30]])]
+    reuses = machinery.DECODE_STATS["graph_reuses"]
+    for i, prompts in enumerate(batches):                     # 3 + 10 and 4 + 10 tokens: one room of 32
+        uniforms = prerl.sampling_uniforms([f"k-{i}-0", f"k-{i}-1"], 4, 10)
+        out = {}
+        for path in ("static", "loop", "plain"):
+            static_path(path)
+            out[path] = prerl.generate(model, prompts, (prompts != 3).long(), 4, 10, 1.0, top_p, EOS_MANY, 3, uniforms)
+        lengths = prerl.response_mask_from_positions(out["plain"], EOS_MANY).sum(1)
+        assert lengths.min() < lengths.max()
+        assert torch.equal(out["static"], out["loop"]) and torch.equal(out["static"], out["plain"])
+    assert machinery.DECODE_STATS["graph_reuses"] == reuses + 1   # the second rollout reused the first's buffers
+
+
+def test_static_decode_chosen_tokens_logprobs_match_teacher_forced_forward():
+    """Each logit row the static step picks from, against a plain forward over prompt + response (fp32)."""
+    model = tiny_model(torch.float32)
+    prompts = torch.tensor([[3, 3, 20, 21], [22, 23, 24, 25]])
+    prompt_mask = (prompts != 3).long()
+    seen = []
+
+    def recording_pick(logits, temperature, top_p, u=None):
+        seen.append(torch.log_softmax(logits.float(), -1))
+        return prerl.pick_next_token(logits, temperature, top_p, u)
+    uniforms = prerl.sampling_uniforms(["a", "b"], 3, 9)
+    responses = machinery.static_generate(model, prompts, prompt_mask, 3, 9, 1.0, 1.0, EOS_MANY, 3, uniforms, recording_pick,
+                                          torch.autocast("cpu", enabled=False), prerl.cache_keyword(model), capture=False)
+    response_mask = prerl.response_mask_from_positions(responses, EOS_MANY)
+    assert response_mask.sum() > len(responses)               # several tokens per row were decoded
+    chosen = torch.stack([lp[torch.arange(len(lp)), responses[:, t]] for t, lp in enumerate(seen[:responses.shape[1]])], 1)
+    with torch.no_grad():
+        forward = prerl.conditional_logprobs(model, prompts.repeat_interleave(3, 0), prompt_mask.repeat_interleave(3, 0),
+                                             responses, response_mask)
+    keep = response_mask.bool()
+    torch.testing.assert_close(chosen[keep], forward[keep], rtol=0, atol=1e-5)
+
+
+def test_static_decode_sampled_distribution_follows_temperature_and_top_p(monkeypatch):
+    """The second token (the first one the static step picks): every row shares the first token (one u),
+    then its frequencies follow softmax(logits / T) restricted to the top-p nucleus."""
+    monkeypatch.setattr(machinery, "ROOM_MULTIPLE", 1)
+    model = tiny_model(torch.float32)
+    prompt, rows = torch.tensor([[20, 21, 22]]), 6000
+    uniforms = torch.rand(rows, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    uniforms[:, 0] = 0.5
+    for temperature, top_p in ((0.7, 1.0), (0.5, 0.6)):
+        out = machinery.static_generate(model, prompt, torch.ones_like(prompt), rows, 2, temperature, top_p, [0], 3, uniforms,
+                                        prerl.pick_next_token, torch.autocast("cpu", enabled=False), prerl.cache_keyword(model),
+                                        capture=False)
+        assert (out[:, 0] == out[0, 0]).all()
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt, out[:1, :1]], 1)).logits[0, -1]
+        p = torch.softmax(logits / temperature, -1)
+        sorted_p, order = p.sort(descending=True)
+        kept = order[(sorted_p.cumsum(0) - sorted_p) <= top_p]    # the smallest set reaching top_p
+        expected = torch.zeros_like(p)
+        expected[kept] = p[kept] / p[kept].sum()
+        observed = torch.bincount(out[:, 1], minlength=p.numel()).float() / rows
+        assert observed[expected == 0].sum() == 0
+        assert (observed - expected).abs().max() < 0.03
+        if top_p < 1:
+            assert 1 < len(kept) < p.numel()                    # the nucleus really cut
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_static_decode_bf16_weight_copies_equal_autocast_casts(static_path, monkeypatch, tied):
+    """Under low-precision autocast the step reads copies of the matmul weights made once per rollout;
+    they are autocast's own casts (the embedding, tied or not, stays fp32), so the tokens are identical
+    to the same step letting autocast cast every weight itself."""
+    monkeypatch.setattr(prerl, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    model = tiny_model(torch.float32, tied=tied)
+    prompts = torch.tensor([[3, 20, 21], [22, 23, 24]])
+    uniforms = prerl.sampling_uniforms(["x", "y"], 3, 8)
+    static_path("static")
+    out = {}
+    for copies in (True, False):
+        machinery._DECODERS.pop(model, None)
+        if not copies:
+            monkeypatch.setattr(machinery.StaticDecoder, "load", without_weight_copies(machinery.StaticDecoder.load))
+        out[copies] = prerl.generate(model, prompts, (prompts != 3).long(), 3, 8, 1.0, 1.0, EOS_MANY, 3, uniforms)
+        decoder = next(iter(machinery._DECODERS[model].values()))
+        assert bool(decoder.shadow) == copies
+    assert torch.equal(out[True], out[False])
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def without_weight_copies(load):
+    def wrapped(self, *args, **kwargs):
+        self.shadow = {}
+        return load(self, *args, **kwargs)
+    return wrapped
+
+
+def test_static_decoder_survives_in_place_updates_and_is_rebuilt_for_new_storage(static_path):
+    model = tiny_model(torch.float32)
+    prompts = torch.tensor([[3, 20, 21], [22, 23, 24]])
+    mask = (prompts != 3).long()
+
+    def both():
+        out = {}
+        for path in ("static", "plain"):
+            static_path(path)
+            out[path] = prerl.generate(model, prompts, mask, 2, 8, 0.0, 1.0, EOS_MANY, 3)
+        assert torch.equal(out["static"], out["plain"])
+        return out["static"]
+    before = both()
+    stats = dict(machinery.DECODE_STATS)
+    with torch.no_grad():                                       # as the optimizer does: in place
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    after = both()
+    assert not torch.equal(before, after)                       # the new weights were really read
+    assert machinery.DECODE_STATS["graph_reuses"] == stats["graph_reuses"] + 1
+    assert machinery.DECODE_STATS["rebuilds_after_weight_change"] == stats["rebuilds_after_weight_change"]
+    model.load_state_dict({k: v.clone() * 1.1 for k, v in model.state_dict().items()}, assign=True)  # new storage
+    both()
+    assert machinery.DECODE_STATS["rebuilds_after_weight_change"] == stats["rebuilds_after_weight_change"] + 1
+
+
+def test_static_decode_is_taken_only_where_it_fits(monkeypatch):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    model, cpu = tiny_model(torch.float32), torch.device("cpu")
+    monkeypatch.setattr(machinery, "STATIC_DECODE", "auto")
+    assert not machinery.static_decode_fits(model, cpu)                       # today's loop stays on CPU
+    assert machinery.static_decode_fits(model, torch.device("cuda"))          # (nothing is allocated)
+    monkeypatch.setattr(machinery, "STATIC_DECODE", "on")
+    assert machinery.static_decode_fits(model, cpu)
+    sliding = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, vocab_size=60, use_sliding_window=True, sliding_window=16,
+                                           max_window_layers=0))
+    assert not machinery.static_decode_fits(sliding, cpu)                     # sliding windows keep the loop
+    monkeypatch.setattr(machinery, "STATIC_DECODE", "off")
+    assert not machinery.static_decode_fits(model, torch.device("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_decodes_like_the_same_step_eagerly():
+    model = tiny_model(torch.float32).cuda()
+    prompts = torch.tensor([[3, 20, 21], [22, 23, 24]], device="cuda")
+    uniforms = prerl.sampling_uniforms(["g0", "g1"], 4, 24).cuda()
+    captures = machinery.DECODE_STATS["captures"]
+    outs = [machinery.static_generate(model, prompts, (prompts != 3).long(), 4, 24, 1.0, 0.9, EOS_MANY, 3, uniforms,
+                                      prerl.pick_next_token, prerl.autocast(prompts.device), prerl.cache_keyword(model),
+                                      capture=capture) for capture in (False, True, True)]
+    assert machinery.DECODE_STATS["captures"] == captures + 1 and machinery.DECODE_STATS["capture_failures"] == 0
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+def test_gpu_suite_dry_run_runs_every_section():
+    """bench.py --gpu-suite, on the CPU with a tiny shape: the script a lent GPU will run, end to end."""
+    out = subprocess.run([sys.executable, "bench.py", "--gpu-suite", "--dry-run"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "FAILED" not in out.stdout and "| failed" not in out.stdout, out.stdout[-3000:]
+    for row in ("agreement, static vs plain, T=1.0", "ms/step", "loop / static", "warm-up of the static path",
+                "RL step grpo", "model FLOPs utilisation", "peak memory", "graph captures", "gpu suite wall time"):
+        assert row in out.stdout, row
+    agreement = [line for line in out.stdout.splitlines() if line.startswith("agreement")]
+    assert len(agreement) == 4 and all("identical |" in line for line in agreement)  # fp32: equal tokens
+
+
+# ---------------------------------------------------------------------------
+# --- Mutation guards (issue 17)
+# Each test below fails on a bug that once passed the whole suite (checked by applying the bug by hand).
+# `python mutate.py` runs mutmut over the method and the verifier's core against this file.
+
+def under_mutmut():
+    """mutmut sets MUTANT_UNDER_TEST in the process that runs the tests (stats, clean run, every mutant)."""
+    return "MUTANT_UNDER_TEST" in os.environ
+
+
+@pytest.fixture(autouse=True)
+def verifier_in_process_under_mutmut(request, monkeypatch):
+    """verify.py compares in forked workers, where mutmut cannot see which tests reach the comparison
+    core; under mutmut the comparison runs in the test's process instead. The tests of the time bound
+    need the workers and are skipped there (the bound is not what the mutants change)."""
+    if not under_mutmut():
+        return
+    if request.node.name.startswith(("test_hostile_input", "test_time_bound")):
+        pytest.skip("needs the verifier's worker processes; not run under mutmut")
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: verify._compare_normalized(*job))
+
+
+# --- 1. the pre-train-space start token
+
+def word_tokenizer(tokens, bos=None, unk="<unk>"):
+    """A tokenizer with the given vocabulary (ids in list order), '</s>' as EOS, optionally a BOS and no unk."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(([unk] if unk else []) + tokens + ["</s>", "a", "b"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    special = {"eos_token": "</s>", **({"bos_token": bos} if bos else {}), **({"unk_token": unk} if unk else {})}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+@pytest.mark.parametrize("tokens,bos,unk,expected,kind", [
+    (["<s>", "<|im_start|>", "<bos>"], "<bos>", "<unk>", "<bos>", "BOS"),     # BOS beats every fallback
+    (["<bos>", "<s>"], "<bos>", None, "<bos>", "BOS"),                         # a BOS with id 0 is still a BOS
+    (["<s>", "<|begin_of_text|>", "<|im_start|>"], None, "<unk>", "<|im_start|>", "turn-start"),  # preference, not id order
+    (["<s>", "<|begin_of_text|>"], None, "<unk>", "<|begin_of_text|>", "turn-start"),
+    (["<s>"], None, "<unk>", "<s>", "turn-start"),
+    (["<s>"], None, None, "<s>", "turn-start"),                                # id 0, no unk token
+    ([], None, "<unk>", "</s>", "EOS"),                                        # unknown tokens map to unk: not a match
+    ([], None, None, "</s>", "EOS"),                                           # unknown tokens map to None
+])
+def test_start_token_id_prefers_bos_then_documented_fallbacks(tokens, bos, unk, expected, kind):
+    tokenizer = word_tokenizer(tokens, bos, unk)
+    token_id, description = prerl.start_token_id(tokenizer)
+    assert token_id == tokenizer.get_vocab()[expected] and isinstance(token_id, int)
+    assert description.startswith(kind) and repr(expected) in description
+
+
+def test_train_scores_the_pretrain_space_with_the_start_token_id(tiny_model_folder, tmp_path, monkeypatch):
+    """train() passes start_token_id(tokenizer) to every pre-train-space scoring: a different id from the
+    chooser (17, not the tiny tokenizer's BOS 1) must reach pretrain_logprobs, and only it."""
+    chosen, seen = [], []
+    real_start, real_pretrain = prerl.start_token_id, prerl.pretrain_logprobs
+
+    def start_spy(tokenizer):
+        chosen.append(real_start(tokenizer))
+        return 17, "spy"
+
+    def pretrain_spy(model, start_id, *args, **kwargs):
+        seen.append(start_id)
+        return real_pretrain(model, start_id, *args, **kwargs)
+    monkeypatch.setattr(prerl, "start_token_id", start_spy)
+    monkeypatch.setattr(prerl, "pretrain_logprobs", pretrain_spy)
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path, "--steps", "2", "--mode", "nsr-prerl")))
+    assert chosen == [(1, "BOS '<s>'")]     # the tiny tokenizer's BOS
+    assert seen and set(seen) == {17}
+
+
+# --- 2. the next-token sampler against exact probabilities
+
+def assert_draws_follow(picks, probs, sigmas=5.0):
+    """Every class's share within `sigmas` binomial standard deviations of its exact probability
+    (fixed seed: deterministic; 5 sigma over a handful of classes: not flaky under a new torch)."""
+    n = len(picks)
+    counts = torch.bincount(picks, minlength=len(probs)).double() / n
+    for k, p in enumerate(probs):
+        tolerance = sigmas * math.sqrt(p * (1 - p) / n) + 1e-12
+        assert abs(counts[k].item() - p) <= tolerance, (k, counts[k].item(), p, tolerance)
+
+
+PEAKED = [3.0, 1.0, 0.0, -1.0, 2.0, -3.0]
+
+
+def exact_probs(logits, temperature, top_p=1.0):
+    """softmax(logits / T) restricted to the smallest top-p nucleus, written with math and loops."""
+    weights = [math.exp(l / temperature) for l in logits]
+    probs = [w / sum(weights) for w in weights]
+    kept, mass = set(), 0.0
+    for k in sorted(range(len(probs)), key=lambda k: -probs[k]):
+        if mass >= top_p:
+            break
+        kept.add(k)
+        mass += probs[k]
+    return [p / mass if k in kept else 0.0 for k, p in enumerate(probs)]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.5, 1.0), (0.8, 1.0), (1.0, 1.0), (1.7, 1.0), (0.6, 0.9), (1.5, 0.75)])
+def test_pick_next_token_matches_exact_probabilities(temperature, top_p):
+    torch.manual_seed(0)
+    n = 40_000
+    logits = torch.tensor([PEAKED], dtype=torch.float32).repeat(n, 1)
+    probs = exact_probs(PEAKED, temperature, top_p)
+    picks = prerl.pick_next_token(logits, temperature, top_p, torch.rand(n, dtype=torch.float64))
+    assert picks.shape == (n,) and picks.dtype == torch.long
+    assert_draws_follow(picks, probs)
+    # the same tolerance rejects a temperature 10% off: the test is sharp enough to see a wrong T
+    wrong = exact_probs(PEAKED, temperature * 1.1, top_p)
+    with pytest.raises(AssertionError):
+        assert_draws_follow(picks, wrong)
+
+
+def test_pick_next_token_rows_are_independent_and_greedy_at_zero():
+    torch.manual_seed(0)
+    n = 20_000
+    logits = torch.tensor([PEAKED, PEAKED[::-1]], dtype=torch.float64).repeat(n, 1)   # two different rows, interleaved
+    picks = prerl.pick_next_token(logits, 0.7, 1.0, torch.rand(len(logits), dtype=torch.float64))
+    assert_draws_follow(picks[0::2], exact_probs(PEAKED, 0.7))
+    assert_draws_follow(picks[1::2], exact_probs(PEAKED[::-1], 0.7))
+    assert prerl.pick_next_token(logits[:2], 0.0, 1.0).tolist() == [0, 5]
+    assert prerl.pick_next_token(logits[:2], 0.0, 0.5).tolist() == [0, 5]   # greedy ignores top-p
+
+
+# --- 3./4. EOS: where decoding stops and what the response mask keeps
+
+MANY_EOS = list(range(4, 40, 3))   # many "end" tokens, so that rows of the random tiny model end early
+
+
+def first_eos(row, eos_ids):
+    return next((t for t, token in enumerate(row) if token in eos_ids), None)
+
+
+def test_generate_stops_at_the_longest_responses_first_eos():
+    torch.manual_seed(0)
+    model = tiny_model(torch.float32)
+    prompt_ids = torch.tensor([[3, 3, 20, 21], [22, 23, 24, 25], [26, 27, 28, 29]])
+    prompt_mask = (prompt_ids != 3).long()
+    for temperature in (0.0, 1.0):
+        uniforms = prerl.sampling_uniforms(range(len(prompt_ids)), 4, 40)
+        out = prerl.generate(model, prompt_ids, prompt_mask, 4, 40, temperature, 1.0, MANY_EOS, pad_id=3, uniforms=uniforms)
+        ends = [first_eos(row, MANY_EOS) for row in out.tolist()]
+        assert all(e is not None for e in ends), ends            # every row ended within 40 tokens
+        assert out.shape == (12, max(ends) + 1)                  # no column past the longest row's EOS
+        assert min(ends) < max(ends)                             # rows really ended at different steps
+        for row, end in zip(out.tolist(), ends):
+            assert row[end + 1:] == [3] * (len(row) - end - 1)   # nothing decoded after a row's EOS
+
+
+def test_sample_masks_everything_after_each_rows_first_eos(tiny_model_folder):
+    torch.manual_seed(0)
+    model, tokenizer = prerl.load_model(str(tiny_model_folder), torch.device("cpu"))
+    model.generation_config.eos_token_id = MANY_EOS
+    problems = prerl.load_problems(str(tiny_model_folder / "toy.jsonl"))[:3]
+    out = prerl.sample(model, tokenizer, problems, prerl.Config(max_new_tokens=12, temperature=1.0), 4, range(3))
+    eos_ids = set(MANY_EOS) | {tokenizer.eos_token_id}
+    ends = [first_eos(row, eos_ids) for row in out["response_ids"].tolist()]
+    assert any(e is not None and e + 1 < out["response_ids"].shape[1] for e in ends)   # some row ended early
+    width = out["response_ids"].shape[1]
+    expected = [[int(e is None or t <= e) for t in range(width)] for e in ends]
+    assert out["response_mask"].tolist() == expected
+    kept = [[t for t, m in zip(row, mask) if m] for row, mask in zip(out["response_ids"].tolist(), expected)]
+    assert out["texts"] == tokenizer.batch_decode(kept, skip_special_tokens=True)
+    assert out["prompt_ids"].shape[0] == 12 and torch.equal(out["prompt_ids"][4], out["prompt_ids"][7])
+
+
+def test_evaluation_is_greedy_by_default_and_averages_over_batches(tiny_model_folder, monkeypatch):
+    model, tokenizer = prerl.load_model(str(tiny_model_folder), torch.device("cpu"))
+    problems = [{"problem": f"what is {a}+1?", "answer": ["right", "wrong"][a % 3 == 0]} for a in range(5)]
+    calls = []
+    real_sample = prerl.sample
+
+    def sample_spy(model, tokenizer, chunk, cfg, group_size, keys, temperature=None):
+        calls.append((len(chunk), group_size, temperature))
+        out = real_sample(model, tokenizer, chunk, cfg, group_size, keys, temperature)
+        calls[-1] += (out["texts"],)
+        return out
+    monkeypatch.setattr(prerl, "sample", sample_spy)
+    monkeypatch.setattr(verify, "rewards", lambda texts, golds: [float(g == "right") for g in golds])
+    assert prerl.Config().eval_temperature == 0.0
+    for seed in (0, 1):   # greedy: the texts do not depend on the random state
+        torch.manual_seed(seed)
+        assert prerl.evaluate(model, tokenizer, problems, prerl.Config(max_new_tokens=8), batch_size=2) == 3 / 5
+    assert [c[:3] for c in calls] == [(2, 1, 0.0), (2, 1, 0.0), (1, 1, 0.0)] * 2
+    assert [c[3] for c in calls[:3]] == [c[3] for c in calls[3:]]
+    greedy = prerl.generate(model, *prerl.encode_prompts(tokenizer, problems[:2], torch.device("cpu")).values(),
+                            1, 8, 0.0, 1.0, prerl.eos_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    assert calls[0][3] == tokenizer.batch_decode(greedy * prerl.response_mask_from_positions(
+        greedy, prerl.eos_token_ids(model, tokenizer)), skip_special_tokens=True)
+    calls.clear()
+    prerl.evaluate(model, tokenizer, problems[:1], prerl.Config(max_new_tokens=8, eval_temperature=0.9))
+    assert calls[0][2] == 0.9
+
+
+# --- 5. periodic checkpoints: the step they record, and a resume from one
+
+def test_periodic_checkpoint_records_its_step_and_resumes_like_an_uninterrupted_run(tiny_model_folder, tmp_path, monkeypatch):
+    """--save-every 2 over 4 steps, the run killed during step 3: the checkpoint on disk is the one saved
+    after 2 steps and says so; resuming from it ends with the same weights, optimizer state and metrics
+    as a run that was never interrupted."""
+    args = ("--steps", "4", "--save-every", "2", "--switch-step", "1")
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "full", *args)))
+    rl_step = prerl.rl_step
+
+    def rl_step_dying_at_step_3(model, tokenizer, optimizer, problems, step, *rest):
+        if step == 3:
+            raise KeyboardInterrupt("killed during step 3")
+        return rl_step(model, tokenizer, optimizer, problems, step, *rest)
+    monkeypatch.setattr(prerl, "rl_step", rl_step_dying_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "cut", *args)))
+    periodic = state_of(tmp_path / "cut" / "checkpoint.pt")
+    assert periodic["step"] == 2
+    assert {int(s["step"]) for s in periodic["optimizer"]["state"].values()} <= {1, 2}   # Adam: at most 2 updates
+    monkeypatch.setattr(prerl, "rl_step", rl_step)
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "cut", *args, "--resume")))
+    full, resumed = state_of(tmp_path / "full" / "checkpoint.pt"), state_of(tmp_path / "cut" / "checkpoint.pt")
+    assert full["step"] == resumed["step"] == 4
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    for key, state in full["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, resumed["optimizer"]["state"][key][name]), (key, name)
+    records = {}
+    for line in open(tmp_path / "cut" / "metrics.jsonl"):   # step 2 ran twice (before the kill, after resume)
+        record = json.loads(line)
+        records[record["step"]] = record                    # the resumed run's record is the later one
+    timing = ("sample_s", "score_s", "train_s", "diagnose_s")
+    uninterrupted = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [m["stage"] for m in uninterrupted] == ["nsr-prerl", "grpo", "grpo", "grpo"]
+    assert any(m["kept_tokens"] > 0 for m in uninterrupted[2:])   # the resumed steps really trained
+    assert [{k: v for k, v in records[s].items() if k not in timing} for s in range(4)] == \
+           [{k: v for k, v in m.items() if k not in timing} for m in uninterrupted]
+
+
+# --- 6. the verifier's tolerance: near misses are not equal
+
+NEAR_MISSES = [
+    ("\\pi^2", "9.9"), ("\\sqrt{2}", "1.42"), ("e", "2.7"),               # a digit or two off
+    ("\\pi", "3.1415929"), ("\\sqrt{2}+10^{-7}", "\\sqrt{2}"),           # 1e-7 relative: only a 1e-8 tolerance sees it
+    ("x+10^{-7}", "x"),                                                  # the same with a free symbol (sampled points)
+]
+
+
+@pytest.mark.parametrize("pred,gold", NEAR_MISSES)
+def test_near_misses_are_not_equivalent(pred, gold):
+    assert verify.is_equiv(pred, gold) is False
+    assert verify.is_equiv(gold, pred) is False
+
+
+@pytest.mark.parametrize("pred,gold", [("\\pi", "3.1415927"), ("e", "2.718"), ("\\pi^2", "9.8696"),
+                                       ("\\sqrt{2}", "\\frac{2}{\\sqrt{2}}"), ("x+10^{-7}", "x+\\frac{1}{10^{7}}")])
+def test_correct_roundings_and_equal_forms_are_equivalent(pred, gold):
+    assert verify.is_equiv(pred, gold) is True
+
+
+def test_tolerance_loosened_a_hundredfold_admits_a_near_miss(monkeypatch):
+    """The guard above in reverse: with the tolerance 100x looser the 1e-7 near misses pass as equal,
+    so the near-miss test is what pins the constant."""
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: verify._compare_normalized(*job))
+    monkeypatch.setattr(verify, "_REL_TOL", verify._REL_TOL * 100)
+    assert verify.is_equiv("\\pi", "3.1415929") and verify.is_equiv("x+10^{-7}", "x")
+
+
+# --- laws of the advantages, property-based (hypothesis is development-only: skipped without it)
+
+def reward_groups():
+    from hypothesis import strategies as st
+    return st.integers(1, 4).flatmap(lambda groups: st.integers(2, 8).flatmap(lambda g: st.lists(
+        st.lists(st.sampled_from([0.0, 1.0]), min_size=g, max_size=g), min_size=groups, max_size=groups)))
+
+
+def test_advantage_laws_hold_for_any_groups():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    @hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+    @hypothesis.given(reward_groups(), st.randoms(use_true_random=False))
+    def check(groups, rng):
+        rewards = torch.tensor(groups, dtype=torch.float64)
+        cfg = prerl.Config()
+        table = {stage: prerl.advantages_for(stage, rewards, cfg)[0] for stage in prerl.MODES if stage != "dsrl"}
+        # centred advantages sum to zero in every group; GRPO's too
+        torch.testing.assert_close(table["prerl"].sum(1), torch.zeros(len(groups), dtype=torch.float64), atol=1e-12, rtol=0)
+        torch.testing.assert_close(table["grpo"].sum(1), torch.zeros(len(groups), dtype=torch.float64), atol=1e-9, rtol=0)
+        # negative-only stages never push a response up, positive-only ones never down
+        assert (table["nsr-prerl"] <= 0).all() and (table["nsr"] <= 0).all()
+        assert (table["psr-prerl"] >= 0).all() and (table["psr"] >= 0).all()
+        # NSR-PreRL and PSR-PreRL split PreRL's advantages between them
+        torch.testing.assert_close(table["nsr-prerl"] + table["psr-prerl"], table["prerl"], atol=0, rtol=0)
+        # a group whose responses all agree carries no signal in the centred and GRPO advantages
+        for i, group in enumerate(groups):
+            if len(set(group)) == 1:
+                assert (table["prerl"][i] == 0).all() and (table["grpo"][i] == 0).all()
+        # permuting the responses of a group permutes their advantages, in every stage
+        order = list(range(rewards.shape[1]))
+        rng.shuffle(order)
+        permuted = {stage: prerl.advantages_for(stage, rewards[:, order], cfg)[0] for stage in table}
+        for stage in table:
+            torch.testing.assert_close(permuted[stage], table[stage][:, order], atol=1e-12, rtol=0)
+    check()
+
+
+def test_grpo_advantages_ignore_reward_shift_and_scale():
+    """Where they should: GRPO divides by the group's std, so A(a r + b) = A(r) for a > 0 (eps = 0);
+    centred advantages move with the scale (A(a r + b) = a A(r)) but not with the shift."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    @hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+    @hypothesis.given(reward_groups(), st.floats(0.1, 10.0), st.floats(-5.0, 5.0))
+    def check(groups, scale, shift):
+        rewards = torch.tensor(groups, dtype=torch.float64)
+        moved = scale * rewards + shift
+        mixed = rewards.std(1) > 0
+        torch.testing.assert_close(prerl.grpo_advantages(moved, eps=0.0)[mixed], prerl.grpo_advantages(rewards, eps=0.0)[mixed],
+                                   atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(prerl.centered_advantages(moved), scale * prerl.centered_advantages(rewards),
+                                   atol=1e-9, rtol=1e-9)
+    check()
 
 
 # ---------------------------------------------------------------------------
@@ -1100,3 +2408,8 @@ def test_lr_sweep_chooses_on_the_validation_split_never_the_held_out(tiny_model_
     lr, scores = analyze.choose_lr(cfg, args, "grpo", [1e-3, 1e-2, 1e-1], data)
     assert lr == 1e-1 and scores == {"0.001": 0.5, "0.01": 0.75, "0.1": 0.75}
     assert {s[0] for s in seen} == {data["validation"]} and {s[1] for s in seen} == {data["train"]}
+
+
+def test_diagnose_every_is_a_checked_flag(capsys):
+    assert refused_line(["--diagnose-every", "-1"], capsys).startswith("error: --diagnose-every -1:")
+    assert "diagnose_every" in prerl.RESUME_MAY_CHANGE        # diagnostics never change what is trained

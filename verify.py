@@ -7,29 +7,83 @@ verify.py -- a safe, time-bounded, sympy-based answer verifier for RL with verif
 
 Standalone: needs only sympy and the standard library, so any trainer can import it.
 
-Extraction order (extract_answer), first rule that finds something wins:
-  1. the last \\boxed{...} or \\fbox{...} (brace-balanced, nested braces; `\\boxed 5` without braces),
-  2. the last phrase "final answer is" / "the answer is" / "answer:" -- the rest of that line,
-  3. the last $...$, \\(...\\) or \\[...\\] math span,
-  4. the last number in the text.
+Extraction (extract_answer). The completion is first cut at the first end-of-turn chat token
+(`<|im_end|>`, `<|eot_id|>`, `</s>`, ...: a model that goes on writes a made-up next turn) and at a
+made-up next few-shot question (`\n\nQuestion:`), reasoning inside `<think>...</think>` is skipped
+when an answer follows it, markdown bold is unwrapped. Then the first rule that finds something wins:
+  1. the last \\boxed{...} / \\fbox{...} (brace-balanced; `\\boxed 5` without braces). A wrong last
+     box is wrong even when an earlier box was right. Only when the reference lists k answers
+     (`2, 3`) and the last k boxes hold one answer each are they read together (`\\boxed{2} and
+     \\boxed{3}`), in reward().
+  2. a GSM8K answer line `#### 72`;
+  3. the last answer phrase: `final answer is`, `the answer is`, `answer:` (also `**Answer:**`),
+     `the correct option is`, and in other languages (答案/所以/因此, Réponse, Antwort, Respuesta,
+     Resposta, Ответ, 答え, 정답, ...). From the text after it: math right after the phrase (with
+     `$2$ and $3$` read as both), else the text up to the end of the sentence, `I hope it is
+     correct` (Minerva), `because`, `since`, `;`; when that is a sentence around a number (`Natalia
+     sold 48 + 24 = 72 clips`), its last number. A phrase followed by prose and no number (`Answer:
+     Let's think step by step`) or by `not` is skipped.
+  4. a last line `A: 72`;
+  5. the whole completion when it is short (<= 100 characters, one line) and is itself an answer:
+     math with no prose (`\\frac{10}{9}`, `[2,5)`, `(x-2)(x+2)`, `$x=3$`) or one or two words
+     (`east`). Longer text is never taken whole, but its last line is when that line is a short
+     formula with no prose and no `$` (`\\frac{10}{9}` after the reasoning; a leading `=` dropped).
+  6. the last math span ($...$, $$...$$, \\(...\\), \\[...\\]) or number, whichever ends later,
+     skipping any inside a clause that denies (`36 is not divisible by 5`: not, no, never, cannot,
+     wrong, ...) or a sentence that only checks (`Since $7 > 5$, ...`, `Let me double check: ...`).
+     Math spans joined by `and`/`or`/`,` are read together (`$x = 2$ and $x = 3$`). A `$` whose span
+     would hold prose, run up to a digit (`$5 and $6`) or never close is a dollar sign, not math
+     (`48+18=$66`); a number right after `^` or `_` (`cm^2`) is not a candidate.
 
-Conventions of is_equiv(pred, gold):
+Conventions of is_equiv(pred, gold) (where graders disagree, the choice and why):
   - Numbers compare exactly when both are rational (0.5 == 1/2, 1/2^99 != 1/2^98, 5 != 5.001);
     otherwise with a relative tolerance of 1e-8. A decimal with at least 3 significant digits also
-    matches an irrational value it rounds (0.577 == sqrt(3)/3, 3.14 == pi); never 5 == 500.
-  - Thousands separators `7,425,000`, `1\\,000`, `14{,}916`; scientific `1.5e3`, `1.5\\times10^3`;
-    mixed numbers `918\\frac12` == 918.5 (an integer written right before an integer \\frac).
+    matches a value it rounds to the digits shown: an irrational one (0.577 == sqrt(3)/3, 3.14 ==
+    pi) or a rational one with no exact decimal (0.3333 == 0.333 == 1/3, 2.6667 == 8/3). Never with
+    fewer digits (`\\pi^2` != 9.9, `e` != 2.7, 2/3 != 0.67: two digits prove too little), never a
+    rounding off by more than half a unit (`\\sqrt2` != 1.42), and never against a rational that HAS
+    an exact decimal (1.13 != 9/8 = 1.125: a model that means 9/8 can write it exactly).
+  - Scientific notation is an exact decimal: `1.07e16` == `1.07 \\times 10^{16}` (never a binary
+    float, which would make it 10700000000000000 +- 2); `10^4`, `1.5\\cdot10^3` likewise.
+  - Separators: `7,425,000`, `1\\,000`, `14{,}916`, `11,\\! 111`, `10 000` (groups of exactly three
+    digits, first group not starting with 0). A comma that cannot be a thousands separator is a
+    decimal comma when compared with a plain number: `1,22` == 1.22, `0,111` == 0.111 (a group of
+    two digits, or a leading 0); `1,222` stays 1222. Against a list `1, 22` it stays a list.
+  - Repeating decimals `0.1\\overline{6}` == 1/6. Ratios `3:2` == 3/2 against a number; times `2:30`
+    compare as clock times, `14:30` == `2:30 p.m.`, and `2:30` == `2:30 p.m.` (a bare time is read
+    on a 12-hour clock, as questions that ask "what time" mean).
+  - Bases: `10110_2` == `22_{10}` (values); a bare `10110` against `10110_2` is read in the
+    reference's base (models often drop the subscript the question asked for).
+  - Mixed numbers `918\\frac12` == 918.5 (an integer written right before an integer \\frac).
   - Percent: `10\\%` equals both `10` and `0.1` (graders disagree; we accept both readings).
-  - Units: `\\text{...}`, `\\mbox{...}` and trailing words after a number are dropped (`10\\text{ cm}` == 10),
-    `^\\circ` is dropped (degrees), `\\$` is dropped, a trailing `\\` or `.` is dropped.
-  - `x = 3` equals `3` when the left side is a single variable; two equations are equal when
-    (lhs - rhs) of one is a nonzero constant multiple of the other (`2x+2y=2` == `x+y=1`).
-  - Lists and tuples are ORDERED (`10, 4, -2` != `4, 10, -2`); sets `\\{...\\}` and the pieces of a
-    union `A \\cup B` are unordered; intervals compare bracket kinds and end points.
+  - Units: `\\text{...}`, `\\textnormal`, `\\mbox`, `\\mathrm` and trailing words after a number are
+    dropped (`10\\text{ cm}^2` == 10, `150 meters`, `5 m/s`), `^\\circ` is dropped (degrees) except
+    inside a trig function, where it converts (`\\sin 30^\\circ` == 1/2), `\\$` is dropped, a
+    trailing `\\` or `.` is dropped. Degrees are not radians (`45^\\circ` != `\\pi/4`).
+  - Labels: `x = 3`, `f(2) = 7`, `AB = 5`, `(p,q) = (3,2)` equal their value. Several labelled
+    values compare by label in any order when both sides are labelled (`a_3 = 2, a_{37} = 19`),
+    else by value in order (`k = 45 \\text{ and } n = 2` == `45, 2`). An equality chain is its last
+    side (`48 + 18 = 66`, `x = 2 + 3 = 5`). Two equations are equal when (lhs - rhs) of one is a
+    nonzero constant multiple of the other, and `y = 2x+3` is also the line `2x - y + 3 = 0`.
+  - Relations: `\\geq`, `\\ge`, `>=`, `≥`, `\\lt`, `\\gt`, `\\neq`, `!=`; a linear relation in one
+    variable is the interval it describes (`x \\geq 5` == `[5, \\infty)` == `5 \\le x`, `-x > -1`
+    == `x < 1`, `-2 \\le x \\le 7` == `x \\in [-2,7]`, `x < -1 \\text{ or } x > 2` == the union);
+    `\\{x \\mid x > 2\\}` is the relation. `a \\approx 3.46` compares `a` unless `a` is a single
+    variable; a bare `\\approx 3.46` compares 3.46.
+  - Lists and tuples are ORDERED (`10, 4, -2` != `4, 10, -2`: the hendrycks MATH convention, and
+    MATH lists ordered answers), and a bare list equals a tuple (`1,2,3` == `(1, 2, 3)`). Sets
+    `\\{...\\}` (with `,` or `;`), `{1, 2}`, answers joined by `or`, `\\pm` (`\\pm 2021` ==
+    `\\{-2021, 2021\\}`) and the pieces of a union are unordered, and a set on either side makes the
+    comparison unordered. Intervals compare bracket kinds and end points. A one-column or one-row
+    matrix equals the tuple of its entries.
   - Algebraic expressions are compared by evaluating pred - gold at random points where every
-    variable is a positive real (so sqrt(x^2) == x); `i` is the imaginary unit, `e` is Euler's number,
-    single capitals A-E alone are multiple-choice letters (`(C)` == `\\text{C}` == `C`).
-  - Matrices (pmatrix, bmatrix, ...) compare element by element.
+    variable is a positive real (so sqrt(x^2) == x); `i` is the imaginary unit, `e` is Euler's
+    number, `\\log` is base 10 (as in contest problems; `\\ln` is natural), `\\sin 2x` is sin(2x),
+    `2**3` is a power; single capitals A-E alone are multiple-choice letters (`(C)` == `\\text{C}`
+    == `C`); `A. because ...`, `(B) 12`, `B: 12` are the letter against a letter reference and the
+    value after it otherwise.
+  - Matrices (pmatrix, bmatrix, vmatrix, array inside \\left[ \\right], ...) compare element by
+    element (a vmatrix answer is read as its entries, as models write it for a matrix).
   - Words (three letters or more, outside LaTeX commands) compare as case-folded text.
 
 Safety: nothing from a completion reaches eval/exec. Strings are turned into sympy objects by a
@@ -44,6 +98,7 @@ import os
 import random
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
@@ -54,11 +109,15 @@ MAX_POWER_BITS = 20_000    # refuse to build integers larger than this (power to
 # ---------------------------------------------------------------------------
 # Extraction
 
+MAX_COMPLETION_CHARS = 100_000   # only the tail of a longer completion is searched for its answer
+MAX_BOXES = 20                   # only the last boxes of a completion are read
+SHORT_ANSWER_CHARS = 100         # a one-line completion this short, with no prose, is taken whole
 
-def _match_brace(text, open_pos):
-    """Index of the brace closing text[open_pos] == '{', or -1 if unbalanced."""
+
+def _match_brace(text, open_pos, limit=MAX_ANSWER_CHARS * 4):
+    """Index of the brace closing text[open_pos] == '{', or -1 if unbalanced within limit chars."""
     depth = 0
-    for i in range(open_pos, len(text)):
+    for i in range(open_pos, min(len(text), open_pos + limit)):
         c = text[i]
         if c == "{":
             depth += 1
@@ -69,64 +128,277 @@ def _match_brace(text, open_pos):
     return -1
 
 
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)")
+
+
+def _boxes(text):
+    """Every \\boxed{...} / \\fbox{...} in order, as (start, end, content); `\\boxed 5` too."""
+    found = []
+    starts = list(_BOXED_RE.finditer(text))[-MAX_BOXES:]  # bounded work on hostile text
+    for m in starts:
+        i = m.end()
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            end = _match_brace(text, i)
+            if end > 0 and text[i + 1:end].strip():
+                found.append((m.start(), end + 1, text[i + 1:end].strip()))
+        elif i > m.end():
+            word = re.match(r"[^\s$]+", text[i:i + 200])
+            if word:
+                found.append((m.start(), i + word.end(), word.group(0)))
+    return found
+
+
 def _last_boxed(text):
-    pos = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if pos < 0:
-        return None
-    i = pos + (6 if text.startswith("\\boxed", pos) else 5)
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i < len(text) and text[i] == "{":
-        end = _match_brace(text, i)
-        return text[i + 1:end] if end > 0 else None
-    m = re.match(r"[^\s$]+", text[i:i + 200])  # `\boxed 5`
-    return m.group(0) if m and i > pos + 5 else None
+    boxes = _boxes(text)
+    return boxes[-1][2] if boxes else None
 
 
-_PHRASES = ("final answer is", "the answer is", "answer:")
-_NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+# Chat-template tokens: the answer ends at the first end-of-turn token (models often go on to write
+# a made-up next turn after it); `<think>...</think>` reasoning is skipped when text follows it.
+_END_OF_TURN_RE = re.compile(r"<\|(?:im_end|endoftext|eot_id|eom_id|end|end_of_text|im_start|user|assistant)\|>"
+                             r"|</s>|<end_of_turn>|<eos>|<\|end▁of▁sentence\|>|<｜end▁of▁sentence｜>")
+_CHAT_TOKEN_RE = re.compile(r"<\|[A-Za-z_▁]{1,30}\|>|<｜[^｜>]{1,30}｜>|</?(?:s|bos|start_of_turn)>")
 
 
-def _after_phrase(text):
-    lower = text.lower()
-    best = max(((lower.rfind(p), p) for p in _PHRASES), key=lambda t: t[0])
-    if best[0] < 0:
-        return None
-    rest = text[best[0] + len(best[1]):best[0] + len(best[1]) + 300].split("\n")[0]
-    math_span = _last_math(rest)
-    answer = math_span if math_span is not None else rest
-    answer = answer.strip().lstrip(":").strip().rstrip(".").strip()
-    return answer or None
+def _clean_completion(text):
+    end = _END_OF_TURN_RE.search(text)
+    if end and text[:end.start()].strip():
+        text = text[:end.start()]
+    question = _NEXT_QUESTION_RE.search(text)  # a base model writing the next few-shot question
+    if question and re.search(r"\d", text[:question.start()]):
+        text = text[:question.start()]
+    think = text.rfind("</think>")
+    if think >= 0 and text[think + 8:].strip():
+        text = text[think + 8:]
+    text = text[-MAX_COMPLETION_CHARS:]
+    text = _BOLD_RE.sub(r"\1", text)  # markdown **72**, never the power 2**3
+    return _CHAT_TOKEN_RE.sub(" ", text)
+
+
+_BOLD_RE = re.compile(r"(?<![\w*])\*\*(?=\S)([^*\n]{1,200}?)(?<=\S)\*\*(?![\w*])")
+_MATH_OPEN_RE = re.compile(r"\$\$|(?<!\\)\$|\\\[|\\\(")
+_PROSE_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}[,.]?\s+[a-zA-Z]{2,}\s+[a-zA-Z]{2,}")
+_TEXT_ARG_RE = re.compile(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}")
+
+
+def _math_spans(text):
+    """(start, end, inner) of each $...$, $$...$$, \\(...\\), \\[...\\] in order. A `$` whose
+    would-be span is prose, runs to a digit (`$5 and $6`) or never closes is a dollar sign."""
+    spans, i, next_closer = [], 0, {}
+    while True:
+        m = _MATH_OPEN_RE.search(text, i)
+        if not m:
+            return spans
+        opener = m.group(0)
+        closer = {"$$": "$$", "$": "$", "\\[": "\\]", "\\(": "\\)"}[opener]
+        j = next_closer.get(closer, 0)
+        if j >= 0 and j < m.end():  # remembered, so that unclosed openers cost linear time in all
+            j = next_closer[closer] = text.find(closer, m.end())
+        while opener == "$" and j > 0 and text[j - 1] == "\\":  # `\$` inside math is a dollar
+            j = text.find(closer, j + 1)
+        if j < 0:
+            i = m.end()
+            continue
+        inner = text[m.end():j]
+        if opener == "$" and (not inner.strip() or "\n\n" in inner or text[j + 1:j + 2].isdigit()
+                              or _PROSE_RE.search(_TEXT_ARG_RE.sub(" ", inner))):
+            i = m.end()  # a currency sign, not math
+            continue
+        if inner.strip():
+            spans.append((m.start(), j + len(closer), inner.strip()))
+        i = j + len(closer)
 
 
 def _last_math(text):
-    candidates = []
-    for opener, closer in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        end = text.rfind(closer)
-        if end < 0:
-            continue
-        start = text.rfind(opener, 0, end)
-        if start < 0:
-            continue
-        inner = text[start + len(opener):end].strip()
-        if inner:
-            candidates.append((end, inner))
-    return max(candidates)[1] if candidates else None
+    spans = _math_spans(text)
+    return spans[-1][2] if spans else None
+
+
+# Answer phrases, English first, then other languages models answer in. The last one wins.
+_PHRASE_RE = re.compile(
+    r"final\s+answer\**\s*(?:is|[:：])|the\s+answer\s+is|\banswer\**\s*(?:is)?\s*[:：]|\bans\s*[:：]"
+    r"|the\s+(?:final\s+)?result\s+is|the\s+solution\s+is|(?:correct|right|best)\s+(?:answer|option|choice)\s+is"
+    r"|the\s+(?:option|choice)\s+is"
+    r"|答案\s*(?:是|为|為|[:：])|最终答案|所以|因此|答え\s*(?:は|[:：])|정답\s*(?:은|[:：])|답\s*[:：]"
+    r"|r[ée]ponse\s*(?:finale)?\s*(?:est|[:：])|antwort\s*(?:ist|lautet|[:：])|endergebnis\s*[:：]"
+    r"|respuesta\s*(?:final)?\s*(?:es|[:：])|resposta\s*(?:final)?\s*(?:é|[:：])|risposta\s*(?:è|[:：])"
+    r"|ответ\s*[:：]?|odpowied[źz]\s*[:：]|cevap\s*[:：]",
+    re.IGNORECASE)
+_GSM8K_RE = re.compile(r"####\s*([^\n]+)")
+_LAST_LINE_A_RE = re.compile(r"^\s*\**A\**\s*[:：]\s*(.+?)\s*$")
+_PHRASE_STOP_RE = re.compile(r"\bI hope it is correct|\.\s+(?=[A-Z])|\.\s*$|,?\s+(?:because|since|as|which|so that|where)\b"
+                             r"|[;；。]|\s+\((?:[a-z]{3,}\s)", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"(?<![\^_a-zA-Z\d.])(?:-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+)(?:\\?%)?")  # not `cm^2`
+_DENIAL_RE = re.compile(r"\bnot\b|n't\b|\bnever\b|\bno\b|\bcannot\b|\bneither\b|\bnor\b|\\neq\b|≠|\bwrong\b|\bincorrect\b",
+                        re.IGNORECASE)
+_JUSTIFY_RE = re.compile(r"\s*(?:since|because|as|check|checking|verify|verifying|verification|note|indeed|"
+                         r"let me|let's (?:check|verify|double)|double[- ]check|to (?:check|verify))\b", re.IGNORECASE)
+_NEXT_QUESTION_RE = re.compile(r"\n\s*(?:Question|Q|Problem|Human|User|Instruction)\s*\d*\s*[:：]")
+_CLAUSE_RE = re.compile(r"[.!?。](?:\s|$)|[\n,;，；]|\b(?:so|hence|thus|therefore|but)\b", re.IGNORECASE)
+
+
+def _answer_in_segment(segment):
+    """The answer inside the text right after an answer phrase."""
+    segment = segment.replace("**", "").strip()
+    segment = re.sub(r"^(?:is|es|est|ist|[:：=])\s*", "", segment).strip()
+    if re.match(r"not\b", segment, re.IGNORECASE):
+        return None  # `the answer is not 5; ...`: look further
+    spans = _math_spans(segment)
+    if spans and spans[0][0] < 60:  # math right after the phrase: `the answer is $2$ and $3$.`
+        k = 0
+        while k + 1 < len(spans) and re.fullmatch(r"\s*(,|,?\s*and|,?\s*or)\s*", segment[spans[k][1]:spans[k + 1][0]]):
+            k += 1
+        return _joined_spans(segment, spans, k)
+    stop = _PHRASE_STOP_RE.search(segment)
+    if stop and stop.start() > 0:
+        segment = segment[:stop.start()]
+    segment = segment.strip().rstrip(".").strip()
+    if spans:
+        return spans[-1][2]
+    words = _TEXT_ARG_RE.sub(" ", segment)
+    first_digit = re.search(r"\d", words)
+    if first_digit and re.search(r"[a-zA-Z]{3,}\s|[^\x00-\x7f]", words[:first_digit.start()]):
+        # a sentence around the value: `Natalia sold 48 + 24 = 72 clips` -> the last number
+        numbers = _NUMBER_RE.findall(segment)
+        return numbers[-1] if numbers else segment
+    if not first_digit and len(words.split()) > 4:
+        return None  # prose, not an answer (`Answer: Let's think step by step.`): look further
+    return segment or None
+
+
+def _after_phrase(text):
+    match = None
+    for match in _PHRASE_RE.finditer(text):
+        pass
+    if match is None:
+        return None
+    rest = text[match.end():match.end() + 400].lstrip(" \t\r\n*:：")
+    rest = rest.split("\n")[0] if rest.strip() else ""
+    return _answer_in_segment(rest) if rest.strip() else None
+
+
+def _sentence_denies(text, pos):
+    """True when the clause around text[pos] says `not`, `no`, `never`, ... (`12 is not divisible
+    by 5`); a clause ends at . , ; ! ? a new line, or `so`, `hence`, `thus`, `therefore`, `but`."""
+    window = max(0, pos - 300)
+    start = window
+    for start_match in _CLAUSE_RE.finditer(text, window, pos):
+        start = start_match.end()
+    end_match = _CLAUSE_RE.search(text, pos, pos + 300)
+    end = end_match.start() if end_match else min(len(text), pos + 300)
+    return bool(_DENIAL_RE.search(text, start, end))
+
+
+def _is_prose_free(text):
+    words = re.findall(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", _TEXT_ARG_RE.sub(" ", text))
+    return all(w.lower() in ("and", "or", "und", "et", "y") for w in words)
+
+
+def _whole_answer(text):
+    """A short one-line completion that is itself an answer: `\\frac{10}{9}`, `[2,5)`, `east`."""
+    t = text.strip()
+    if not t or len(t) > SHORT_ANSWER_CHARS or "\n" in t:
+        return None
+    spans = _math_spans(t)
+    if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] >= len(t.rstrip(". ")):
+        return spans[0][2]
+    t = t.rstrip(".").strip()
+    if "$" in t or "\\(" in t or "\\[" in t:
+        return None
+    if _is_prose_free(t) and re.search(r"[\w\\]", t):
+        return t
+    if not re.search(r"\d", t) and len(t.split()) <= 2 and re.fullmatch(r"[\w\s\-'{}\\]+", t):
+        return t  # a word answer
+    return None
+
+
+def _last_line_math(text):
+    """The last line of a long completion when it is a short formula with no prose (`\\frac{10}{9}`)."""
+    lines = text.rstrip().rsplit("\n", 1)
+    line = re.sub(r"^\s*(?:=|\\Rightarrow|\\implies|\\therefore|→)\s*", "", lines[-1]).strip().rstrip(".").strip()
+    if len(lines) < 2 or not line or len(line) > SHORT_ANSWER_CHARS or "$" in line or "\\(" in line:
+        return None
+    return line if _is_prose_free(line) and re.search(r"[\d\\]", line) else None
+
+
+def _justifies(text, pos):
+    """True inside a clause that checks or explains rather than concludes: `Since $7 > 5$, ...`,
+    `Let me double check: 17 = 2*7 + 3` (but not the main clause of `As x > 0, $y = 2$`)."""
+    start = max(text.rfind(c, max(0, pos - 300), pos) for c in ".!?\n,;")
+    return bool(_JUSTIFY_RE.match(text, start + 1, pos))
+
+
+def _joined_spans(text, spans, k):
+    """spans[k] with the spans before it that only `,`, `and` or `or` separate from it, so that
+    `$x = 2$ and $x = 3$` gives both roots."""
+    inner, joiner = [spans[k][2]], None
+    while k > 0:
+        between = text[spans[k - 1][1]:spans[k][0]]
+        m = re.fullmatch(r"\s*(,|,?\s*and|,?\s*or)\s*", between)
+        left, right = spans[k - 1][2].split("=")[0].strip(), spans[k][2].split("=")[0].strip()
+        if not m or ("=" in spans[k - 1][2]) != ("=" in spans[k][2]) or ("=" in spans[k][2] and left != right):
+            break  # only values, or values of one unknown (`$x = 2$ or $x = 3$`), never steps
+        joiner = joiner or (" \\text{ or } " if m.group(1).endswith("or") else ", ")
+        inner.insert(0, spans[k - 1][2])
+        k -= 1
+    return inner[0] if len(inner) == 1 else joiner.join(inner)
+
+
+def _last_value(text):
+    """The last math span or number not in a denying or checking sentence, whichever ends later."""
+    best, spans = None, _math_spans(text)[-50:]
+    for k in range(len(spans) - 1, -1, -1):
+        if not _sentence_denies(text, spans[k][0]) and not _justifies(text, spans[k][0]):
+            best = (spans[k][1], _joined_spans(text, spans, k))
+            break
+    for k, m in enumerate(reversed(list(_NUMBER_RE.finditer(text)))):
+        if (best is not None and m.start() < best[0]) or k >= 50:
+            break
+        if not _sentence_denies(text, m.start()) and not _justifies(text, m.start()):
+            return m.group(0)
+    if best is None and spans and not _sentence_denies(text, spans[-1][0]):
+        return spans[-1][2]  # everything sits in checking clauses: the last math still beats nothing
+    return best[1] if best else None
 
 
 def extract_answer(completion):
-    """The final answer of a completion, or None. Order: boxed, phrase, math span, last number."""
+    """The final answer of a completion, or None. Order: boxed, `####`, answer phrase, a last line
+    `A: ...`, the whole completion when it is a short answer, then the last math span or number."""
     try:
         if not isinstance(completion, str) or not completion:
             return None
-        for rule in (_last_boxed, _after_phrase, _last_math):
-            answer = rule(completion)
+        text = _clean_completion(completion)
+        boxed = _last_boxed(text)
+        if boxed:
+            return boxed
+        gsm8k = None
+        for gsm8k in _GSM8K_RE.finditer(text):
+            pass
+        if gsm8k:
+            return _answer_in_segment(gsm8k.group(1)) or gsm8k.group(1).strip()
+        for rule in (_after_phrase, _last_line_a, _whole_answer, _last_line_math, _last_value):
+            answer = rule(text)
             if answer is not None and answer.strip():
                 return answer.strip()
-        numbers = _NUMBER_RE.findall(completion)
-        return numbers[-1] if numbers else None
+        return None
     except Exception:  # hostile input must never raise
         return None
+
+
+def _last_line_a(text):
+    lines = [line for line in text.strip().split("\n") if line.strip()]
+    m = _LAST_LINE_A_RE.match(lines[-1]) if lines else None
+    return _answer_in_segment(m.group(1)) if m else None
+
+
+def _all_boxed_answers(completion):
+    """The contents of every box in the completion, for a reference that lists several answers."""
+    try:
+        return [b[2] for b in _boxes(_clean_completion(completion))]
+    except Exception:
+        return []
 
 
 def reference_answer(gold):
@@ -138,7 +410,7 @@ def reference_answer(gold):
         if boxed is not None:
             return boxed.strip()
     gold = gold.strip()
-    for opener, closer in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+    for opener, closer in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if gold.startswith(opener) and gold.endswith(closer) and len(gold) > len(opener) + len(closer):
             return gold[len(opener):-len(closer)].strip()
     return gold
@@ -148,11 +420,34 @@ def reference_answer(gold):
 # Normalisation (pure string work, linear time, runs in the calling process)
 
 _REMOVE = ["\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\quad", "\\qquad", "\\displaystyle",
-           "\\bigl", "\\bigr", "\\Bigl", "\\Bigr", "\\big", "\\Big", "{,}", "\\$", "$", "~"]
-_TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|operatorname)\s*\{([^{}]*)\}")
+           "\\bigl", "\\bigr", "\\Bigl", "\\Bigr", "\\big", "\\Big", "{,}", "\\$", "$", "~", "\\limits"]
+_BARE_FUNCTION_RE = re.compile(r"(?<![\\a-zA-Z])(sqrt|sin|cos|tan|cot|sec|csc|log|ln|exp|pi|arcsin|arccos|arctan)(?![a-zA-Z])")
+_RELATIONS = [(re.compile(r"\\(?:geqslant|geq|ge)(?![a-zA-Z])|≥|=>"), ">="),
+              (re.compile(r"\\(?:leqslant|leq|le)(?![a-zA-Z])|≤|=<"), "<="),
+              (re.compile(r"\\(?:neq|ne)(?![a-zA-Z])|\\not\s*=|≠"), "!="),
+              (re.compile(r"\\gt(?![a-zA-Z])"), ">"), (re.compile(r"\\lt(?![a-zA-Z])"), "<")]
+_TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|textup|textsf|texttt|mathrm|mathbf|mathit|"
+                          r"mathsf|mathtt|mbox|hbox|operatorname|emph|num)\s*\{([^{}]*)\}")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
-_THOUSANDS_RE = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d,])|(?<![\d.])\d{1,3}(?:\\ \d{3})+(?!\d)")
-_UNIT_TAIL_RE = re.compile(r"^(.*?\d)\s*(?:\\text\{[^{}]*\}|\\mbox\{[^{}]*\}|(?:\s+[a-zA-Z]{2,}\.?)+)\s*$")
+_THOUSANDS_RE = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])|(?<![\d.])[1-9]\d{0,2}(?:\\? \d{3})+(?![\d.])")
+_UNIT_WORD = r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+[a-zA-Z]{2,}\.?|\s+[a-zA-Z]+/[a-zA-Z]+)(?:\s*\^\s*\{?\d\}?)?"
+_UNIT_TAIL_RE = re.compile(r"^(.*?\d)\s*(?:" + _UNIT_WORD + r")+\s*$")
+_TEXT_TAIL_RE = re.compile(r"^(.+?[\d})])\s*\\(?:text\w*|mbox|mathrm)\s*\{\s*[a-zA-Z][^{}]*\}(?:\s*\^\s*\{?\d\}?)?\s*$")
+_MOD_RE = re.compile(r"\s*\(?\s*\\(?:pmod|bmod|mod)\s*\{?\s*\w+\s*\}?\s*\)?\s*$")
+_EMPTY_SET_RE = re.compile(r"\\varnothing|\\\{\s*\\\}|∅")
+_TRIG_DEGREES_RE = re.compile(r"(\\(?:sin|cos|tan|sec|csc|cot))\s*(\(?)\s*(\d+(?:\.\d+)?)\s*\^\s*\{?\s*\\circ\s*\}?")
+_REPEATING_RE = re.compile(r"(\d*)\.(\d*)\\(?:overline|bar|dot)\{(\d+)\}")
+_SET_BUILDER_RE = re.compile(r"^\\\{\s*[a-zA-Z]\s*(?:\\mid|\||:)\s*(.+?)\s*\\\}$")
+
+
+def _repeating_to_fraction(m):
+    whole, fixed, period = m.group(1) or "0", m.group(2), m.group(3)
+    value = int(whole) + Fraction(int(fixed or "0"), 10 ** len(fixed)) \
+        + Fraction(int(period), 10 ** len(fixed) * (10 ** len(period) - 1))
+    return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
+_SCIENTIFIC_RE = re.compile(r"(?<![a-zA-Z\\\d.])(\d+(?:\.\d+)?)[eE]([-+]?\d{1,4})(?![\d.])")
 
 
 def _normalize(s):
@@ -161,19 +456,37 @@ def _normalize(s):
     s = reference_answer(s) if s.startswith(("$", "\\(", "\\[")) else s
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = s.replace("\\\\frac", "\\frac")
+    s = s.replace("**", "^")  # Python's power, as code-minded models write it
+    s = _BARE_FUNCTION_RE.sub(r"\\\1", s)  # sqrt(2), pi, sin(x) written without a backslash
+    s = re.sub(r"(\d),\s*\\!\s*(?=\d{3}(?!\d))", r"\1,", s)  # `11,\! 111`: a thousands separator
     for token in _REMOVE:
         s = s.replace(token, "")
+    s = s.replace("\\langle", "(").replace("\\rangle", ")").replace("\\lbrace", "\\{").replace("\\rbrace", "\\}")
+    s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)").replace("−", "-").replace("×", "\\times").replace("·", "\\cdot").replace("≈", "\\approx")
+    for pattern, replacement in _RELATIONS:
+        s = pattern.sub(replacement, s)
+    s = _EMPTY_SET_RE.sub(r"\\emptyset", s)
+    s = _MOD_RE.sub("", s).replace("\\equiv", "=")  # `x \equiv 3 \pmod{5}` is the residue 3
+    s = _REPEATING_RE.sub(_repeating_to_fraction, s)  # 0.1\overline{6} == 1/6
+    s = _SET_BUILDER_RE.sub(r"\1", s)  # `\{x \mid x > 2\}` is the relation x > 2
+    s = re.sub(r"\\(?:operatorname|text|mathrm)\{(lcm|gcd)\}", r"\\\1", s)
+    s = _TRIG_DEGREES_RE.sub(r"\1\2{\3\\pi/180}", s)  # `\sin 30^\circ` is sin(pi/6)
     s = _DEGREE_RE.sub("", s)
     if "\\approx" in s:  # `a \approx 0.58` means a; a bare `\approx 8.24` means 8.24
         before, after = s.split("\\approx", 1)
-        s = before if before.strip() else after
+        s = after if not before.strip() or re.fullmatch(r"\s*[a-zA-Z]\s*=?\s*", before) else before
     percent = "%" in s
     s = s.replace("\\%", "").replace("%", "")
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # `\ ` is a space, `\\` (matrix row) stays
     s = _UNIT_TAIL_RE.sub(r"\1", s)
+    s = _TEXT_TAIL_RE.sub(r"\1", s)
     for _ in range(3):  # \text{\textbf{A}} unwraps in a few rounds
         s = _TEXT_CMD_RE.sub(r"\1", s)
-    s = _THOUSANDS_RE.sub(lambda m: m.group(0).replace(",", "").replace("\\ ", ""), s)
+    s = _UNIT_TAIL_RE.sub(r"\1", s)  # `\textnormal{6 weeks}` unwrapped
+    s = _THOUSANDS_RE.sub(lambda m: m.group(0).replace(",", "").replace("\\ ", "").replace(" ", ""), s)
+    s = _SCIENTIFIC_RE.sub(r"\1\\times10^{\2}", s)  # 1.07e16: exact, never a binary float
     s = re.sub(r"(?<!\\)\\ ", " ", s).strip()  # `\ ` is a space, `\\` (matrix row) stays
+    s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)  # `x \in [2, 5)` is the interval
     while s.endswith(("\\", ".")) and len(s) > 1:
         s = s[:-1].rstrip()
     s = re.sub(r"\s+", " ", s)
@@ -185,15 +498,19 @@ def _normalize(s):
 
 _FAST_NUMBER_RE = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d{1,4})?")
 _FAST_FRAC_RE = re.compile(r"(-?)\\frac\{(\d+)\}\{(\d+)\}|(-?)(\d+)/(\d+)|(-?)\\frac(\d)(\d)")
+_FAST_SCIENTIFIC_RE = re.compile(r"(-?\d+(?:\.\d+)?)(?:\\times|\\cdot|\*)10\^\{?([-+]?\d{1,3})\}?")
 
 
 def _fast_number(s):
-    """Fraction for plain numbers and integer fractions, else None (no sympy needed)."""
+    """Fraction for plain numbers, integer fractions and a \\times 10^k, else None (no sympy needed)."""
     t = s.replace(" ", "")
     if len(t) > 40:
         return None
     if _FAST_NUMBER_RE.fullmatch(t):
         return Fraction(t)
+    m = _FAST_SCIENTIFIC_RE.fullmatch(t)
+    if m:
+        return Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
     m = _FAST_FRAC_RE.fullmatch(t)
     if m:
         g = [x for x in m.groups() if x is not None]
@@ -205,6 +522,7 @@ def _fast_number(s):
 
 
 def _decimal_places(s):
+    """(digits after the point, significant digits) of a plain decimal, else None."""
     t = s.replace(" ", "")
     if re.fullmatch(r"-?\d*\.\d+", t):
         digits = t.lstrip("-").replace(".", "").lstrip("0")
@@ -212,11 +530,87 @@ def _decimal_places(s):
     return None
 
 
+def _rounds_rational(text, value, other):
+    """True when the decimal `text` (== value) is `other` rounded to the digits shown, with at least
+    3 significant digits, and `other` has no exact decimal of that length (0.3333 == 1/3, never
+    1.13 == 1.125). value and other are Fractions."""
+    places = _decimal_places(text)
+    if not places or places[1] < 3 or other.denominator == 1:
+        return False
+    denominator = other.denominator
+    for prime in (2, 5):
+        while denominator % prime == 0:
+            denominator //= prime
+    if denominator == 1:
+        return False  # `other` has an exact decimal (9/8 = 1.125), so a rounded one is a mistake
+    return abs(value - other) * 2 * 10 ** places[0] <= 1
+
+
+_BASE_RE = re.compile(r"\(?([0-9A-Za-z]+)\)?_\{?\(?(\d{1,2})\)?\}?")
+_TIME_RE = re.compile(r"(\d{1,2}):(\d{2})(?:\s*([ap])\.?\s*m\.?)?", re.IGNORECASE)
+_CHOICE_PREFIX_RE = re.compile(r"\(?([A-E])\)?(?:[.:)]\s*|\s+)(.+)")
+_DECIMAL_COMMA_RE = re.compile(r"(-?\d+),(\d+)")
+_NUMBER_WORDS = {w: k for k, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update({w: 10 * k for k, w in enumerate("thirty forty fifty sixty seventy eighty ninety".split(), 3)})
+_NUMBER_WORDS.update({"hundred": 100, "a hundred": 100, "one hundred": 100, "a thousand": 1000, "one thousand": 1000})
+_RATIO_RE = re.compile(r"(\d+)\s*:\s*(\d+)")
+
+
+def _special_forms(p, g):
+    """Numbers in a base, clock times, choice letters with text, decimal commas. Returns True/False
+    when the pair is decided here, else the (p, g) pair to compare, possibly rewritten."""
+    for a, b in ((p, g), (g, p)):
+        m = _BASE_RE.fullmatch(a)
+        if m and 2 <= int(m.group(2)) <= 36:
+            try:
+                value = int(m.group(1), int(m.group(2)))
+                n = _BASE_RE.fullmatch(b)
+                if n and 2 <= int(n.group(2)) <= 36:
+                    return value == int(n.group(1), int(n.group(2)))
+                if re.fullmatch(r"[0-9A-Za-z]+", b):  # the same digits, the base left implicit
+                    return value == int(b, int(m.group(2)))
+            except ValueError:
+                pass
+    for a, b, swap in ((p, g, False), (g, p, True)):
+        if a.lower() in _NUMBER_WORDS and _fast_number(b) is not None:
+            a = str(_NUMBER_WORDS[a.lower()])  # `twelve` against 12
+            p, g = (b, a) if swap else (a, b)
+    tp, tg = _TIME_RE.fullmatch(p), _TIME_RE.fullmatch(g)
+    if tp and tg:
+        def minutes(m):
+            hours = int(m.group(1)) % 12 + (12 if (m.group(3) or "").lower() == "p" else 0)
+            return (hours if m.group(3) else int(m.group(1))) * 60 + int(m.group(2))
+        if tp.group(3) and tg.group(3):
+            return minutes(tp) == minutes(tg)
+        return minutes(tp) % 720 == minutes(tg) % 720
+    for a, b, swap in ((p, g, False), (g, p, True)):
+        m = _CHOICE_PREFIX_RE.fullmatch(a)
+        if m and len(b) > 0:
+            if re.fullmatch(r"[A-E]", b):
+                a = m.group(1)   # `A. because ...` against the letter A
+            elif not re.fullmatch(r"[A-E]", a) and re.match(r"\(?[A-E](?:\)|[.:]\s)", a):
+                a = m.group(2)   # `(B) 12` against 12
+            p, g = (b, a) if swap else (a, b)
+    for a, b, swap in ((p, g, False), (g, p, True)):
+        m = _DECIMAL_COMMA_RE.fullmatch(a)
+        if m and _fast_number(b) is not None and (m.group(1).lstrip("-") == "0" or len(m.group(2)) != 3):
+            a = f"{m.group(1)}.{m.group(2)}"  # `1,22` and `0,111` cannot be thousands: decimal comma
+            p, g = (b, a) if swap else (a, b)
+    for a, b, swap in ((p, g, False), (g, p, True)):
+        m = _RATIO_RE.fullmatch(a)
+        if m and not _RATIO_RE.fullmatch(b) and not _TIME_RE.fullmatch(b) and _fast_number(b) is not None:
+            a = f"{m.group(1)}/{m.group(2)}"  # the ratio 3:2 against a number is 3/2
+            p, g = (b, a) if swap else (a, b)
+    return p, g
+
+
 # ---------------------------------------------------------------------------
 # Parser: LaTeX-ish math -> sympy objects, without eval (runs inside a worker process)
 
 _TOKEN_RE = re.compile(r"\s*(\d+\.\d*|\.\d+|\d+|\\[a-zA-Z]+|\\[{}|]|[a-zA-Z]|[-+*/^_()\[\]{}=,!|&'<>])")
-_FUNCTIONS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh",
+_FUNCTIONS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh", "cot",
               "tanh", "ln", "log", "exp"}
 _IGNORED_COMMANDS = {"\\limits", "\\nolimits", "\\mathrm", "\\mathbf", "\\rm", "\\bf", "\\boldsymbol"}
 
@@ -325,6 +719,22 @@ def _parse_expression(s):
             if n.is_number and abs(complex(n.evalf(15))) > 10_000:
                 raise _ParseError("binomial too large")
             return sympy.binomial(n, k)
+        if tok in ("\\lfloor", "\\lceil"):
+            value = expression()
+            take("\\rfloor" if tok == "\\lfloor" else "\\rceil")
+            return sympy.floor(value) if tok == "\\lfloor" else sympy.ceiling(value)
+        if tok in ("\\max", "\\min", "\\gcd", "\\lcm"):
+            take("(")
+            args = [expression()]
+            while peek() == ",":
+                take()
+                args.append(expression())
+            take(")")
+            if tok in ("\\gcd", "\\lcm"):
+                if not all(a.is_Integer for a in args):
+                    raise _ParseError("gcd of non-integers")
+                return (sympy.gcd if tok == "\\gcd" else sympy.lcm)(list(args))
+            return (sympy.Max if tok == "\\max" else sympy.Min)(*args)
         if tok[1:] in _FUNCTIONS:
             base = None
             if tok == "\\log" and peek() == "_":
@@ -334,8 +744,14 @@ def _parse_expression(s):
             if peek() == "^":
                 take()
                 power = argument()
-            arg = argument() if peek() in ("{", "(") else power_term()
-            fn = {"ln": sympy.log, "log": sympy.log, "exp": sympy.exp}.get(tok[1:]) or getattr(sympy, tok[1:])
+            if peek() in ("{", "("):
+                arg = argument()
+            else:  # `\sin 2x` is sin(2x): the argument runs over a product of numbers and letters
+                arg = power_term()
+                while peek() is not None and (peek()[0].isdigit() or (peek().isalpha() and len(peek()) == 1)):
+                    arg = arg * power_term()
+            fn = {"ln": sympy.log, "log": lambda v: sympy.log(v, 10), "exp": sympy.exp, "arcsin": sympy.asin,
+                  "arccos": sympy.acos, "arctan": sympy.atan}.get(tok[1:]) or getattr(sympy, tok[1:])
             value = fn(arg) if base is None else sympy.log(arg, base)
             return value if power is None else checked_pow(value, power)
         raise _ParseError(f"unknown token {tok!r}")
@@ -430,29 +846,100 @@ def _split_top_level(s, separator):
     return [p.strip() for p in parts]
 
 
+_LABEL = (r"(?:[a-zA-Z](?:_\{?\w+\}?)?'?(?:\^\{?-1\}?)?(?:\([^()=,]{1,12}\))?|\\[a-zA-Z]+(?:_\{?\w+\}?)?"
+          r"|[A-Z]{2,3}|\\overline\{[A-Z]{1,3}\}|m?\s*\\angle\s*[A-Z]{1,3})")
+_LABEL_RE = re.compile(r"\s*(" + _LABEL + r"|\(\s*" + _LABEL + r"(?:\s*,\s*" + _LABEL + r")+\s*\))\s*")
+_RELATION_SPLIT_RE = re.compile(r"(<=|>=|!=|<|>)")
+_CONNECTIVE_RE = re.compile(r"\s*(?:\\text\{\s*(?:or|and)\s*\}|\bor\b|\band\b)\s*")
+_OR_RE = re.compile(r"\\text\{\s*or\s*\}|\bor\b")
+
+
 def _structure(s):
-    """A comparable description of an answer: ('kind', payload)."""
+    """A comparable description of an answer: ('kind', payload, ...)."""
     s = s.strip()
-    matrix = re.fullmatch(r"\\begin\{([pbvB]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", s, re.S)
+    matrix = re.fullmatch(r"[\[(]?\s*\\begin\{([pbvBV]?matrix|smallmatrix|array)\}(?:\{[^{}]*\})?(.*)"
+                          r"\\end\{\1\}\s*[\])]?", s, re.S)
     if matrix:
-        rows = [r for r in matrix.group(2).split("\\\\") if r.strip()]
+        rows = [r for r in matrix.group(2).split("\\\\") if r.strip() and r.strip() != "\\hline"]
         return ("matrix", [[_structure(cell) for cell in row.split("&")] for row in rows])
     if "\\cup" in s:
         return ("union", [_structure(p) for p in _split_top_level(s, "\\cup")])
     if s.startswith("\\{") and s.endswith("\\}"):
-        return ("set", [_structure(p) for p in _split_top_level(s[2:-2], ",")])
-    s = re.sub(r"\s*(?:\\text\{\s*(?:or|and)\s*\}|\bor\b|\band\b)\s*", ",", s)
-    parts = _split_top_level(s, ",")
+        inner = s[2:-2]
+        parts = _split_top_level(inner, ";" if ";" in inner else ",")
+        return ("set", [_structure(p) for p in parts if p])
+    if s.startswith("{") and _match_brace(s, 0) == len(s) - 1 and _split_top_level(s[1:-1], ",")[1:]:
+        return ("set", [_structure(p) for p in _split_top_level(s[1:-1], ",") if p])  # `{1, 2}`
+    has_or = bool(_OR_RE.search(s))
+    joined = _CONNECTIVE_RE.sub(",", s)
+    parts = [p for p in _split_top_level(joined, ";" if ";" in joined else ",") if p]
     if len(parts) > 1:
-        return ("list", [_structure(p) for p in parts])
+        items = [_structure(p) for p in parts]
+        if has_or and all(item[0].startswith("interval") for item in items):
+            return ("union", items)  # `x < -1 or x > 2`
+        if all(item[0] == "labelled" for item in items):
+            keys = [item[1] for item in items]
+            return ("labels", items, has_or or len(set(keys)) < len(keys))
+        return ("set" if has_or else "list", items)
+    if s.count("\\pm") == 1 and "\\mp" not in s:  # `\pm 2021` is the set {-2021, 2021}
+        return ("set", [_structure(s.replace("\\pm", "+")), _structure(s.replace("\\pm", "-"))])
+    if _RELATION_SPLIT_RE.search(s):
+        return _relation(s)
+    if "=" in s:
+        sides = [side.strip() for side in s.split("=")]
+        if not all(sides):
+            return ("text", s.lower())
+        label = _LABEL_RE.fullmatch(sides[0])
+        if label:  # `x = 3`, `(p, q) = (3, 2)`, `x = 2 + 3 = 5`: the value, with its label
+            return ("labelled", re.sub(r"[\s{}]", "", label.group(1)), _structure(sides[-1]), sides[0])
+        label = _LABEL_RE.fullmatch(sides[-1])
+        if label and len(sides) == 2 and not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", sides[0])):
+            return ("labelled", re.sub(r"[\s{}]", "", label.group(1)), _structure(sides[0]), sides[-1])  # `5 = x`
+        if len(sides) > 2 or not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", sides[0])):
+            return _structure(sides[-1])  # an equality chain `48 + 18 = 66`: its last side
+        return ("equation", (_scalar(sides[0]), _scalar(sides[1])))
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _split_top_level(s[1:-1], ",")[1:]:
         return ("interval" + s[0] + s[-1], [_structure(p) for p in _split_top_level(s[1:-1], ",")])
-    if "=" in s and s.count("=") == 1:
-        lhs, rhs = s.split("=")
-        if re.fullmatch(r"\s*[a-zA-Z](?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?\s*", lhs):
-            return _structure(rhs)  # `x = 3` is the value 3
-        return ("equation", (_scalar(lhs), _scalar(rhs)))
     return _scalar(s)
+
+
+def _relation(s):
+    """`x >= 5`, `5 \\le x`, `-x > -1`, `-2 <= x <= 7` -> the interval they describe; other
+    relations -> ('relation', op, lhs - rhs) with op `<`, `<=` or `!=`."""
+    import sympy
+    pieces = _RELATION_SPLIT_RE.split(s)
+    sides, ops = [p.strip() for p in pieces[0::2]], pieces[1::2]
+    if not all(sides):
+        return ("text", s.lower())
+    if len(ops) == 2 and _LABEL_RE.fullmatch(sides[1]) and "!=" not in ops and ops[0][0] == ops[1][0]:
+        if ops[0][0] == ">":
+            sides, ops = sides[::-1], [ops[1].replace(">", "<"), ops[0].replace(">", "<")]
+        brackets = ("[" if ops[0] == "<=" else "(") + ("]" if ops[1] == "<=" else ")")
+        return ("interval" + brackets, [_structure(sides[0]), _structure(sides[2])])
+    if len(ops) != 1:
+        return ("text", s.lower())
+    op, (lhs, rhs) = ops[0], sides
+    if op in (">", ">="):
+        lhs, rhs, op = rhs, lhs, "<" + op[1:]
+    infinity = ("expr", sympy.oo, "")
+    if op != "!=" and _LABEL_RE.fullmatch(lhs) and not _LABEL_RE.fullmatch(rhs):  # x < 3
+        return ("interval(" + ("]" if op == "<=" else ")"), [("expr", -sympy.oo, ""), _structure(rhs)])
+    if op != "!=" and _LABEL_RE.fullmatch(rhs) and not _LABEL_RE.fullmatch(lhs):  # 3 < x
+        return ("interval" + ("[" if op == "<=" else "(") + ")", [_structure(lhs), infinity])
+    left, right = _scalar(lhs), _scalar(rhs)
+    if left[0] != "expr" or right[0] != "expr":
+        return ("text", s.lower())
+    diff = left[1] - right[1]  # the relation is `diff op 0`
+    symbols = diff.free_symbols
+    if op != "!=" and len(symbols) == 1:
+        x = next(iter(symbols))
+        slope = sympy.diff(diff, x)
+        if slope.is_number and slope != 0 and sympy.diff(slope, x) == 0:  # linear: x < root or x > root
+            root = ("expr", sympy.nsimplify(-diff.subs(x, 0) / slope), "")
+            if slope > 0:
+                return ("interval(" + ("]" if op == "<=" else ")"), [("expr", -sympy.oo, ""), root])
+            return ("interval" + ("[" if op == "<=" else "(") + ")", [root, infinity])
+    return ("relation", op, diff)
 
 
 def _scalar(s):
@@ -481,9 +968,12 @@ def _close(a, b):
 
 def _numbers_equal(a, b, a_text, b_text, percent):
     candidates = [b] + ([b / 100, b * 100] if percent else [])
-    for target in candidates:
+    for index, target in enumerate(candidates):
         if a.is_Rational and target.is_Rational:
             if a == target:
+                return True
+            fa, ft = Fraction(int(a.p), int(a.q)), Fraction(int(target.p), int(target.q))
+            if index == 0 and (_rounds_rational(a_text, fa, ft) or _rounds_rational(b_text, ft, fa)):
                 return True
             continue
         if a == target:
@@ -505,7 +995,8 @@ def _numbers_equal(a, b, a_text, b_text, percent):
     return False
 
 
-def _expressions_equal(a, b, a_text, b_text, percent=False, proportional=False):
+def _expressions_equal(a, b, a_text, b_text, percent=False, proportional=False, positive=False):
+    """a == b; with proportional, a == c * b for a nonzero constant c (c > 0 with positive)."""
     import sympy
     symbols = sorted(a.free_symbols | b.free_symbols, key=str)
     if not symbols:
@@ -536,16 +1027,88 @@ def _expressions_equal(a, b, a_text, b_text, percent=False, proportional=False):
     if checked == 0:
         return sympy.simplify(a - b) == 0
     if proportional:
-        return all(_close(r, ratios[0]) for r in ratios) and abs(ratios[0]) > 1e-12
+        same = all(_close(r, ratios[0]) for r in ratios) and abs(ratios[0]) > 1e-12
+        return same and (not positive or ratios[0].real > 0)
+    return True
+
+
+def _as_equation(labelled):
+    """`y = 2x + 1` as the equation y - (2x + 1) = 0, for comparing with `2x - y + 1 = 0`."""
+    label, value = _scalar(labelled[3]), labelled[2]
+    if label[0] == "expr" and value[0] == "expr":
+        return ("equation", (label, value))
+    return None
+
+
+def _values(p):
+    """The values of labelled answers, without their labels."""
+    if p[0] == "labelled":
+        return p[2]
+    if p[0] == "labels":
+        return ("set" if p[2] else "list", [item[2] for item in p[1]])
+    return p
+
+
+def _sequence(p):
+    """The items of an ordered answer: a list, a tuple, a one-row or one-column matrix."""
+    if p[0] in ("list", "interval()"):
+        return p[1]
+    if p[0] == "matrix" and (len(p[1]) == 1 or all(len(row) == 1 for row in p[1])):
+        return [cell for row in p[1] for cell in row]
+    return None
+
+
+def _as_matrix(p, other):
+    """`[[1, 2], [3, 4]]` (rows as brackets, as Python prints them) as a matrix, against a matrix."""
+    if other[0] == "matrix" and p[0] in ("list", "interval[]", "interval()") and all(
+            isinstance(row, tuple) and row[0] in ("interval[]", "interval()", "list") for row in p[1]):
+        return ("matrix", [list(row[1]) for row in p[1]])
+    return p
+
+
+def _unordered_equal(items_p, items_g, percent):
+    if len(items_p) != len(items_g):
+        return False
+    remaining = list(items_g)
+    for item in items_p:  # greedy matching
+        match = next((k for k, other in enumerate(remaining) if _structures_equal(item, other, percent)), None)
+        if match is None:
+            return False
+        remaining.pop(match)
     return True
 
 
 def _structures_equal(p, g, percent):
     kind_p, kind_g = p[0], g[0]
+    if kind_p == "labelled" and kind_g == "labelled":
+        if p[1] == g[1]:
+            return _structures_equal(p[2], g[2], percent)
+        ep, eg = _as_equation(p), _as_equation(g)
+        return bool(ep and eg) and _structures_equal(ep, eg, percent)
+    if "labelled" in (kind_p, kind_g):
+        labelled, other = (p, g) if kind_p == "labelled" else (g, p)
+        if other[0] == "equation":
+            equation = _as_equation(labelled)
+            return equation is not None and _structures_equal(equation, other, percent)
+        return _structures_equal(labelled[2], other, percent)
+    if kind_p == "labels" and kind_g == "labels":
+        keys_p, keys_g = [item[1] for item in p[1]], [item[1] for item in g[1]]
+        if not p[2] and not g[2] and sorted(keys_p) == sorted(keys_g):  # `a_3 = 2, a_{37} = 19`, any order
+            by_key = {item[1]: item[2] for item in g[1]}
+            return all(_structures_equal(item[2], by_key[item[1]], percent) for item in p[1])
+    if "labels" in (kind_p, kind_g):
+        return _structures_equal(_values(p), _values(g), percent)
     if kind_p == "text" or kind_g == "text" or kind_p == "choice" or kind_g == "choice":
         return kind_p == kind_g and p[1] == g[1]
     if kind_p == "expr" and kind_g == "expr":
         return _expressions_equal(p[1], g[1], p[2], g[2], percent)
+    if "set" in (kind_p, kind_g) and {kind_p, kind_g} <= {"set", "list"}:
+        return _unordered_equal(p[1], g[1], percent)  # a set on either side: order does not matter
+    p, g = _as_matrix(p, g), _as_matrix(g, p)
+    kind_p, kind_g = p[0], g[0]
+    seq_p, seq_g = _sequence(p), _sequence(g)
+    if kind_p != kind_g and seq_p is not None and seq_g is not None:  # `1,2,3` == `(1, 2, 3)`
+        return len(seq_p) == len(seq_g) and all(_structures_equal(a, b, percent) for a, b in zip(seq_p, seq_g))
     if kind_p != kind_g:
         return False
     if kind_p == "equation":
@@ -553,21 +1116,15 @@ def _structures_equal(p, g, percent):
         if "text" in (pl[0], pr[0], gl[0], gr[0]):
             return pl == gl and pr == gr
         return _expressions_equal(pl[1] - pr[1], gl[1] - gr[1], "", "", proportional=True)
+    if kind_p == "relation":
+        return p[1] == g[1] and _expressions_equal(p[2], g[2], "", "", proportional=True, positive=p[1] != "!=")
     if kind_p == "matrix":
         return len(p[1]) == len(g[1]) and all(
             len(rp) == len(rg) and all(_structures_equal(a, b, False) for a, b in zip(rp, rg))
             for rp, rg in zip(p[1], g[1]))
-    if len(p[1]) != len(g[1]):
-        return False
-    if kind_p in ("set", "union"):  # unordered: greedy matching
-        remaining = list(g[1])
-        for item in p[1]:
-            match = next((k for k, other in enumerate(remaining) if _structures_equal(item, other, percent)), None)
-            if match is None:
-                return False
-            remaining.pop(match)
-        return True
-    return all(_structures_equal(a, b, percent) for a, b in zip(p[1], g[1]))
+    if kind_p in ("set", "union"):
+        return _unordered_equal(p[1], g[1], percent)
+    return len(p[1]) == len(g[1]) and all(_structures_equal(a, b, percent) for a, b in zip(p[1], g[1]))
 
 
 def _compare_normalized(pred, gold, percent):
@@ -584,7 +1141,17 @@ def _compare_normalized(pred, gold, percent):
 # Worker processes: the hard time bound
 
 
-def _serve(conn):
+def _serve(conn, parent_ends, parent_pid):
+    # No orphans (issue 16): a worker must exit when the process that started it dies, even by
+    # kill -9. It inherits, through fork, the parent's end of its own pipe and of every other
+    # worker's pipe; while any process holds a parent end open, recv() never sees EOF. So close
+    # them all here, and also watch the parent in case some other path leaked a copy.
+    for end in parent_ends:
+        try:
+            end.close()
+        except OSError:
+            pass
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     while True:
         try:
             job = conn.recv()
@@ -593,8 +1160,17 @@ def _serve(conn):
         conn.send(_compare_normalized(*job))
 
 
+def _watch_parent(parent_pid):
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(0)  # reparented: the process that started us is gone
+
+
 _idle_workers = []
+_warmed = False
 _workers_lock = threading.Lock()
+_parent_ends = set()              # the parent's pipe end of every live worker
+_fork_lock = threading.Lock()     # so no worker forks while another pipe is not yet in _parent_ends
 
 
 def _start_worker():
@@ -602,11 +1178,18 @@ def _start_worker():
     # never re-runs the caller's main script. It only runs pure Python and sympy (no torch, no CUDA),
     # which is what makes forking a multi-threaded trainer safe, as torch's own DataLoader does.
     import sympy  # noqa: F401  (imported once here, inherited by every worker)
+    global _warmed
+    if not _warmed:  # sympy's first evalf and solve take ~0.7 s of lazy set-up: do it once here,
+        _warmed = True  # before forking, so that no worker (nor a restarted one) pays it per call
+        for pred, gold in (("(x-2)(x+2)", "x^2-4"), ("-x>-1", "x<1"), ("y=2x+3", "2x-y+3=0"), ("\\sin 2x", "1.5")):
+            _compare_normalized(pred, gold, False)
     context = multiprocessing.get_context("fork")
-    parent_end, child_end = context.Pipe()
-    process = context.Process(target=_serve, args=(child_end,), daemon=True)
-    process.start()
-    child_end.close()
+    with _fork_lock:
+        parent_end, child_end = context.Pipe()
+        _parent_ends.add(parent_end)
+        process = context.Process(target=_serve, args=(child_end, list(_parent_ends), os.getpid()), daemon=True)
+        process.start()
+        child_end.close()
     return process, parent_end
 
 
@@ -632,6 +1215,8 @@ def _run_in_worker(job, timeout):
         if worker is not None:
             process.kill()
             process.join(timeout=1)
+            with _fork_lock:
+                _parent_ends.discard(conn)
             conn.close()
 
 
@@ -657,24 +1242,47 @@ def is_equiv(pred, gold, timeout=DEFAULT_TIMEOUT):
             return False
         if p.replace(" ", "") == g.replace(" ", ""):
             return True
+        special = _special_forms(p, g)
+        if isinstance(special, bool):
+            return special
+        p, g = special
+        if p.replace(" ", "") == g.replace(" ", ""):
+            return True
         percent = p_percent != g_percent
         fp, fg = _fast_number(p), _fast_number(g)
         if fp is not None and fg is not None:
             if fp == fg or (percent and (fp == fg / 100 or fp == fg * 100)):
                 return True
-            return False
+            return _rounds_rational(p, fp, fg) or _rounds_rational(g, fg, fp)
         return bool(_run_in_worker((p, g, percent), timeout))
     except Exception:
         return False
 
 
+def _top_level_parts(answer):
+    """How many answers a reference lists: `1, 2` and `x = 1 \\text{ or } x = 2` list two."""
+    s = _CONNECTIVE_RE.sub(",", _normalize(answer)[0])
+    if s.startswith("\\{") and s.endswith("\\}"):
+        s = s[2:-2]
+    return len([p for p in _split_top_level(s, ";" if ";" in s else ",") if p])
+
+
 def reward(completion, gold, timeout=DEFAULT_TIMEOUT):
-    """1.0 when the completion's extracted answer is equivalent to the reference answer, else 0.0."""
+    """1.0 when the completion's extracted answer is equivalent to the reference answer, else 0.0.
+    A reference listing k answers also matches the last k boxes of a completion that boxes each
+    answer separately (`\\boxed{2} and \\boxed{3}` for `2, 3`)."""
     try:
         pred = extract_answer(completion)
         if pred is None:
             return 0.0
-        return 1.0 if is_equiv(pred, reference_answer(gold), timeout) else 0.0
+        gold = reference_answer(gold)
+        if is_equiv(pred, gold, timeout):
+            return 1.0
+        boxes = _all_boxed_answers(completion)
+        parts = _top_level_parts(gold) if len(boxes) > 1 else 1
+        if 1 < parts <= len(boxes) and all(_top_level_parts(b) == 1 for b in boxes[-parts:]):
+            return 1.0 if is_equiv(", ".join(boxes[-parts:]), gold, timeout) else 0.0
+        return 0.0
     except Exception:
         return 0.0
 

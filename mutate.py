@@ -1,0 +1,94 @@
+"""
+Mutation testing of the method and of the verifier's comparison core (development only; not in CI).
+
+    pip install mutmut                  # 3.x, into the development venv; not in requirements.txt
+    python mutate.py                    # mutate, run the covering tests of each mutant, print the score
+    python mutate.py --children 1       # fewer parallel workers on a busy machine
+    mutmut show prerl.x_trim__mutmut_3  # what one mutant changed
+
+mutmut (configured in pyproject.toml) mutates whole files; the functions below are the ones scored:
+the method (advantages, masks, losses, scoring in both spaces, the DSRL switch, sampling, checkpoints)
+and verify.py's comparison core. Each mutant runs only the tests that reach its function. A surviving
+mutant is either a missing test (write it) or equivalent to the original (list it in EQUIVALENT with
+the reason). The score counts killed mutants among the non-equivalent ones; the target is 95%.
+Not mutated: generate() (mutmut 3 leaves decorated functions alone: @torch.no_grad()).
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+SCORED = {
+    "prerl.py": [
+        # sampling and its masks
+        "start_token_id", "eos_token_ids", "response_mask_from_positions", "pick_next_token", "sample",
+        # scoring in both spaces
+        "chunk_logprobs", "token_logprobs", "conditional_logprobs", "pretrain_logprobs", "trim", "scored_logprobs",
+        # advantages, the DSRL switch, losses
+        "grpo_advantages", "centered_advantages", "stage_for_step", "advantages_for",
+        "clipped_surrogate", "k3_kl", "loss_denominator", "policy_loss", "accumulate_gradients", "optimizer_step",
+        # data order, checkpoints, evaluation
+        "batch_for_step", "save_checkpoint", "load_checkpoint", "evaluate",
+    ],
+    "verify.py": ["_close", "_numbers_equal", "_expressions_equal", "_structures_equal", "_compare_normalized"],
+}
+
+# Mutants that behave exactly like the original (one line each: why no test can tell them apart).
+EQUIVALENT = {
+}
+
+TARGET = 0.95
+
+
+def mutant_globs():
+    return [f"{file[:-3]}.x_{name}__mutmut_*" for file, names in SCORED.items() for name in names]
+
+
+def scored_results():
+    """{mutant name: status} for the scored functions, from mutmut's per-file result files."""
+    pattern = re.compile(r"^[a-z]+\.x_(%s)__mutmut_\d+$" % "|".join(re.escape(n) for names in SCORED.values() for n in names))
+    status = {}
+    for file in SCORED:
+        with open(os.path.join("mutants", file + ".meta")) as f:
+            codes = json.load(f)["exit_code_by_key"]
+        for name, code in codes.items():
+            if pattern.match(name):
+                status[name] = {1: "killed", 3: "killed", 0: "survived", None: "not checked", 33: "no tests",
+                                36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout"}.get(code, f"exit {code}")
+    return status
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--children", type=int, default=2, help="parallel mutant workers (default 2)")
+    parser.add_argument("--report-only", action="store_true", help="score the last run without running mutmut")
+    args = parser.parse_args()
+    if not args.report_only:
+        # one thread per worker: torch's thread pool would otherwise oversubscribe the cores (and deadlock after fork)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        subprocess.run(["mutmut", "run", "--max-children", str(args.children), *mutant_globs()], env=env)
+    status = scored_results()
+    stale = sorted(set(EQUIVALENT) - set(status))
+    equivalent = {m: s for m, s in status.items() if m in EQUIVALENT}
+    counted = {m: s for m, s in status.items() if m not in EQUIVALENT}
+    killed = sum(s in ("killed", "timeout") for s in counted.values())
+    survivors = sorted(m for m, s in counted.items() if s not in ("killed", "timeout"))
+    killed_equivalent = sorted(m for m, s in equivalent.items() if s in ("killed", "timeout"))
+    print(f"\n{len(status)} mutants in the scored functions, {len(equivalent)} listed as equivalent")
+    for m in survivors:
+        print(f"  {counted[m]:>11}  {m}")
+    for m in killed_equivalent:
+        print(f"  listed as equivalent but killed (remove it from EQUIVALENT): {m}")
+    for m in stale:
+        print(f"  listed as equivalent but no longer generated (remove it from EQUIVALENT): {m}")
+    score = killed / max(1, len(counted))
+    print(f"mutation score: {killed}/{len(counted)} = {100 * score:.1f}% of non-equivalent mutants killed "
+          f"(target {100 * TARGET:.0f}%)")
+    return 0 if score >= TARGET else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
