@@ -268,6 +268,11 @@ def study_data(cfg, out_dir):
     return paths
 
 
+# Options that change how fast runs go or where they report, never their results; a field that the
+# saved study does not know (added to prerl.Config since) is not compared either.
+NOT_IN_THE_RESULT = {"device", "plain", "micro_batch_tokens", "gradient_checkpointing", "save_every", "report_to"}
+
+
 def check_study_options(args, cfg):
     """A study folder holds the runs of one set of options: resuming it with others (more seeds or modes
     aside) would mix runs that are not comparable, so that is refused."""
@@ -275,7 +280,7 @@ def check_study_options(args, cfg):
     path = os.path.join(args.out_dir, "study.json")
     if os.path.exists(path):
         saved = json.load(open(path))
-        changed = sorted(k for k in set(saved) | set(options) if saved.get(k) != options.get(k))
+        changed = sorted(k for k in set(saved) & set(options) - NOT_IN_THE_RESULT if saved[k] != options[k])
         if changed:
             raise SystemExit(f"error: {args.out_dir} holds a study with other options ({', '.join(changed)}); "
                              f"use another --out-dir, or the same options to resume it")

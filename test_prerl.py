@@ -2385,6 +2385,9 @@ def test_study_resumes_per_mode_and_seed_to_the_same_table(tiny_model_folder, tm
     assert {"entropy", "logp_y_wrong", "eos_share", "reflections"} <= set(result["metrics"][0])
     with pytest.raises(SystemExit, match="other options .*steps"):
         analyze.main(study_argv(tiny_model_folder, tmp_path / "parts", "--steps", "3"))
+    calls.clear()                                  # a speed-only option may change: the study is read back
+    assert analyze.main(study_argv(tiny_model_folder, tmp_path / "parts", "--save-every", "2"))["table"] == whole["table"]
+    assert calls == []
 
 
 def test_lr_sweep_chooses_on_the_validation_split_never_the_held_out(tiny_model_folder, tmp_path, monkeypatch):
