@@ -22,7 +22,8 @@ flag), Data (problems and reference answers), Model (loading, the pre-train-spac
 Sampling (G responses per prompt: a plain decode loop), Scoring (per-token log-probs in the two spaces,
 log P(y|x) and log P(y)), Advantages (the table of every mode: which responses, which space, which
 weight), Losses (PPO-clip surrogate, token-mean), the RL step and the loop (DSRL's switch is one line in
-stage_for_step), Evaluation and Checkpoints. The method ends with train() at the bottom of this file.
+stage_for_step), Evaluation, Diagnostics (measured on each step's samples, never trained on) and
+Checkpoints. The method ends with train() at the bottom of this file.
 What only makes it faster or smaller lives in machinery.py, reached from here through one call each
 (marked "machinery:") -- a preallocated KV cache and an inverse-CDF draw for sampling (on a GPU, a static
 KV cache with the decode step replayed as a CUDA graph), a chunked LM head with a hand-written backward
@@ -77,7 +78,7 @@ DIST = None
 # reference code) and the PPO clip range; the rest is the usual RL-with-verifiable-rewards setup.
 
 MODES = ("dsrl", "grpo", "psr", "nsr", "w-reinforce", "prerl", "psr-prerl", "nsr-prerl")
-TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand")
+TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand", "twostep")
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # reference runs
 EMBEDDED_MODEL = "embedded"
 
@@ -122,6 +123,8 @@ class Config:
     # evaluation, logging, checkpoints
     eval_every: int = opt(10, "held-out evaluation every N steps (0 = only at the start and end)")
     eval_temperature: float = opt(0.0, "evaluation temperature; 0 = greedy")
+    diagnose_every: int = opt(10, "entropy and log P(y), log P(y|x) diagnostics every N steps (a no-grad forward "
+                                  "per space); 0 = never")
     out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
@@ -150,6 +153,10 @@ def parse_config(argv=None):
 # of response y is equivalent to the reference (verify.py). Built-in generator, or MATH / GSM8K JSONL.
 
 
+NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe")
+ITEMS = ("apples", "pencils", "marbles", "stickers", "cards")
+
+
 def make_problem(family, difficulty, rng):
     """One problem {'problem', 'answer'} of a family; difficulty = digits per operand."""
     lo, hi = (1 if difficulty == 1 else 10 ** (difficulty - 1)), 10 ** difficulty - 1
@@ -174,6 +181,18 @@ def make_problem(family, difficulty, rng):
         return {"problem": f"Solve for $x$: ${a}x + {b} = {a * x + b}$.", "answer": str(x)}
     if family == "expand":
         return {"problem": f"Expand $(x + {a})(x + {b})$.", "answer": f"x^2 + {a + b}x + {a * b}"}
+    if family == "twostep":  # a word problem of two operations: the first result must be carried into the second
+        name, item, c = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(2, max(2, min(hi, 9)))
+        template = rng.randrange(3)
+        if template == 0:
+            return {"problem": f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} in each. "
+                               f"How many {item} does {name} have now?", "answer": str(a + b * c)}
+        if template == 1:
+            away = min(b, c * a)
+            return {"problem": f"{name} buys {c} boxes with {a} {item} in each and gives away {away} {item}. "
+                               f"How many {item} does {name} have left?", "answer": str(c * a - away)}
+        return {"problem": f"{name} has {a} {item} and finds {b} more. Then the number of {item} is multiplied "
+                           f"by {c}. How many {item} does {name} have now?", "answer": str((a + b) * c)}
     raise ValueError(f"unknown task family {family!r}")
 
 
@@ -672,6 +691,7 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
     t1 = time.perf_counter()
     golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
     rewards = torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
+    diagnostics = step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id)  # measured, never trained on
     t2 = time.perf_counter()
     loss, kept_tokens = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model)
     grad_norm = optimizer_step(model, optimizer, cfg, loss)
@@ -684,7 +704,8 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
               "mixed_groups": int(((rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)).sum()),
               "response_length": lengths.float().mean().item(),
               "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
-              "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3), "train_s": round(t3 - t2, 3)}
+              "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
+              "train_s": round(t3 - t2, 3), **diagnostics}
     if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
         record["skipped"] = nonfinite_reason(loss, grad_norm)
     return record
@@ -733,6 +754,94 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
         machinery.shard_layers(model)
         machinery.release_root(model)
     return correct / total
+
+
+# -----------------------------------------------------------------------------
+# Diagnostics: what a step's samples say about the policy that drew them; logged with the step's metrics,
+# never trained on. Every step: how responses end and their reasoning-behaviour phrases (free). Every
+# cfg.diagnose_every steps: the policy's entropy and the likelihood of right vs wrong responses in both
+# spaces -- log P(y) is what NSR-PreRL pushes down -- at the cost of one no-grad forward per space.
+
+# The paper's keyword lists are not public; these are ours. Matched case-insensitively, whole words.
+TRANSITION_PHRASES = ("alternatively", "however", "instead", "another way", "another approach", "on the other hand",
+                      "otherwise", "let's try", "let me try", "try a different", "what if")
+REFLECTION_PHRASES = ("wait", "hmm", "let me check", "let's check", "let me verify", "let's verify", "verify",
+                      "double-check", "double check", "re-examine", "reexamine", "recheck", "re-check",
+                      "check again", "make sure", "i made a mistake", "that's not right")
+
+
+def phrase_pattern(phrases):
+    return re.compile(r"\b(?:" + "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)) + r")\b",
+                      re.IGNORECASE)
+
+
+TRANSITION_RE, REFLECTION_RE = phrase_pattern(TRANSITION_PHRASES), phrase_pattern(REFLECTION_PHRASES)
+
+
+def count_behaviours(text):
+    """(transitions, reflections) in one response: whole-word, case-insensitive matches."""
+    return len(TRANSITION_RE.findall(text)), len(REFLECTION_RE.findall(text))
+
+
+def eos_share(response_ids, eos_ids):
+    """Share of responses that ended with EOS; the others ran into max_new_tokens."""
+    return torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).any(1).float().mean().item()
+
+
+def logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
+    """Per response token: log P(y_t | x, y_<t), and the exact entropy of the distribution it was drawn
+    from, softmax(logits / T) (before top-p; T = 0, greedy, reports T = 1). Full logits: no-grad only."""
+    input_ids = torch.cat([prompt_ids, response_ids], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with autocast(input_ids.device):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, prompt_ids.shape[1] - 1:-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    token_lp = logits.log_softmax(-1).gather(-1, response_ids[..., None]).squeeze(-1)
+    tempered = (logits / (temperature or 1.0)).log_softmax(-1)
+    return token_lp, -(tempered.exp() * tempered).sum(-1)
+
+
+@torch.no_grad()
+def likelihood_diagnostics(model, batch, rewards, start_id, cfg):
+    """Entropy of the sampling policy, mean over response tokens; mean over right (reward 1) and over wrong
+    responses of log P(y|x) and of log P(y), each summed over the response's tokens (None when the step
+    has no right, or no wrong, response)."""
+    rows = len(batch["response_ids"])
+    conditional, pretrain, entropy = torch.zeros(rows), torch.zeros(rows), 0.0
+    lengths = (batch["prompt_mask"].sum(1) + batch["response_mask"].sum(1)).tolist()
+    model.eval()
+    budget = min(512, micro_batch_budget(cfg, batch["response_ids"].device))   # full logits: 512 x vocab x 4 bytes, a few copies
+    for chunk in micro_batches(range(rows), lengths, budget):
+        response_ids, response_mask = trim(batch["response_ids"][chunk], batch["response_mask"][chunk], left=False)
+        prompt_ids, prompt_mask = trim(batch["prompt_ids"][chunk], batch["prompt_mask"][chunk], left=True)
+        token_lp, token_entropy = logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_mask,
+                                                       cfg.temperature)
+        mask = response_mask.to(token_lp.dtype)
+        conditional[chunk] = (token_lp * mask).sum(1).cpu().float()
+        pretrain[chunk] = (pretrain_logprobs(model, start_id, response_ids, response_mask) * mask).sum(1).cpu().float()
+        entropy += float((token_entropy * mask).sum())
+    right = rewards.reshape(-1) > 0.5
+
+    def mean_over(values, which):
+        return values[which].mean().item() if which.any() else None
+    return {"entropy": entropy / max(1, int(batch["response_mask"].sum())),
+            "logp_y_given_x_right": mean_over(conditional, right), "logp_y_given_x_wrong": mean_over(conditional, ~right),
+            "logp_y_right": mean_over(pretrain, right), "logp_y_wrong": mean_over(pretrain, ~right)}
+
+
+def step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id):
+    """The diagnostics of one step (see above), and the seconds they took."""
+    start = time.perf_counter()
+    counts = [count_behaviours(text) for text in batch["texts"]]
+    record = {"eos_share": eos_share(batch["response_ids"], eos_token_ids(model, tokenizer)),
+              "transitions": sum(t for t, _ in counts) / len(counts), "reflections": sum(r for _, r in counts) / len(counts)}
+    if cfg.diagnose_every and step % cfg.diagnose_every == 0:
+        record.update(likelihood_diagnostics(model, batch, rewards, start_id, cfg))
+    record["diagnose_s"] = round(time.perf_counter() - start, 3)
+    return record
 
 
 # -----------------------------------------------------------------------------
@@ -910,6 +1019,7 @@ FLAG_RULES = [
     ("micro-batch-tokens", lambda c: 0 < c.micro_batch_tokens < c.max_new_tokens + 1, "a row is the start token (or prompt) + up to --max-new-tokens {c.max_new_tokens}; use at least {c.max_new_tokens} + 1 plus the prompt, or 0"),
     ("eval-every",         lambda c: not c.eval_every >= 0,               "use 0 (only at the start and end) or a number of steps"),
     ("eval-temperature",   lambda c: not c.eval_temperature >= 0,         "use 0 (greedy) or more"),
+    ("diagnose-every",     lambda c: not c.diagnose_every >= 0,           "use 0 (no entropy and likelihood diagnostics) or a number of steps"),
     ("save-every",         lambda c: not c.save_every >= 0,               "use 0 (only at the end) or a number of steps"),
     ("report-to",          lambda c: c.report_to not in REPORTERS,        "choose one of " + ", ".join(REPORTERS)),
     ("report-to",          lambda c: bool(REPORTERS.get(c.report_to)) and importlib.util.find_spec(REPORTERS[c.report_to]) is None, "the {c.report_to} package is not installed: pip install {c.report_to}, or use --report-to none"),
@@ -958,7 +1068,7 @@ def out_dir_problem(out_dir):
 
 # Fields a resumed run may change: they never change what is trained (--steps may also grow).
 RESUME_MAY_CHANGE = {"steps", "device", "gradient_checkpointing", "micro_batch_tokens", "eval_data", "eval_size",
-                     "eval_every", "eval_temperature", "out_dir", "save_every", "resume", "report_to", "plain"}
+                     "eval_every", "eval_temperature", "diagnose_every", "out_dir", "save_every", "resume", "report_to", "plain"}
 
 
 def resume_problem(cfg):

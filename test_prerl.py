@@ -2171,7 +2171,7 @@ def test_periodic_checkpoint_records_its_step_and_resumes_like_an_uninterrupted_
     for line in open(tmp_path / "cut" / "metrics.jsonl"):   # step 2 ran twice (before the kill, after resume)
         record = json.loads(line)
         records[record["step"]] = record                    # the resumed run's record is the later one
-    timing = ("sample_s", "score_s", "train_s")
+    timing = ("sample_s", "score_s", "train_s", "diagnose_s")
     uninterrupted = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert [m["stage"] for m in uninterrupted] == ["nsr-prerl", "grpo", "grpo", "grpo"]
     assert any(m["kept_tokens"] > 0 for m in uninterrupted[2:])   # the resumed steps really trained
@@ -2492,3 +2492,193 @@ def test_torchrun_run_killed_and_resumed_equals_one_process(two_ranks):
 if __name__ == "__main__" and sys.argv[1:2] == ["--distributed-worker"]:
     from pathlib import Path
     distributed_worker(Path(sys.argv[2]), Path(sys.argv[3]))
+
+
+
+
+# ---------------------------------------------------------------------------
+# Issue 13: multi-seed studies (t-intervals, steps to a threshold, resume per run), lr sweep on a
+# validation split, per-step diagnostics, the two-step word-problem family
+
+
+def test_t_interval_hand_worked():
+    # [0.5, 0.6, 0.7]: mean 0.6, s = 0.1, s / sqrt(3) = 0.0577350, t(0.975, 2) = 4.302653 -> half-width 0.248414
+    mean, low, high = analyze.mean_ci([0.5, 0.6, 0.7])
+    assert (mean, low, high) == pytest.approx((0.6, 0.6 - 0.248414, 0.6 + 0.248414), abs=1e-6)
+    # [1..5]: mean 3, s = sqrt(2.5), s / sqrt(5) = 0.707107, t(0.975, 4) = 2.776445 -> half-width 1.963243
+    assert analyze.mean_ci([1, 2, 3, 4, 5]) == pytest.approx((3.0, 3 - 1.963243, 3 + 1.963243), abs=1e-6)
+    assert analyze.mean_ci([0.4]) == (0.4, None, None)            # one seed: no interval
+    with pytest.raises(ValueError):
+        analyze.t_quantile_975(0)
+
+
+def student_t_cdf(x, df, intervals=4000):
+    """P(T <= x) for x >= 0 by Simpson's rule on the t density: independent of the table."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = lambda t: math.exp(log_norm - (df + 1) / 2 * math.log1p(t * t / df))
+    h = x / intervals
+    total = density(0) + density(x) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, intervals))
+    return 0.5 + total * h / 3
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 10, 29, 30, 31, 45, 200])
+def test_t_quantile_is_the_975_quantile(df):
+    assert student_t_cdf(analyze.t_quantile_975(df), df) == pytest.approx(0.975, abs=2e-6)
+
+
+def test_steps_to_threshold_on_a_synthetic_curve():
+    curve = [(10, 0.55), (0, 0.2), (5, 0.4), (15, 0.5), (20, 0.7)]   # order does not matter; a dip after 10
+    assert analyze.steps_to_threshold(curve, 0.5) == 10
+    assert analyze.steps_to_threshold(curve, 0.7) == 20
+    assert analyze.steps_to_threshold(curve, 0.2) == 0               # the start model already there
+    assert analyze.steps_to_threshold(curve, 0.71) is None           # never reached
+    runs = {"m": [{"seed": s, "lr": 1e-5, "curve": c, "step_seconds": 1.0, "eval": {"pass_at_k": {"1": 0.5, "2": 0.6}}}
+                  for s, c in enumerate([curve, [(0, 0.2), (10, 0.75), (20, 0.8)]])]}
+    row = analyze.summarize(runs, 0.7, budget=20)["m"]
+    assert row["steps"] == (15.0, pytest.approx(15 - 12.706205 * 5), pytest.approx(15 + 12.706205 * 5))
+    row = analyze.summarize(runs, 0.78, budget=20)["m"]                # one seed never gets there
+    assert (row["steps"], row["steps_reached"], row["steps_lower_bound"]) == (None, 1, 20.0)
+    assert ">= 20.0 (1/2 reached)" in analyze.format_table({"m": row}, 0.78)
+
+
+def test_curve_band_is_the_per_step_interval():
+    runs = [{"curve": [(0, 0.2), (5, 0.5)]}, {"curve": [(0, 0.2), (5, 0.7)]}]
+    steps, cis = analyze.curve_band(runs)
+    assert steps == [0, 5]
+    assert cis[0] == (0.2, pytest.approx(0.2), pytest.approx(0.2))
+    assert cis[1] == pytest.approx((0.6, 0.6 - 12.706205 * 0.1, 0.6 + 12.706205 * 0.1))
+
+
+def hand_scores(model, context, response, temperature):
+    """Sum of log P(y_t | context, y_<t) and sum of the entropies of softmax(logits / T) before each response
+    token, from one plain forward of the unpadded sequence (no masks, no micro-batches)."""
+    logits = model(input_ids=torch.tensor([context + response])).logits[0, len(context) - 1:-1]
+    logprob = sum(float(torch.log_softmax(logits[t], -1)[token]) for t, token in enumerate(response))
+    p = torch.softmax(logits / temperature, -1)
+    return logprob, float(-(p * p.log()).sum())
+
+
+def test_likelihood_diagnostics_equal_hand_computation():
+    model, batch = tiny_model(), toy_batch()
+    rewards = torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]])
+    cfg = prerl.Config(temperature=0.7, micro_batch_tokens=20)   # several micro-batches
+    with torch.no_grad():
+        got = prerl.likelihood_diagnostics(model, batch, rewards, 1, cfg)
+        cond, pre, entropy, tokens = [], [], 0.0, 0
+        for i in range(8):
+            response = batch["response_ids"][i, :int(batch["response_mask"][i].sum())].tolist()
+            logprob, entropy_sum = hand_scores(model, real_prompt(batch, i), response, 0.7)
+            cond.append(logprob)
+            pre.append(hand_scores(model, [1], response, 0.7)[0])
+            entropy += entropy_sum
+            tokens += len(response)
+    right = [r == 1 for r in rewards.reshape(-1).tolist()]
+    mean = lambda values, keep: sum(v for v, k in zip(values, keep) if k) / sum(keep)
+    wrong = [not r for r in right]
+    assert got["entropy"] == pytest.approx(entropy / tokens, rel=1e-6)
+    assert got["logp_y_given_x_right"] == pytest.approx(mean(cond, right), rel=1e-6)
+    assert got["logp_y_given_x_wrong"] == pytest.approx(mean(cond, wrong), rel=1e-6)
+    assert got["logp_y_right"] == pytest.approx(mean(pre, right), rel=1e-6)
+    assert got["logp_y_wrong"] == pytest.approx(mean(pre, wrong), rel=1e-6)
+    assert got["logp_y_wrong"] != pytest.approx(got["logp_y_given_x_wrong"], rel=1e-3)   # two different spaces
+    none_right = prerl.likelihood_diagnostics(model, batch, torch.zeros(2, 4), 1, cfg)
+    assert none_right["logp_y_right"] is None and none_right["logp_y_wrong"] == pytest.approx(sum(pre) / 8, rel=1e-6)
+
+
+def test_step_diagnostics_eos_share_and_behaviours():
+    model, tokenizer = tiny_model(torch.float32), tiny_tokenizer()
+    batch = toy_batch(n_groups=1, group=4)
+    batch["response_ids"][0, 2] = 2              # rows 0 and 2 end with EOS (id 2), rows 1 and 3 hit the limit
+    batch["response_ids"][2, 0] = 2
+    batch["response_ids"][[1, 3]] = torch.where(batch["response_ids"][[1, 3]] == 2, 5, batch["response_ids"][[1, 3]])
+    batch["texts"] = ["Wait, hmm. However", "no phrases", "let me check: instead, alternatively", "wait"]
+    cfg = prerl.Config(diagnose_every=3)
+    quiet = prerl.step_diagnostics(model, tokenizer, batch, torch.zeros(1, 4), 1, cfg, 1)
+    assert quiet["eos_share"] == 0.5
+    assert (quiet["transitions"], quiet["reflections"]) == ((1 + 0 + 2 + 0) / 4, (2 + 0 + 1 + 1) / 4)
+    assert "entropy" not in quiet                                 # step 1: not a diagnosed step
+    assert {"entropy", "logp_y_wrong"} <= set(prerl.step_diagnostics(model, tokenizer, batch, torch.zeros(1, 4), 3, cfg, 1))
+
+
+def test_two_step_word_problems_answer_what_they_ask():
+    import re
+    for p in prerl.make_problems(60, "twostep", 1, seed=3, held_out=False):
+        a, b, c = map(int, re.findall(r"\d+", p["problem"]))
+        if "bags" in p["problem"]:
+            expected = a + b * c                      # has a, buys b bags of c
+        elif "gives away" in p["problem"]:
+            expected = a * b - c                      # a boxes of b, gives away c
+        else:
+            expected = (a + b) * c                    # has a, finds b, multiplied by c
+        assert p["answer"] == str(expected) and expected >= 0, p
+
+
+def study_argv(folder, out, *extra):
+    return ["compare", "--model", str(folder), "--data", str(folder / "toy.jsonl"), "--eval-data", str(folder / "toy.jsonl"),
+            "--modes", "grpo,nsr-prerl", "--seeds", "2", "--steps", "2", "--eval-every", "1", "--save-every", "1",
+            "--diagnose-every", "1", "--n", "2", "--eval-size", "4", "--max-new-tokens", "6", "--prompts-per-step", "4",
+            "--group-size", "4", "--lr", "1e-3", "--switch-step", "1", "--out-dir", str(out), "--json", str(out / "study.out.json"),
+            *extra]
+
+
+def test_study_resumes_per_mode_and_seed_to_the_same_table(tiny_model_folder, tmp_path, monkeypatch):
+    whole = analyze.main(study_argv(tiny_model_folder, tmp_path / "whole"))
+    rl_step, calls = prerl.rl_step, []
+
+    def interrupted_at_the_sixth_step(*args, **kwargs):   # grpo seeds 0, 1 done; nsr-prerl seed 0 half done
+        calls.append(args[4])
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return rl_step(*args, **kwargs)
+    monkeypatch.setattr(prerl, "rl_step", interrupted_at_the_sixth_step)
+    with pytest.raises(KeyboardInterrupt):
+        analyze.main(study_argv(tiny_model_folder, tmp_path / "parts"))
+    calls.clear()
+    evaluate_samples, temperatures = analyze.evaluate_samples, []
+
+    def recording_evaluate_samples(model, tokenizer, problems, cfg, n):
+        temperatures.append((cfg.temperature, cfg.top_p))
+        return evaluate_samples(model, tokenizer, problems, cfg, n)
+    monkeypatch.setattr(analyze, "evaluate_samples", recording_evaluate_samples)
+    resumed = analyze.main(study_argv(tiny_model_folder, tmp_path / "parts"))
+    assert temperatures == [(0.6, 0.95)] * 2        # pass@k as for the base model, not at the training T 0.7
+    assert calls == [1, 0, 1]          # finished runs are read back; nsr-prerl seed 0 goes on from step 1, then seed 1
+    assert resumed["table"] == whole["table"]
+    without_time = lambda rows: {m: {k: v for k, v in r.items() if k != "step_seconds"} for m, r in rows.items()}
+    assert without_time(resumed["rows"]) == without_time(whole["rows"])
+    result = json.load(open(tmp_path / "parts" / "nsr-prerl" / "seed0" / "result.json"))
+    assert [m["step"] for m in result["metrics"]] == [0, 1] and result["seed"] == 0
+    assert {"entropy", "logp_y_wrong", "eos_share", "reflections"} <= set(result["metrics"][0])
+    with pytest.raises(SystemExit, match="other options .*steps"):
+        analyze.main(study_argv(tiny_model_folder, tmp_path / "parts", "--steps", "3"))
+    calls.clear()                                  # a speed-only option may change: the study is read back
+    assert analyze.main(study_argv(tiny_model_folder, tmp_path / "parts", "--save-every", "2"))["table"] == whole["table"]
+    assert calls == []
+
+
+def test_lr_sweep_chooses_on_the_validation_split_never_the_held_out(tiny_model_folder, tmp_path, monkeypatch):
+    args, cfg = analyze.parse_args(study_argv(tiny_model_folder, tmp_path, "--data", str(tmp_path / "big.jsonl"),
+                                              "--eval-size", "8"))
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"problem": f"what is {a}+{b}?", "answer": str(a + b)}) + "\n"
+                                                         for a in range(12) for b in range(12)))
+    data = analyze.study_data(cfg, args.out_dir)
+    sets = {name: {p["problem"] for p in prerl.load_problems(path)} for name, path in data.items()}
+    assert sets["validation"] and sets["heldout"] and sets["train"]
+    assert not (sets["train"] & sets["validation"]) and not (sets["train"] & sets["heldout"])
+    assert not (sets["validation"] & sets["heldout"])
+    seen = []
+    final = {1e-3: 0.5, 1e-2: 0.75, 1e-1: 0.75}          # a tie at the end, broken by the mean over the curve
+    mean_part = {1e-3: 0.9, 1e-2: 0.1, 1e-1: 0.5}
+
+    def fake_run(cfg, args, mode, lr, seed, train_path, eval_path, out_dir, n_samples):
+        seen.append((eval_path, train_path, n_samples))
+        return {"curve": [(0, mean_part[lr]), (2, final[lr])]}
+    monkeypatch.setattr(analyze, "study_run", fake_run)
+    lr, scores = analyze.choose_lr(cfg, args, "grpo", [1e-3, 1e-2, 1e-1], data)
+    assert lr == 1e-1 and scores == {"0.001": 0.5, "0.01": 0.75, "0.1": 0.75}
+    assert {s[0] for s in seen} == {data["validation"]} and {s[1] for s in seen} == {data["train"]}
+
+
+def test_diagnose_every_is_a_checked_flag(capsys):
+    assert refused_line(["--diagnose-every", "-1"], capsys).startswith("error: --diagnose-every -1:")
+    assert "diagnose_every" in prerl.RESUME_MAY_CHANGE        # diagnostics never change what is trained
