@@ -423,8 +423,8 @@ def suite_agreement(model, tokenizer, problems, s, device, rows):
             same = out["static"].shape == out[other].shape and bool((out["static"] == out[other]).all())
             agree = float((out["static"][:, :out[other].shape[1]] == out[other][:, :out["static"].shape[1]]).float().mean())
             rows.append((f"agreement, static vs {other}, T={temperature} (8 rows x {n} tokens)",
-                         "identical" if same else f"{100 * agree:.1f}% tokens", "fp32 on CPU: identical (tests); under bf16 "
-                         "autocast another batch shape may round a near-tie the other way and the row then diverges"))
+                         "identical" if same else f"{100 * agree:.1f}% tokens", "in fp32 identical (tests); under bf16 autocast "
+                         "another batch shape may round a near-tie the other way, and that row then diverges"))
     if device.type == "cuda":  # graph replay vs the same step eagerly: the same kernels on the same buffers
         uniforms = prerl.sampling_uniforms(range(2), 4, n).to(device)
         outs = [machinery.static_generate(model, encoded["input_ids"], encoded["attention_mask"], 4, n, 1.0, 1.0, eos,
@@ -449,7 +449,9 @@ def suite_decode(model, tokenizer, problems, s, device, bandwidth, rows):
 
     captures_before, capture_s_before = machinery.DECODE_STATS["captures"], machinery.DECODE_STATS["capture_s"]
     first, _ = seconds("static", n)                    # builds the buffers and captures the graph
-    warm = [seconds(how, k)[0] for how in ("loop", "hf") for k in (1, n)]  # noqa: F841  (warm-up of the others)
+    for how in ("loop", "hf"):                          # the others' warm-up
+        for k in (1, n):
+            seconds(how, k)
     per_step, totals, produced = {}, {}, {}
     for how in ("static", "loop", "hf"):
         per_step[how], totals[how] = [], []
@@ -484,17 +486,17 @@ def suite_decode(model, tokenizer, problems, s, device, bandwidth, rows):
     one, _ = timed(lambda: go(1), device)
     full, out = timed(lambda: go(n), device)
     step_s = (full - one) / max(out.shape[1] - 1, 1)
-    config = model.config
-    kv_per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2
-    room = -(-(prompt_length + n) // machinery.ROOM_MULTIPLE) * machinery.ROOM_MULTIPLE
+    decoder = [d for d in machinery._DECODERS[model].values() if len(d.token) == wide_rows][-1]
+    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in decoder.cache.layers)  # as allocated
+    room = decoder.mask.shape[1]
     weight_bytes = 2 * matmul_parameters(model)         # bf16 copies of the matmul weights
-    static_bytes = weight_bytes + wide_rows * room * kv_per_slot            # what the static step reads
-    ideal_bytes = weight_bytes + wide_rows * (prompt_length + n / 2) * kv_per_slot   # the average filled cache
+    static_bytes = weight_bytes + kv_bytes              # what the static step reads
+    ideal_bytes = weight_bytes + kv_bytes * (prompt_length + n / 2) / room   # the average filled cache
     floor_s = ideal_bytes / bandwidth
     rows.append((f"decode {wide_rows} rows x {n} new tokens: static path", f"{wide_rows / step_s:,.0f} tok/s",
                  f"{1000 * step_s:.2f} ms/step; floor {1000 * floor_s:.2f} ms/step ({ideal_bytes / 1e9:.2f} GB: bf16 weights "
                  f"+ the average filled KV cache, at the measured copy rate) = {100 * floor_s / step_s:.0f}% of the floor; "
-                 f"the step reads the whole room: {static_bytes / 1e9:.2f} GB"))
+                 f"the step reads the whole room of {room} slots: {static_bytes / 1e9:.2f} GB"))
 
 
 def suite_rl_step(model, tokenizer, s, device, rows):
@@ -531,6 +533,8 @@ def suite_rl_step(model, tokenizer, s, device, rows):
 def suite_memory(shape, device, rows):
     """Peak GPU memory of training steps of the shape, in a fresh process; against a 24 GB card."""
     before = len(rows)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()                        # this process's cached blocks, for the probe's process
     bench_memory(shape, 0, False, device, rows)
     if len(rows) > before and rows[-1][1] != "failed":
         used = float(rows[-1][1].split()[0])
@@ -544,12 +548,13 @@ def gpu_suite(args):
     device = torch.device("cpu") if dry else torch.device("cuda")
     if not dry and not torch.cuda.is_available():
         raise SystemExit("error: --gpu-suite needs a CUDA GPU (--dry-run runs it on the CPU with a tiny shape)")
-    if dry:
+    if dry:  # the CPU under bf16 autocast, as prerl runs on CUDA: the same dtypes go through the same code
         MATMUL_SIZE["cpu"] = 256
+        prerl.autocast = lambda device: torch.autocast(device.type, dtype=torch.bfloat16)
     start = time.perf_counter()
     rows = []
     import transformers
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run: tiny shape, tiny sizes)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run: tiny shape and sizes, bf16 autocast)"
     rows.append(("machine", name, f"torch {torch.__version__}, transformers {transformers.__version__}"))
     peak, bandwidth = matmul_flops(device), copy_bandwidth(device)
     rows.append((f"matmul peak ({'bf16' if device.type == 'cuda' else 'fp32'})", f"{peak / 1e12:,.1f} TFLOP/s", "this run"))

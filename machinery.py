@@ -18,6 +18,8 @@ Parts, in the order prerl.py reaches them:
                                                              logits or log-softmax copies kept
     Memory: allocator          reuse_freed_memory(device)    glibc keeps freed blocks for reuse instead
                                                              of page-faulting them in per micro-batch
+    GPU decode                 static_generate(...)          on CUDA: a static KV cache and the one-token
+                                                             step replayed as a CUDA graph
 """
 
 import ctypes
@@ -27,7 +29,7 @@ import time
 import weakref
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 # -----------------------------------------------------------------------------
 # Speed: KV cache
@@ -213,7 +215,6 @@ def static_decode_fits(model, device):
     if STATIC_DECODE == "off" or (STATIC_DECODE == "auto" and device.type != "cuda"):
         return False
     from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
     layers = StaticCache(config=model.config, max_cache_len=1).layers   # lazy: allocates nothing
     return len(layers) > 0 and all(type(layer) is StaticLayer for layer in layers)
 
@@ -222,14 +223,25 @@ def weights_signature(model):
     return [(t.data_ptr(), t.dtype, t.device) for t in list(model.parameters()) + list(model.buffers())]
 
 
+class StoringLayer(StaticLayer):
+    """transformers' StaticLayer, storing new states in the dtypes of the prefilled cache. Under autocast the
+    loop's DynamicCache holds keys in fp32 (RoPE's fp32 cos/sin promote them), values in bf16 with
+    transformers 5.24 and in fp32 with 5.17 (its torch.cat promotes them); the static buffers take those
+    dtypes, and this cast is the loop's own promotion (a no-op where the dtypes already agree)."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return super().update(key_states.to(self.keys.dtype), value_states.to(self.values.dtype), *args, **kwargs)
+
+
 class StaticDecoder:
     """The device buffers of one rollout shape and the one-token decode step over them, as a CUDA graph
     (capture=True) or run eagerly. Holds no reference to the model (the model is passed in each call)."""
 
     def __init__(self, model, rows, room, max_new_tokens, temperature, top_p, eos_ids, pad_id, pick_next_token,
-                 cache_name, device, capture):
+                 cache_name, device, capture, autocast_dtype):
         from transformers import StaticCache
         self.cache = StaticCache(config=model.config, max_cache_len=room)
+        self.cache.layers = [StoringLayer(max_cache_len=room) for _ in self.cache.layers]   # all full attention
         self.settings = dict(temperature=temperature, top_p=top_p)
         self.pick_next_token, self.cache_name, self.pad_id, self.device = pick_next_token, cache_name, pad_id, device
         self.capture, self.graph, self.signature = capture, None, weights_signature(model)
@@ -243,7 +255,7 @@ class StaticDecoder:
         self.responses = torch.full((rows, max_new_tokens), pad_id, **long)
         self.eos = torch.tensor(eos_ids, **long)
         # Under low-precision autocast: low-precision copies of the matmul weights (and biases) for the step
-        self.autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        self.autocast_dtype = autocast_dtype
         self.shadow = {}
         if self.autocast_dtype is not None and self.autocast_dtype != torch.float32:
             for name, module in model.named_modules():
@@ -261,6 +273,8 @@ class StaticDecoder:
                 rows = len(self.token)                 # (it reads only their shapes, dtype and device)
                 static.lazy_initialization(prefilled.keys[:1].expand(rows, -1, -1, -1),
                                            prefilled.values[:1].expand(rows, -1, -1, -1))
+                if static.values.dtype != prefilled.values.dtype:   # transformers 5.17 uses the keys' dtype
+                    static.values = torch.zeros_like(static.values, dtype=prefilled.values.dtype)
             for buffer, states in ((static.keys, prefilled.keys), (static.values, prefilled.values)):
                 rows, heads, _, dim = buffer.shape   # view [prompts, G, ...]: one broadcast copy, no repeat
                 buffer[:, :, :prompt_length].view(rows // group_size, group_size, heads, prompt_length, dim).copy_(states[:, None])
@@ -298,7 +312,7 @@ class StaticDecoder:
         picked = self.pick_next_token(logits, self.settings["temperature"], self.settings["top_p"], u)
         picked = torch.where(self.done, self.pad_id, picked)
         self.responses.index_copy_(1, self.t, picked[:, None])
-        self.done |= torch.isin(picked, self.eos)
+        self.done |= (picked[:, None] == self.eos).any(1)   # not isin: its sorting path can sync
         self.token.copy_(picked)
         self.position.add_(1)
         self.t.add_(1)
@@ -380,22 +394,23 @@ def static_generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, 
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     rows, prompt_length = len(prompt_ids) * group_size, prompt_ids.shape[1]
     room = -(-(prompt_length + max_new_tokens) // ROOM_MULTIPLE) * ROOM_MULTIPLE
-    with autocast:
+    with autocast:                                     # the prefill and the first pick exactly as prerl.generate
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                     use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].repeat_interleave(group_size, 0)
         first = pick_next_token(logits, temperature, top_p, None if uniforms is None else uniforms[:, 0])
-        if max_new_tokens == 1 or bool(torch.isin(first, torch.tensor(eos_ids, device=device)).all()):
-            return first[:, None]
-        key = (rows, room, max_new_tokens, temperature, top_p, tuple(eos_ids), pad_id, pick_next_token, capture,
-               torch.is_autocast_enabled(device.type))
-        decoder = static_decoder(model, key, lambda: StaticDecoder(model, rows, room, max_new_tokens, temperature, top_p, eos_ids,
-                                                                   pad_id, pick_next_token, cache_name, device, capture))
-        next_position = positions[:, -1:].repeat_interleave(group_size, 0) + 1
-        decoder.load(model, getattr(out, cache_name), group_size, prompt_mask, first, next_position, uniforms)
-        del out                                        # the prefill's own cache is no longer needed
-        return decoder.run(model, max_new_tokens)
-
+        autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    # Past this point autocast's cache of cast weights is gone; the step sets up its own autocast, uncached
+    if max_new_tokens == 1 or bool(torch.isin(first, torch.tensor(eos_ids, device=device)).all()):
+        return first[:, None]
+    key = (rows, room, max_new_tokens, temperature, top_p, tuple(eos_ids), pad_id, pick_next_token, capture, autocast_dtype)
+    decoder = static_decoder(model, key, lambda: StaticDecoder(model, rows, room, max_new_tokens, temperature, top_p, eos_ids,
+                                                               pad_id, pick_next_token, cache_name, device, capture,
+                                                               autocast_dtype))
+    next_position = positions[:, -1:].repeat_interleave(group_size, 0) + 1
+    decoder.load(model, getattr(out, cache_name), group_size, prompt_mask, first, next_position, uniforms)
+    del out, logits                                    # the prefill's own cache is no longer needed
+    return decoder.run(model, max_new_tokens)
 
 
 # -----------------------------------------------------------------------------

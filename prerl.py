@@ -23,11 +23,12 @@ log P(y|x) and log P(y)), Advantages (the table of every mode: which responses, 
 weight), Losses (PPO-clip surrogate, token-mean), the RL step and the loop (DSRL's switch is one line in
 stage_for_step), Evaluation and Checkpoints. The method ends with train() at the bottom of this file.
 What only makes it faster or smaller lives in machinery.py, reached from here through one call each
-(marked "machinery:") -- a preallocated KV cache and an inverse-CDF draw for sampling, a chunked LM head
-with a hand-written backward for scoring, and glibc's allocator kept from page-faulting on CPU. With
---plain (or PRERL_PLAIN=1) none of it runs, and the tests check that both paths agree. After train(),
-"Run safety" holds what keeps a run from surprising its user: every flag checked before anything loads,
-one run per out-dir, Ctrl-C with a checkpoint, a crash-safe log, NaN steps skipped, a loadable model/.
+(marked "machinery:") -- a preallocated KV cache and an inverse-CDF draw for sampling (on a GPU, a static
+KV cache with the decode step replayed as a CUDA graph), a chunked LM head with a hand-written backward
+for scoring, and glibc's allocator kept from page-faulting on CPU. With --plain (or PRERL_PLAIN=1) none
+of it runs, and the tests check that both paths agree. After train(), "Run safety" holds what keeps a run
+from surprising its user: every flag checked before anything loads, one run per out-dir, Ctrl-C with a
+checkpoint, a crash-safe log, NaN steps skipped, a loadable model/.
 """
 
 import argparse

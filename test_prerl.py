@@ -1319,10 +1319,12 @@ def test_extract_answer_real_formats(completion, expected):
 def test_hostile_long_completions_stay_fast():
     # the new extraction rules (math spans, phrases, denial scan) on long hostile text stay linear
     for completion in ["$" * 200_000, "$a" * 100_000, "answer: " * 50_000, "not 5. " * 50_000,
-                       "\\boxed{" * 50_000, "<|im_end|>" * 50_000 + "7", "#### " * 50_000]:
+                       "\\boxed{" * 50_000, "<|im_end|>" * 50_000 + "7", "#### " * 50_000, "\n" * 1_000_000,
+                       "A: " + " " * 900_000 + "x", "the answer is " + " " * 900_000 + "x", "\\boxed{a" + " " * 3998 + "=}",
+                       "\\boxed{1" + "\\ " * 1999 + "}", "\\boxed{x" + " " * 3990 + "\\pmod 7}"]:
         start = time.perf_counter()
         assert verify.reward(completion, "7") in (0.0, 1.0)
-        assert time.perf_counter() - start < 2.0
+        assert time.perf_counter() - start < 2.0, repr(completion[:30])
 
 
 # ---------------------------------------------------------------------------
@@ -1727,7 +1729,10 @@ def test_static_decode_greedy_matches_todays_sampler_and_transformers_generate(s
     out = {}
     for path in ("static", "loop", "plain"):
         static_path(path)
+        steps = machinery.DECODE_STATS["eager_steps"]
         out[path] = prerl.generate(model, prompt_ids, prompt_mask, 2, 12, 0.0, 1.0, EOS_MANY, pad_id=3)
+        if path == "static":                                  # all rows ended by token 6: stopped at the next check
+            assert machinery.DECODE_STATS["eager_steps"] - steps == machinery.CHECK_EVERY - 1
     reference = model.generate(input_ids=prompt_ids.repeat_interleave(2, 0), attention_mask=prompt_mask.repeat_interleave(2, 0),
                                do_sample=False, max_new_tokens=12, eos_token_id=EOS_MANY, pad_token_id=3)[:, 4:]
     mask = prerl.response_mask_from_positions(out["static"], EOS_MANY)
@@ -1880,6 +1885,37 @@ def test_static_decode_is_taken_only_where_it_fits(monkeypatch):
     assert not machinery.static_decode_fits(model, torch.device("cuda"))
 
 
+HOST_ROUND_TRIPS = ("aten._local_scalar_dense", "aten.item", "aten.lift_fresh", "aten.nonzero", "aten._unique",
+                    "aten.unique", "aten.masked_select", "aten._assert_async")
+
+
+def test_static_decode_step_never_waits_for_the_device():
+    """What a CUDA graph cannot hold, seen on CPU: the recorded step must not read a value back to the
+    host (item, bool, nonzero, unique, boolean masks) nor copy host data in (torch.tensor, .to(device))."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model = tiny_model(torch.float32)
+    prompts = torch.tensor([[3, 20, 21], [22, 23, 24]])
+    uniforms = prerl.sampling_uniforms(["a", "b"], 2, 6)
+    machinery.static_generate(model, prompts, (prompts != 3).long(), 2, 6, 1.0, 0.9, [5, 6], 3, uniforms,
+                              prerl.pick_next_token, torch.autocast("cpu", enabled=False), prerl.cache_keyword(model),
+                              capture=False)
+    decoder = next(iter(machinery._DECODERS[model].values()))
+
+    class Watch(TorchDispatchMode):
+        ops, transfers = set(), []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func).rsplit(".", 1)[0])
+            if "device" in (kwargs or {}) and str(func).startswith("aten._to_copy"):
+                self.transfers.append(str(func))
+            return func(*args, **(kwargs or {}))
+    decoder.t.fill_(1)
+    with torch.no_grad(), Watch() as watch:
+        decoder.step(model)
+    assert "aten.mm" in watch.ops and "aten.searchsorted" in watch.ops   # the watch saw the forward and the pick
+    assert not watch.ops & set(HOST_ROUND_TRIPS) and not watch.transfers, watch.ops & set(HOST_ROUND_TRIPS)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
 def test_cuda_graph_decodes_like_the_same_step_eagerly():
     model = tiny_model(torch.float32).cuda()
@@ -1894,7 +1930,8 @@ def test_cuda_graph_decodes_like_the_same_step_eagerly():
 
 
 def test_gpu_suite_dry_run_runs_every_section():
-    """bench.py --gpu-suite, on the CPU with a tiny shape: the script a lent GPU will run, end to end."""
+    """bench.py --gpu-suite, on the CPU with a tiny shape under bf16 autocast: the script a lent GPU will run,
+    end to end (token equality itself is the other tests' business)."""
     out = subprocess.run([sys.executable, "bench.py", "--gpu-suite", "--dry-run"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -1902,8 +1939,7 @@ def test_gpu_suite_dry_run_runs_every_section():
     for row in ("agreement, static vs plain, T=1.0", "ms/step", "loop / static", "warm-up of the static path",
                 "RL step grpo", "model FLOPs utilisation", "peak memory", "graph captures", "gpu suite wall time"):
         assert row in out.stdout, row
-    agreement = [line for line in out.stdout.splitlines() if line.startswith("agreement")]
-    assert len(agreement) == 4 and all("identical |" in line for line in agreement)  # fp32: equal tokens
+    assert len([line for line in out.stdout.splitlines() if line.startswith("agreement, static vs")]) == 4
 
 
 # ---------------------------------------------------------------------------

@@ -30,7 +30,8 @@ when an answer follows it, markdown bold is unwrapped. Then the first rule that 
      formula with no prose and no `$` (`\\frac{10}{9}` after the reasoning; a leading `=` dropped).
   6. the last math span ($...$, $$...$$, \\(...\\), \\[...\\]) or number, whichever ends later,
      skipping any inside a clause that denies (`36 is not divisible by 5`: not, no, never, cannot,
-     wrong, ...) or a sentence that only checks (`Since $7 > 5$, ...`, `Let me double check: ...`).
+     wrong, ...) or a clause that only checks or explains (`Since $7 > 5$, ...`, `Let me double
+     check: ...`), unless nothing else is left.
      Math spans joined by `and`/`or`/`,` are read together (`$x = 2$ and $x = 3$`). A `$` whose span
      would hold prose, run up to a digit (`$5 and $6`) or never close is a dollar sign, not math
      (`48+18=$66`); a number right after `^` or `_` (`cm^2`) is not a candidate.
@@ -63,8 +64,9 @@ Conventions of is_equiv(pred, gold) (where graders disagree, the choice and why)
   - Labels: `x = 3`, `f(2) = 7`, `AB = 5`, `(p,q) = (3,2)` equal their value. Several labelled
     values compare by label in any order when both sides are labelled (`a_3 = 2, a_{37} = 19`),
     else by value in order (`k = 45 \\text{ and } n = 2` == `45, 2`). An equality chain is its last
-    side (`48 + 18 = 66`, `x = 2 + 3 = 5`). Two equations are equal when (lhs - rhs) of one is a
-    nonzero constant multiple of the other, and `y = 2x+3` is also the line `2x - y + 3 = 0`.
+    side (`48 + 18 = 66`, `x = 2 + 3 = 5`); `\\equiv` is `=` and a trailing `\\pmod{n}` is
+    dropped. Two equations are equal when (lhs - rhs) of one is a nonzero constant multiple of the
+    other, and `y = 2x+3` is also the line `2x - y + 3 = 0`.
   - Relations: `\\geq`, `\\ge`, `>=`, `≥`, `\\lt`, `\\gt`, `\\neq`, `!=`; a linear relation in one
     variable is the interval it describes (`x \\geq 5` == `[5, \\infty)` == `5 \\le x`, `-x > -1`
     == `x < 1`, `-2 \\le x \\le 7` == `x \\in [-2,7]`, `x < -1 \\text{ or } x > 2` == the union);
@@ -235,7 +237,7 @@ _DENIAL_RE = re.compile(r"\bnot\b|n't\b|\bnever\b|\bno\b|\bcannot\b|\bneither\b|
                         re.IGNORECASE)
 _JUSTIFY_RE = re.compile(r"\s*(?:since|because|as|check|checking|verify|verifying|verification|note|indeed|"
                          r"let me|let's (?:check|verify|double)|double[- ]check|to (?:check|verify))\b", re.IGNORECASE)
-_NEXT_QUESTION_RE = re.compile(r"\n\s*(?:Question|Q|Problem|Human|User|Instruction)\s*\d*\s*[:：]")
+_NEXT_QUESTION_RE = re.compile(r"\n[ \t]*(?:Question|Q|Problem|Human|User|Instruction)\s*\d*\s*[:：]")
 _CLAUSE_RE = re.compile(r"[.!?。](?:\s|$)|[\n,;，；]|\b(?:so|hence|thus|therefore|but)\b", re.IGNORECASE)
 
 
@@ -317,6 +319,8 @@ def _whole_answer(text):
 def _last_line_math(text):
     """The last line of a long completion when it is a short formula with no prose (`\\frac{10}{9}`)."""
     lines = text.rstrip().rsplit("\n", 1)
+    if len(lines[-1]) > 2 * SHORT_ANSWER_CHARS:
+        return None
     line = re.sub(r"^\s*(?:=|\\Rightarrow|\\implies|\\therefore|→)\s*", "", lines[-1]).strip().rstrip(".").strip()
     if len(lines) < 2 or not line or len(line) > SHORT_ANSWER_CHARS or "$" in line or "\\(" in line:
         return None
@@ -348,6 +352,7 @@ def _joined_spans(text, spans, k):
 
 def _last_value(text):
     """The last math span or number not in a denying or checking sentence, whichever ends later."""
+    text = text[-20_000:]  # the answer is near the end; bounded work on hostile text
     best, spans = None, _math_spans(text)[-50:]
     for k in range(len(spans) - 1, -1, -1):
         if not _sentence_denies(text, spans[k][0]) and not _justifies(text, spans[k][0]):
@@ -377,7 +382,7 @@ def extract_answer(completion):
         for gsm8k in _GSM8K_RE.finditer(text):
             pass
         if gsm8k:
-            return _answer_in_segment(gsm8k.group(1)) or gsm8k.group(1).strip()
+            return _answer_in_segment(gsm8k.group(1)[:400]) or gsm8k.group(1)[:400].strip()
         for rule in (_after_phrase, _last_line_a, _whole_answer, _last_line_math, _last_value):
             answer = rule(text)
             if answer is not None and answer.strip():
@@ -389,7 +394,7 @@ def extract_answer(completion):
 
 def _last_line_a(text):
     lines = [line for line in text.strip().split("\n") if line.strip()]
-    m = _LAST_LINE_A_RE.match(lines[-1]) if lines else None
+    m = _LAST_LINE_A_RE.match(lines[-1]) if lines and len(lines[-1]) <= 400 else None
     return _answer_in_segment(m.group(1)) if m else None
 
 
@@ -433,7 +438,7 @@ _THOUSANDS_RE = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])|(?<![\d
 _UNIT_WORD = r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+[a-zA-Z]{2,}\.?|\s+[a-zA-Z]+/[a-zA-Z]+)(?:\s*\^\s*\{?\d\}?)?"
 _UNIT_TAIL_RE = re.compile(r"^(.*?\d)\s*(?:" + _UNIT_WORD + r")+\s*$")
 _TEXT_TAIL_RE = re.compile(r"^(.+?[\d})])\s*\\(?:text\w*|mbox|mathrm)\s*\{\s*[a-zA-Z][^{}]*\}(?:\s*\^\s*\{?\d\}?)?\s*$")
-_MOD_RE = re.compile(r"\s*\(?\s*\\(?:pmod|bmod|mod)\s*\{?\s*\w+\s*\}?\s*\)?\s*$")
+_MOD_RE = re.compile(r"\\[pb]?mod ?\{? ?\w+ ?\}? ?\)? ?")
 _EMPTY_SET_RE = re.compile(r"\\varnothing|\\\{\s*\\\}|∅")
 _TRIG_DEGREES_RE = re.compile(r"(\\(?:sin|cos|tan|sec|csc|cot))\s*(\(?)\s*(\d+(?:\.\d+)?)\s*\^\s*\{?\s*\\circ\s*\}?")
 _REPEATING_RE = re.compile(r"(\d*)\.(\d*)\\(?:overline|bar|dot)\{(\d+)\}")
@@ -453,6 +458,7 @@ _SCIENTIFIC_RE = re.compile(r"(?<![a-zA-Z\\\d.])(\d+(?:\.\d+)?)[eE]([-+]?\d{1,4}
 def _normalize(s):
     """Canonical text of an answer string and whether it carried a percent sign."""
     s = "".join(c for c in s if c.isprintable() or c == " ")[:MAX_ANSWER_CHARS * 4].strip()
+    s = re.sub(r"\s+", " ", s)  # single spaces: no pattern below can then backtrack over a long run
     s = reference_answer(s) if s.startswith(("$", "\\(", "\\[")) else s
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = s.replace("\\\\frac", "\\frac")
@@ -462,11 +468,15 @@ def _normalize(s):
     for token in _REMOVE:
         s = s.replace(token, "")
     s = s.replace("\\langle", "(").replace("\\rangle", ")").replace("\\lbrace", "\\{").replace("\\rbrace", "\\}")
-    s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)").replace("−", "-").replace("×", "\\times").replace("·", "\\cdot").replace("≈", "\\approx")
+    s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)").replace("−", "-").replace("×", "\\times")
+    s = s.replace("·", "\\cdot").replace("≈", "\\approx")
     for pattern, replacement in _RELATIONS:
         s = pattern.sub(replacement, s)
     s = _EMPTY_SET_RE.sub(r"\\emptyset", s)
-    s = _MOD_RE.sub("", s).replace("\\equiv", "=")  # `x \equiv 3 \pmod{5}` is the residue 3
+    mod = max(s.rfind("\\pmod"), s.rfind("\\bmod"), s.rfind("\\mod"))
+    if mod >= 0 and _MOD_RE.fullmatch(s, mod):  # `x \equiv 3 \pmod{5}` is the residue 3
+        s = s[:mod].rstrip().rstrip("(").rstrip()
+    s = s.replace("\\equiv", "=")
     s = _REPEATING_RE.sub(_repeating_to_fraction, s)  # 0.1\overline{6} == 1/6
     s = _SET_BUILDER_RE.sub(r"\1", s)  # `\{x \mid x > 2\}` is the relation x > 2
     s = re.sub(r"\\(?:operatorname|text|mathrm)\{(lcm|gcd)\}", r"\\\1", s)
@@ -477,7 +487,7 @@ def _normalize(s):
         s = after if not before.strip() or re.fullmatch(r"\s*[a-zA-Z]\s*=?\s*", before) else before
     percent = "%" in s
     s = s.replace("\\%", "").replace("%", "")
-    s = re.sub(r"(?<!\\)\\ ", " ", s)  # `\ ` is a space, `\\` (matrix row) stays
+    s = re.sub(r"\s+", " ", re.sub(r"(?<!\\)\\ ", " ", s))  # `\ ` is a space, `\\` (matrix row) stays
     s = _UNIT_TAIL_RE.sub(r"\1", s)
     s = _TEXT_TAIL_RE.sub(r"\1", s)
     for _ in range(3):  # \text{\textbf{A}} unwraps in a few rounds
@@ -850,7 +860,7 @@ _LABEL = (r"(?:[a-zA-Z](?:_\{?\w+\}?)?'?(?:\^\{?-1\}?)?(?:\([^()=,]{1,12}\))?|\\
           r"|[A-Z]{2,3}|\\overline\{[A-Z]{1,3}\}|m?\s*\\angle\s*[A-Z]{1,3})")
 _LABEL_RE = re.compile(r"\s*(" + _LABEL + r"|\(\s*" + _LABEL + r"(?:\s*,\s*" + _LABEL + r")+\s*\))\s*")
 _RELATION_SPLIT_RE = re.compile(r"(<=|>=|!=|<|>)")
-_CONNECTIVE_RE = re.compile(r"\s*(?:\\text\{\s*(?:or|and)\s*\}|\bor\b|\band\b)\s*")
+_CONNECTIVE_RE = re.compile(r"\\text\{ ?(?:or|and) ?\}|\bor\b|\band\b")
 _OR_RE = re.compile(r"\\text\{\s*or\s*\}|\bor\b")
 
 
