@@ -7,6 +7,7 @@ alignment between P(y) and P(y|x), and a side-by-side comparison of training mod
     python analyze.py eval --model Qwen/Qwen2.5-Math-1.5B --data amc23.jsonl --n 32 --max-new-tokens 2048
     python analyze.py align --problems 8 --samples 4         # <grad log P(y), grad log P(y|x)>
     python analyze.py compare --modes grpo,nsr,nsr-prerl,dsrl --steps 10 --plot compare.png
+    python analyze.py compare --modes grpo,nsr-prerl,dsrl --seeds 3 --lr-sweep 1e-5,2e-5,5e-5   # means, 95% CIs
     python analyze.py eval --model runs/prerl/model              # the folder a run exports (any tool loads it)
     python analyze.py plot runs/prerl                            # a run's curves -> runs/prerl/metrics.png
 
@@ -15,10 +16,12 @@ Every command also takes the model and data options of prerl.py that make sense 
 """
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
-import re
+import shutil
 import statistics
 import time
 
@@ -38,25 +41,9 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-# The paper's keyword lists are not public; these are ours. Matched case-insensitively, whole words.
-TRANSITION_PHRASES = ("alternatively", "however", "instead", "another way", "another approach", "on the other hand",
-                      "otherwise", "let's try", "let me try", "try a different", "what if")
-REFLECTION_PHRASES = ("wait", "hmm", "let me check", "let's check", "let me verify", "let's verify", "verify",
-                      "double-check", "double check", "re-examine", "reexamine", "recheck", "re-check",
-                      "check again", "make sure", "i made a mistake", "that's not right")
-
-
-def phrase_pattern(phrases):
-    return re.compile(r"\b(?:" + "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)) + r")\b",
-                      re.IGNORECASE)
-
-
-TRANSITION_RE, REFLECTION_RE = phrase_pattern(TRANSITION_PHRASES), phrase_pattern(REFLECTION_PHRASES)
-
-
-def count_behaviours(text):
-    """(transitions, reflections) in one response: whole-word, case-insensitive matches."""
-    return len(TRANSITION_RE.findall(text)), len(REFLECTION_RE.findall(text))
+# The behaviour phrases and their counter live in prerl.py, whose training steps log them too (diagnostics).
+count_behaviours = prerl.count_behaviours
+TRANSITION_PHRASES, REFLECTION_PHRASES = prerl.TRANSITION_PHRASES, prerl.REFLECTION_PHRASES
 
 
 # -----------------------------------------------------------------------------
@@ -213,7 +200,227 @@ def command_align(args, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Mode comparison
+# Statistics for multi-seed studies: Student t-intervals and steps to a threshold
+
+# The 0.975 quantile of Student's t (two-sided 95%) for 1-30 degrees of freedom; beyond, the
+# Cornish-Fisher expansion around the normal quantile (error < 1e-5 from 30 on).
+T_975 = (12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836, 2.446911851, 2.364624252, 2.306004135,
+         2.262157163, 2.228138852, 2.200985160, 2.178812830, 2.160368656, 2.144786688, 2.131449546, 2.119905299,
+         2.109815578, 2.100922040, 2.093024054, 2.085963447, 2.079613845, 2.073873068, 2.068657610, 2.063898562,
+         2.059538553, 2.055529439, 2.051830516, 2.048407142, 2.045229642, 2.042272456)
+
+
+def t_quantile_975(df):
+    if df < 1:
+        raise ValueError(f"a t-interval needs at least 1 degree of freedom (2 values), got {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = statistics.NormalDist().inv_cdf(0.975)
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
+def mean_ci(values):
+    """(mean, low, high): the Student t 95% interval mean +- t(0.975, n-1) * s / sqrt(n), s the sample
+    standard deviation; it treats the seeds' results as normal draws. (mean, None, None) for one value."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, None, None
+    half = t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def steps_to_threshold(curve, threshold):
+    """The first evaluated step at which held-out accuracy reaches threshold (0 when the start model
+    already does); None when the run never reaches it. curve: [(step, accuracy)]; resolution: eval_every."""
+    for step, accuracy in sorted(curve):
+        if accuracy >= threshold:
+            return step
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Mode comparison: K seeds per mode, each (mode, seed) a run in its own folder that resumes
+
+
+def study_data(cfg, out_dir):
+    """The study's three problem sets, written once to out_dir/data so every run and every seed trains and
+    evaluates on the same problems: train, validation (20% of the training side, by hash: chooses
+    learning rates) and held-out (never trained on, never used to choose anything)."""
+    folder = os.path.join(out_dir, "data")
+    paths = {name: os.path.join(folder, f"{name}.jsonl") for name in ("train", "validation", "heldout")}
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+    heldout = prerl.eval_problems(cfg)
+    if cfg.data:  # a held-out problem that is also in the training file is dropped from training
+        pool = [p for p in prerl.load_problems(cfg.data) if p["problem"] not in {q["problem"] for q in heldout}]
+    else:
+        pool = prerl.make_problems(4096, cfg.tasks, cfg.difficulty, cfg.seed, held_out=False)
+    sets = {"train": [p for p in pool if not is_validation(p["problem"])],
+            "validation": [p for p in pool if is_validation(p["problem"])][:cfg.eval_size], "heldout": heldout}
+    if not sets["train"]:
+        raise SystemExit("error: compare: no training problems left once the held-out and validation sets are out")
+    os.makedirs(folder, exist_ok=True)
+    for name, problems in sets.items():
+        with open(paths[name] + ".tmp", "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in problems)
+        os.replace(paths[name] + ".tmp", paths[name])
+    return paths
+
+
+# Options that change how fast runs go or where they report, never their results; a field that the
+# saved study does not know (added to prerl.Config since) is not compared either.
+NOT_IN_THE_RESULT = {"device", "plain", "micro_batch_tokens", "gradient_checkpointing", "save_every", "report_to"}
+
+
+def check_study_options(args, cfg):
+    """A study folder holds the runs of one set of options: resuming it with others (more seeds or modes
+    aside) would mix runs that are not comparable, so that is refused."""
+    options = {**vars(cfg), "train_temperature": args.train_temperature, "train_top_p": args.train_top_p, "n": args.n}
+    path = os.path.join(args.out_dir, "study.json")
+    if os.path.exists(path):
+        saved = json.load(open(path))
+        changed = sorted(k for k in set(saved) & set(options) - NOT_IN_THE_RESULT if saved[k] != options[k])
+        if changed:
+            raise SystemExit(f"error: {args.out_dir} holds a study with other options ({', '.join(changed)}); "
+                             f"use another --out-dir, or the same options to resume it")
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(options, f, indent=2)
+
+
+def is_validation(problem_text):
+    """A fixed fifth of the training side, by a hash salted differently from prerl.is_held_out."""
+    return int(hashlib.sha256(("validation:" + problem_text).encode()).hexdigest(), 16) % 5 == 0
+
+
+def run_cfg_for(cfg, args, mode, lr, seed, train_path, eval_path, out_dir):
+    return prerl.Config(**{**vars(cfg), "mode": mode, "lr": lr, "seed": seed, "data": train_path, "eval_data": eval_path,
+                           "out_dir": out_dir, "resume": True,
+                           "temperature": args.train_temperature, "top_p": args.train_top_p})
+
+
+def study_run(cfg, args, mode, lr, seed, train_path, eval_path, out_dir, n_samples):
+    """One (mode, lr, seed) run in out_dir. A finished run (out_dir/result.json) is read, not redone; an
+    interrupted one resumes from its last checkpoint (every --save-every steps). Returns its result:
+    the greedy held-out curve [(step, accuracy)], its metrics, and pass@k from n_samples per problem."""
+    result_path = os.path.join(out_dir, "result.json")
+    if os.path.exists(result_path):
+        return json.load(open(result_path))
+    run_cfg = run_cfg_for(cfg, args, mode, lr, seed, train_path, eval_path, out_dir)
+    start = time.perf_counter()
+    accuracy = prerl.train(run_cfg)
+    metrics = prerl.read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    curve = [(0, start_accuracy(cfg, eval_path))] + [(m["step"] + 1, m["eval_accuracy"]) for m in metrics
+                                                     if "eval_accuracy" in m] + [(cfg.steps, accuracy["after"])]
+    result = {"mode": mode, "lr": lr, "seed": seed, "curve": curve, "metrics": metrics,
+              "step_seconds": statistics.mean(m["sample_s"] + m["score_s"] + m["diagnose_s"] + m["train_s"] for m in metrics)}
+    if n_samples:
+        model, tokenizer = load_for_analysis(cfg.model, os.path.join(out_dir, "checkpoint.pt"), prerl.pick_device(cfg))
+        eval_cfg = dataclasses.replace(run_cfg, temperature=cfg.temperature, top_p=cfg.top_p)  # as the base model's
+        result["eval"] = evaluate_samples(model, tokenizer, prerl.load_problems(eval_path), eval_cfg, n_samples)
+        del model
+    result["seconds_this_process"] = time.perf_counter() - start
+    with open(result_path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(result_path + ".tmp", result_path)
+    if not n_samples:   # a sweep run is done with once its curve is kept: free its weights (2 GB for 135M)
+        os.remove(os.path.join(out_dir, "checkpoint.pt"))
+        shutil.rmtree(os.path.join(out_dir, "model"), ignore_errors=True)
+    return json.load(open(result_path))   # read back: a resumed study sees exactly what a fresh one sees
+
+
+def start_accuracy(cfg, eval_path):
+    """Greedy accuracy of the start model on an eval set: step 0 of every run's curve (the same for every
+    mode and seed, so computed once and kept beside the set; a resumed run never saw its own step 0)."""
+    path = eval_path + ".start_accuracy.json"
+    if not os.path.exists(path):
+        model, tokenizer = load_for_analysis(cfg.model, None, prerl.pick_device(cfg))
+        accuracy = prerl.evaluate(model, tokenizer, prerl.load_problems(eval_path), cfg)
+        with open(path + ".tmp", "w") as f:
+            json.dump(accuracy, f)
+        os.replace(path + ".tmp", path)
+    return json.load(open(path))
+
+
+def choose_lr(cfg, args, mode, grid, data):
+    """The lr of the grid whose run (first seed) ends with the best greedy accuracy on the validation
+    split, ties to the better mean over its validation curve, then to the smaller lr."""
+    if os.path.getsize(data["validation"]) == 0:
+        raise SystemExit("error: --lr-sweep: the validation split is empty; give more training problems")
+    scores = {}
+    for lr in grid:
+        out_dir = os.path.join(args.out_dir, "sweep", mode, f"lr{lr:g}")
+        curve = study_run(cfg, args, mode, lr, cfg.seed, data["train"], data["validation"], out_dir, 0)["curve"]
+        scores[lr] = (curve[-1][1], statistics.mean(a for _, a in curve), -lr)
+    best = max(grid, key=lambda lr: scores[lr])
+    return best, {f"{lr:g}": scores[lr][0] for lr in grid}
+
+
+def summarize(runs, threshold, budget):
+    """Per mode: mean and 95% t-interval over seeds of pass@1, pass@k, the final greedy accuracy and the
+    steps to the threshold; steps_reached counts the seeds that got there at all."""
+    rows = {}
+    for mode, results in runs.items():
+        k_max = max(results[0]["eval"]["pass_at_k"], key=int)
+        steps = [steps_to_threshold(r["curve"], threshold) for r in results]
+        reached = [s for s in steps if s is not None]
+        rows[mode] = {"lr": results[0]["lr"], "seeds": [r["seed"] for r in results], "k": int(k_max),
+                      "pass@1": mean_ci([r["eval"]["pass_at_k"]["1"] for r in results]),
+                      "pass@k": mean_ci([r["eval"]["pass_at_k"][k_max] for r in results]),
+                      "greedy": mean_ci([r["curve"][-1][1] for r in results]),
+                      "steps": mean_ci(reached) if len(reached) == len(steps) else None,
+                      "steps_lower_bound": statistics.mean(budget if s is None else s for s in steps),
+                      "steps_reached": len(reached),
+                      "step_seconds": statistics.mean(r["step_seconds"] for r in results)}
+    return rows
+
+
+def format_ci(value):
+    mean, low, high = value
+    return f"{mean:.3f}" if low is None else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def format_table(rows, threshold, base=None):
+    """The study's markdown table: mean [95% t-interval] over seeds."""
+    k = next(iter(rows.values()))["k"]
+    lines = [f"| mode | lr | seeds | pass@1 | pass@{k} | greedy held-out acc. | steps to {threshold:g} |",
+             "|---|---|---|---|---|---|---|"]
+    if base:
+        lines.append(f"| base model | - | - | {base['pass_at_k']['1']:.3f} | {base['pass_at_k'][str(k)]:.3f} | "
+                     f"{base['greedy']:.3f} | - |")
+    for mode, r in rows.items():
+        if r["steps"] is not None:
+            steps = f"{r['steps'][0]:.1f}" if r["steps"][1] is None else f"{r['steps'][0]:.1f} [{r['steps'][1]:.1f}, {r['steps'][2]:.1f}]"
+        else:
+            steps = f">= {r['steps_lower_bound']:.1f} ({r['steps_reached']}/{len(r['seeds'])} reached)"
+        lines.append(f"| {mode} | {r['lr']:g} | {len(r['seeds'])} | {format_ci(r['pass@1'])} | {format_ci(r['pass@k'])} | "
+                     f"{format_ci(r['greedy'])} | {steps} |")
+    return "\n".join(lines)
+
+
+DIAGNOSTICS = ("entropy", "logp_y_right", "logp_y_wrong", "logp_y_given_x_right", "logp_y_given_x_wrong",
+               "eos_share", "response_length", "reflections", "transitions")
+
+
+def diagnostics_table(runs):
+    """Per mode and diagnostic: the seed mean at the first and at the last step that logged it."""
+    lines = ["| mode | " + " | ".join(DIAGNOSTICS) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
+    for mode, results in runs.items():
+        cells = []
+        for key in DIAGNOSTICS:
+            ends = []
+            for pick in (0, -1):
+                values = []
+                for r in results:
+                    logged = [m[key] for m in r["metrics"] if m.get(key) is not None]
+                    if logged:
+                        values.append(logged[pick])
+                ends.append(f"{statistics.mean(values):.3g}" if values else "-")
+            cells.append(" -> ".join(ends))
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def command_compare(args, cfg):
@@ -221,39 +428,63 @@ def command_compare(args, cfg):
     for mode in modes:
         if mode not in prerl.MODES:
             raise SystemExit(f"error: --modes: unknown mode {mode!r}; choose from {', '.join(prerl.MODES)}")
-    device = prerl.pick_device(cfg)
-    problems = prerl.eval_problems(cfg)
-    model, tokenizer = load_for_analysis(cfg.model, None, device)
-    results = {"base": {"eval": evaluate_samples(model, tokenizer, problems, cfg, args.n), "seconds": 0.0}}
-    del model
-    for mode in modes:
-        run_cfg = prerl.Config(**{**vars(cfg), "mode": mode, "out_dir": os.path.join(args.out_dir, mode), "resume": False})
-        start = time.perf_counter()
-        prerl.train(run_cfg)
-        seconds = time.perf_counter() - start
-        model, tokenizer = load_for_analysis(cfg.model, os.path.join(run_cfg.out_dir, "checkpoint.pt"), device)
-        metrics = prerl.read_metrics(os.path.join(run_cfg.out_dir, "metrics.jsonl"))
-        results[mode] = {"eval": evaluate_samples(model, tokenizer, problems, cfg, args.n), "seconds": seconds,
-                         "curve": [(m["step"] + 1, m["eval_accuracy"]) for m in metrics if "eval_accuracy" in m]}
+    if args.seeds < 1:
+        raise SystemExit(f"error: --seeds {args.seeds}: give at least 1")
+    try:
+        grid = [float(v) for v in args.lr_sweep.split(",")] if args.lr_sweep else []
+    except ValueError:
+        raise SystemExit(f"error: --lr-sweep {args.lr_sweep!r}: give learning rates separated by commas, e.g. 1e-5,2e-5,5e-5") from None
+    start = time.perf_counter()
+    check_study_options(args, cfg)
+    data = study_data(cfg, args.out_dir)
+    lrs, sweep = {mode: cfg.lr for mode in modes}, {}
+    for mode in modes if grid else []:
+        lrs[mode], sweep[mode] = choose_lr(cfg, args, mode, grid, data)
+    base_path = os.path.join(args.out_dir, "base.json")
+    if not os.path.exists(base_path):
+        model, tokenizer = load_for_analysis(cfg.model, None, prerl.pick_device(cfg))
+        problems = prerl.load_problems(data["heldout"])
+        base = evaluate_samples(model, tokenizer, problems, cfg, args.n)
         del model
-    k_max = max(results["base"]["eval"]["pass_at_k"])
-    print(f"\n{cfg.steps} steps x {cfg.prompts_per_step} prompts x G={cfg.group_size}, seed {cfg.seed}; "
-          f"eval: {len(problems)} held-out problems, n={args.n}, T={cfg.temperature}\n")
-    print(f"| run | pass@1 | pass@{k_max} | mean tokens | transitions / resp | reflections / resp | wall time |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        e = r["eval"]
-        print(f"| {name} | {e['pass_at_k'][1]:.3f} | {e['pass_at_k'][k_max]:.3f} | {e['mean_response_tokens']:.1f} | "
-              f"{e['transitions_per_response']:.3f} | {e['reflections_per_response']:.3f} | {r['seconds']:.0f} s |")
+        base["greedy"] = start_accuracy(cfg, data["heldout"])
+        with open(base_path, "w") as f:
+            json.dump(base, f)
+    base = json.load(open(base_path))
+    seeds = [cfg.seed + i for i in range(args.seeds)]
+    runs = {mode: [study_run(cfg, args, mode, lrs[mode], seed, data["train"], data["heldout"],
+                             os.path.join(args.out_dir, mode, f"seed{seed}"), args.n) for seed in seeds]
+            for mode in modes}
+    rows = summarize(runs, args.threshold, cfg.steps)
+    wall = time.perf_counter() - start
+    print(f"\n{len(modes)} modes x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {cfg.steps} steps x "
+          f"{cfg.prompts_per_step} prompts x G={cfg.group_size}, T={args.train_temperature}; held-out: "
+          f"{len(prerl.load_problems(data['heldout']))} problems, pass@k from n={args.n} at T={cfg.temperature}, "
+          f"top-p {cfg.top_p}; 95% Student t-intervals over seeds")
+    if sweep:
+        print("lr chosen on the validation split (final greedy accuracy): " +
+              "; ".join(f"{mode} {lrs[mode]:g} of {sweep[mode]}" for mode in modes))
+    table = format_table(rows, args.threshold, base)
+    print("\n" + table + "\n\n" + diagnostics_table(runs) + "\n")
+    print("mean seconds per step: " + ", ".join(f"{mode} {r['step_seconds']:.1f}" for mode, r in rows.items()) +
+          f"; study wall time this invocation: {wall:.0f} s")
+    summary = {"rows": rows, "table": table, "lr": lrs, "sweep": sweep, "base": base, "wall_seconds": wall,
+               "threshold": args.threshold}
     with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwritten: {args.json}")
+        json.dump(summary, f, indent=2)
+    print(f"written: {args.json}")
     if args.plot:
-        plot_curves(results, args.plot)
-    return results
+        plot_curves(runs, args.plot)
+    return summary
 
 
-def plot_curves(results, path):
+def curve_band(results):
+    """Steps, and the mean and 95% t-interval of the seeds' greedy held-out accuracy at each step."""
+    steps = sorted({step for r in results for step, _ in r["curve"]})
+    at = [[a for r in results for s, a in r["curve"] if s == step] for step in steps]
+    return steps, [mean_ci(values) for values in at]
+
+
+def plot_curves(runs, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -261,14 +492,18 @@ def plot_curves(results, path):
     except ImportError:
         print("--plot: matplotlib is not installed (pip install matplotlib); no plot written")
         return
-    for name, r in results.items():
-        if r.get("curve"):
-            steps, accuracy = zip(*r["curve"])
-            plt.plot(steps, accuracy, marker="o", label=name)
-    plt.xlabel("step")
-    plt.ylabel("held-out accuracy (greedy)")
-    plt.legend()
-    plt.savefig(path, dpi=120)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for mode, results in runs.items():
+        steps, cis = curve_band(results)
+        line, = axes.plot(steps, [c[0] for c in cis], marker="o", label=f"{mode} ({len(results)} seeds)")
+        if all(c[1] is not None for c in cis):
+            axes.fill_between(steps, [c[1] for c in cis], [c[2] for c in cis], color=line.get_color(), alpha=0.2)
+    axes.set_ylim(-0.02, 1.02)           # a t-band of few seeds can leave [0, 1]; accuracy cannot
+    axes.set_xlabel("step")
+    axes.set_ylabel("held-out accuracy (greedy), mean and 95% CI")
+    axes.legend()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
     print(f"plot: {path}")
 
 
@@ -335,12 +570,19 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=4, help="align: responses per problem")
     parser.add_argument("--modes", default="grpo,nsr,nsr-prerl,dsrl", help="compare: modes to train")
     parser.add_argument("--plot", default="", help="compare, plot: the PNG to write (needs matplotlib)")
-    parser.add_argument("--out-dir", default="runs/compare", help="compare: one sub-folder per mode")
+    parser.add_argument("--out-dir", default="runs/compare", help="compare: one sub-folder per mode and seed")
+    parser.add_argument("--seeds", type=int, default=1, help="compare: runs per mode, seeds --seed, --seed + 1, ...")
+    parser.add_argument("--threshold", type=float, default=0.5, help="compare: held-out accuracy for steps-to-threshold")
+    parser.add_argument("--lr-sweep", default="", help="compare: learning rates, e.g. 1e-5,2e-5,5e-5; each mode "
+                        "trains at the one with the best validation accuracy (one run per lr, first seed)")
+    parser.add_argument("--train-temperature", type=float, default=0.7, help="compare: sampling during training")
+    parser.add_argument("--train-top-p", type=float, default=1.0, help="compare: nucleus during training")
     parser.add_argument("--json", default="", help="where the results go (default: <command>.json)")
     # prerl.py's options that matter here; NSR paper's evaluation sampling by default
     shared = {"model": prerl.EMBEDDED_MODEL, "device": "auto", "data": "", "eval_data": "", "tasks": "add,mul",
               "difficulty": 1, "eval_size": 32, "max_new_tokens": 48, "temperature": 0.6, "top_p": 0.95, "seed": 0,
-              "steps": 10, "switch_step": 5, "lr": 2e-5, "prompts_per_step": 8, "group_size": 4, "eval_every": 5}
+              "steps": 10, "switch_step": 5, "lr": 2e-5, "prompts_per_step": 8, "group_size": 4, "eval_every": 5,
+              "diagnose_every": 5, "save_every": 5}
     for name, default in shared.items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
                             help=f"as in prerl.py (default: {default!r})")

@@ -20,6 +20,9 @@ Parts, in the order prerl.py reaches them:
                                                              of page-faulting them in per micro-batch
     GPU decode                 static_generate(...)          on CUDA: a static KV cache and the one-token
                                                              step replayed as a CUDA graph
+    Distribution               init_distributed(device) ...  torchrun + FSDP2: each rank a share of the
+                                                             prompts and of the weights, the same result
+                                                             as one process (only when WORLD_SIZE > 1)
 """
 
 import ctypes
@@ -29,6 +32,7 @@ import os
 import sys
 import time
 import weakref
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicLayer, StaticLayer
@@ -271,11 +275,14 @@ BF16_CLEARLY_FASTER = 4.0
 
 
 @functools.lru_cache(maxsize=None)
-def choose_precision(requested, device_type):
+def choose_precision(requested, device_type, distributed=False):
     """(precision, why) for --precision. auto: bf16 on CUDA; on CPU bf16 only where a short matmul probe
-    shows it clearly faster than fp32 (AMX), else fp32. Probed once per process."""
+    shows it clearly faster than fp32 (AMX), else fp32. Probed once per process. Under torchrun auto stays
+    fp32: the stochastic-rounding optimizer has not been tried on FSDP2's sharded parameters."""
     if requested != "auto":
         return requested, "--precision " + requested
+    if distributed:
+        return "fp32", "auto: fp32 under torchrun (bf16 with stochastic rounding is not yet tried on FSDP2)"
     if device_type == "cuda":
         return "bf16", "auto: CUDA (bf16 tensor cores)"
     fp32, bf16 = matmul_rates(torch.device(device_type))
@@ -716,3 +723,255 @@ def static_generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, 
 
 # -----------------------------------------------------------------------------
 # Distribution: torchrun + FSDP2 (issue 12)
+# Launched by torchrun (WORLD_SIZE > 1), each process is a rank with a share of the model (PyTorch's own
+# FSDP2: fully_shard on each decoder layer and on the root) and a share of each step's prompts, whole
+# groups only, so advantages stay local. Three rules keep the result equal to one process:
+#   1. the token-mean's denominator counts every rank's tokens (global_denominator);
+#   2. a prompt's random numbers are keyed by its index in the whole step, not on its rank (prerl);
+#   3. every FSDP collective is entered by every rank in the same order: the rollout runs on weights
+#      gathered once (no collective per token, so ranks decode at their own pace), and each rank runs
+#      as many forward/backward passes as the busiest rank (match_passes), since every pass all-gathers
+#      and reduce-scatters each layer.
+# The root's own weights (embeddings, final norm, LM head) stay gathered from the rollout to the optimizer
+# step: the scorer reads the LM head's weight directly instead of calling the model's forward, which is
+# where FSDP would gather it.
+
+
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+    mesh: object
+
+
+def init_distributed(device):
+    """Join the torchrun job: NCCL on CUDA (one GPU per local rank), gloo on CPU, a 1-D device mesh.
+    Returns None outside torchrun (WORLD_SIZE unset or 1). Ranks other than 0 print nothing."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("fsdp",))
+    rank = dist.get_rank()
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")       # errors still reach stderr
+    print(f"world size {world_size}, {backend}")
+    return Distributed(rank, world_size, backend, device, mesh)
+
+
+def decoder_layers(model):
+    """The repeated blocks, by the class names transformers lists as never to be split across devices."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise SystemExit(f"error: torchrun: cannot find the decoder layers of {type(model).__name__} to shard")
+    return layers
+
+
+def shard_model(model, dist):
+    """fully_shard each decoder layer, then the root (embeddings, final norm, LM head: one group, so tied
+    embeddings stay one parameter). CUDA: bf16 weights in forward/backward, fp32 gradient reduction and
+    fp32 master shards; CPU: fp32 throughout."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy()
+    if dist.device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=dist.mesh, mp_policy=policy)
+    fully_shard(model, mesh=dist.mesh, mp_policy=policy)
+    model.set_reshard_after_backward(False, recurse=False)   # the root stays gathered between micro-batches
+    with torch.no_grad():                      # the first forward through the root makes it FSDP's root
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dist.device))
+    model.reshard()
+    return model
+
+
+def sharded_modules(model):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def gather_weights(model):
+    """Before a rollout (every rank at once): all-gather every layer and keep it, so decoding runs no
+    collective at all and a rank whose responses end early does not wait for the others."""
+    model.set_reshard_after_forward(False)
+    for module in sharded_modules(model):
+        module.unshard()
+
+
+def shard_layers(model):
+    """After a rollout: free the gathered layers (training gathers one layer at a time again); the
+    root's weights stay gathered for the scorer until release_root."""
+    for module in sharded_modules(model):
+        if module is not model:
+            module.reshard()
+            module.set_reshard_after_forward(True, recurse=False)
+
+
+def release_root(model):
+    """Before the optimizer step: the optimizer updates the shards, so the gathered copy must go."""
+    model.reshard()
+
+
+def rank_share(items, dist, may_be_empty=False):
+    """This rank's contiguous share of a list and the index of its first item in the whole list:
+    sizes differ by at most one, earlier ranks take the extra items."""
+    base, extra = divmod(len(items), dist.world_size)
+    first = dist.rank * base + min(dist.rank, extra)
+    if base == 0 and not may_be_empty:
+        raise SystemExit(f"error: torchrun: {len(items)} prompts per step leave some of the {dist.world_size} "
+                         f"ranks without a prompt; use --prompts-per-step {dist.world_size} or more")
+    return items[first:first + base + (dist.rank < extra)], first
+
+
+def all_reduce(value, op="sum"):
+    """A number or tensor reduced over ranks (sum or max); a tensor keeps its device and dtype."""
+    import torch.distributed as dist
+    tensor = value.clone() if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    moved = tensor.to(backend_device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return moved.to(tensor.device) if torch.is_tensor(value) else moved.item()
+
+
+def global_denominator(tokens, dist):
+    """The token-mean's denominator for a rank's loss. FSDP averages the ranks' gradients (divides their
+    sum by the world size), so each rank divides its token sum by N / world_size, N = every rank's
+    tokens: the average is then sum over all tokens / N, the single-process gradient. Dividing by the
+    rank's own token count instead (a per-rank mean) weights a token by its rank's batch: wrong."""
+    return all_reduce(tokens).clamp(min=1) / dist.world_size
+
+
+def match_passes(model, passes, start_id, dist):
+    """Run zero-loss forward/backward passes until this rank has run as many as the busiest one: each
+    pass all-gathers and reduce-scatters every layer, and ranks must meet at each collective. A zero
+    loss through every parameter gives every parameter a zero gradient, so the reduce-scatters line up
+    and the sum is unchanged. Called before the rank's own passes (the count is agreed up front)."""
+    most = int(all_reduce(float(passes), op="max"))
+    for _ in range(most - passes):
+        ids = torch.full((1, 1), start_id, dtype=torch.long, device=dist.device)
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()
+        (hidden.sum() * 0 + head.weight.sum() * 0).backward()
+
+
+def gather_objects(value):
+    """Every rank's value, in rank order (small Python objects: rewards, lengths, counts)."""
+    import torch.distributed as dist
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def step_totals(rewards, lengths, loss, kept_tokens):
+    """A step's metrics over every rank: all rewards [groups, G] and response lengths in prompt order,
+    the loss (each rank's share is its token sum over N / world size, so the mean over ranks is the
+    step's loss) and the kept tokens."""
+    parts = gather_objects((rewards.cpu(), lengths.cpu(), loss, kept_tokens))
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            sum(p[2] for p in parts) / len(parts), sum(p[3] for p in parts))
+
+
+def sharded_folder(path):
+    return os.path.splitext(path)[0] + ".dcp"
+
+
+def save_sharded(path, model, optimizer, step, rng, dist):
+    """torch.distributed.checkpoint: each rank writes its shards of the model and the optimizer, and its
+    RNG state, into a new folder next to `path` (checkpoint.dcp), which then replaces the old one."""
+    import shutil
+    import torch.distributed as torch_dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    folder = sharded_folder(path)
+    temporary = f"{folder}.tmp"
+    if dist.rank == 0 and os.path.exists(temporary):
+        shutil.rmtree(temporary)
+    torch_dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=temporary)
+    torch.save({"step": step, "rng": rng}, os.path.join(temporary, f"rank{dist.rank}.pt"))
+    torch_dist.barrier()
+    if dist.rank == 0:                            # swap folders: a crash leaves the old one or the new one
+        if os.path.exists(folder):
+            os.replace(folder, f"{folder}.old")
+        os.replace(temporary, folder)
+        shutil.rmtree(f"{folder}.old", ignore_errors=True)
+    torch_dist.barrier()
+
+
+def load_sharded(path, model, optimizer, dist):
+    """Resume a torchrun job from checkpoint.dcp: this rank's shards, optimizer state and RNG.
+    Returns the step to continue from."""
+    import random
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    folder = sharded_folder(path)
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: --resume under torchrun needs the sharded checkpoint {folder}/ "
+                         f"({path} alone is for one process)")
+    if optimizer is None:
+        raise SystemExit("error: under torchrun, checkpoints are loaded to resume a run (with its optimizer)")
+    try:
+        model_state, optimizer_state = get_state_dict(model, optimizer)   # also creates the optimizer's state
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        mine = os.path.join(folder, f"rank{dist.rank}.pt")
+        extra = torch.load(mine if os.path.exists(mine) else os.path.join(folder, "rank0.pt"), weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"error: sharded checkpoint {folder} is unreadable or does not fit this model: "
+                         f"{type(e).__name__}: {e}") from None
+    random.setstate(extra["rng"]["python"])
+    torch.set_rng_state(extra["rng"]["torch"])
+    if extra["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+    return int(extra["step"])
+
+
+def full_state(model, optimizer):
+    """Whole weights and optimizer state in the single-process format (parameters numbered in
+    model.parameters() order), so one process can load or --resume them. Every rank must call it;
+    rank 0 gets the states, the others empty ones."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    if not model_state:
+        return {}, {}
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    optimizer_state = {
+        "state": {index[name]: value for name, value in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                         for group in optimizer_state["param_groups"]]}
+    return model_state, optimizer_state
+
+
+def whole_model(model):
+    """(whole state dict, a model to save it with) for save_pretrained on rank 0; every rank must call.
+    The sharded model's class is FSDP's subclass (FSDPLlamaForCausalLM), which save_pretrained would
+    write into config.json as the architecture; an empty model of the original class (meta device, no
+    memory) writes the same files a single process does."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    original = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers"))
+    with torch.device("meta"):
+        empty = original(model.config)
+    empty.generation_config = model.generation_config
+    return state, empty
+
+
+def agree_on_stop(stop):
+    """A Ctrl-C or SIGTERM that reached any rank stops every rank at the same step (they would otherwise
+    part at the next collective): the signal number, largest over ranks, is set on every rank."""
+    signum = int(all_reduce(float(stop.signal or 0), op="max"))
+    if signum and stop.signal is None:
+        stop.signal = signum

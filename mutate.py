@@ -26,7 +26,7 @@ SCORED = {
         # sampling and its masks
         "start_token_id", "eos_token_ids", "response_mask_from_positions", "pick_next_token", "sample",
         # scoring in both spaces
-        "chunk_logprobs", "token_logprobs", "conditional_logprobs", "pretrain_logprobs", "trim", "scored_logprobs",
+        "token_logprobs", "conditional_logprobs", "pretrain_logprobs", "trim", "scored_logprobs",
         # advantages, the DSRL switch, losses
         "grpo_advantages", "centered_advantages", "stage_for_step", "advantages_for",
         "clipped_surrogate", "k3_kl", "loss_denominator", "policy_loss", "accumulate_gradients", "optimizer_step",
@@ -120,25 +120,35 @@ def scored_results():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--children", type=int, default=2, help="parallel mutant workers (default 2)")
+    parser.add_argument("--only", default="", help="comma-separated function names: mutate just these (start small)")
+    parser.add_argument("--survivors", action="store_true", help="rerun only the last run's unkilled, unlisted mutants")
     parser.add_argument("--report-only", action="store_true", help="score the last run without running mutmut")
     args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
     if not args.report_only:
+        names = [g for g in mutant_globs() if not only or g.split(".x_")[1].split("__mutmut_")[0] in only]
+        if args.survivors:
+            names = [m for m, s in scored_results().items() if s not in ("killed", "timeout") and m not in EQUIVALENT
+                     and (not only or m.split(".x_")[1].split("__mutmut_")[0] in only)]
         # one thread per worker: torch's thread pool would otherwise oversubscribe the cores (and deadlock after fork)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        subprocess.run(["mutmut", "run", "--max-children", str(args.children), *mutant_globs()], env=env)
+        if names:
+            subprocess.run(["mutmut", "run", "--max-children", str(args.children), *names], env=env)
     status = scored_results()
     stale = sorted(set(EQUIVALENT) - set(status))
     equivalent = {m: s for m, s in status.items() if m in EQUIVALENT}
-    counted = {m: s for m, s in status.items() if m not in EQUIVALENT}
+    unchecked = sorted(m for m, s in status.items() if s == "not checked")
+    counted = {m: s for m, s in status.items() if m not in EQUIVALENT and s != "not checked"}
     killed = sum(s in ("killed", "timeout") for s in counted.values())
     survivors = sorted(m for m, s in counted.items() if s not in ("killed", "timeout"))
     killed_equivalent = sorted(m for m, s in equivalent.items() if s in ("killed", "timeout"))
-    print(f"\n{len(status)} mutants in the scored functions, {len(equivalent)} listed as equivalent")
+    print(f"\n{len(status)} mutants in the scored functions, {len(equivalent)} listed as equivalent, "
+          f"{len(unchecked)} not run yet (--only, or an interrupted run)")
     for m in survivors:
         print(f"  {counted[m]:>11}  {m}")
     for m in killed_equivalent:
         print(f"  listed as equivalent but killed (remove it from EQUIVALENT): {m}")
-    for m in stale:
+    for m in stale if not unchecked else []:
         print(f"  listed as equivalent but no longer generated (remove it from EQUIVALENT): {m}")
     score = killed / max(1, len(counted))
     print(f"mutation score: {killed}/{len(counted)} = {100 * score:.1f}% of non-equivalent mutants killed "

@@ -15,20 +15,25 @@ Paper: "From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train S
     python prerl.py --resume --out-dir runs/demo           # continue a run from its checkpoint
     python prerl.py --plain                                # the method exactly as written here, no machinery
     python prerl.py --help                                 # every option
+    torchrun --nproc_per_node 8 prerl.py --model ...       # several GPUs (or CPU processes): FSDP2
 
 How to read this file. Top to bottom is the method, in the order a step runs: Config (every field is a
 flag), Data (problems and reference answers), Model (loading, the pre-train-space start token),
 Sampling (G responses per prompt: a plain decode loop), Scoring (per-token log-probs in the two spaces,
 log P(y|x) and log P(y)), Advantages (the table of every mode: which responses, which space, which
 weight), Losses (PPO-clip surrogate, token-mean), the RL step and the loop (DSRL's switch is one line in
-stage_for_step), Evaluation and Checkpoints. The method ends with train() at the bottom of this file.
+stage_for_step), Evaluation, Diagnostics (measured on each step's samples, never trained on) and
+Checkpoints. The method ends with train() at the bottom of this file.
 What only makes it faster or smaller lives in machinery.py, reached from here through one call each
 (marked "machinery:") -- a preallocated KV cache and an inverse-CDF draw for sampling (on a GPU, a static
 KV cache with the decode step replayed as a CUDA graph), a chunked LM head with a hand-written backward
 for scoring, and glibc's allocator kept from page-faulting on CPU. With --plain (or PRERL_PLAIN=1) none
-of it runs, and the tests check that both paths agree. After train(), "Run safety" holds what keeps a run
-from surprising its user: every flag checked before anything loads, one run per out-dir, Ctrl-C with a
-checkpoint, a crash-safe log, NaN steps skipped, a loadable model/.
+of it runs, and the tests check that both paths agree. Under torchrun (`torchrun --nproc_per_node N
+prerl.py ...`) the lines marked "if DIST is not None" split each step's prompts across ranks and shard the
+model with FSDP2 (machinery.py, "Distribution"); the result equals one process, which the tests check.
+After train(), "Run safety" holds what keeps a run from surprising its user: every flag checked before
+anything loads, one run per out-dir, Ctrl-C with a checkpoint, a crash-safe log, NaN steps skipped, a
+loadable model/.
 """
 
 import argparse
@@ -64,6 +69,8 @@ import verify
 # The one switch between the plain path (this file only) and the machinery. Set by --plain or
 # PRERL_PLAIN=1; the test suite runs both ways.
 PLAIN = os.environ.get("PRERL_PLAIN", "0") not in ("", "0")
+# Under torchrun (WORLD_SIZE > 1) this process is one rank of several (machinery.init_distributed); else None.
+DIST = None
 
 # -----------------------------------------------------------------------------
 # Config: every field is a command-line flag (--switch-step etc.). The method's own knobs are under
@@ -71,7 +78,7 @@ PLAIN = os.environ.get("PRERL_PLAIN", "0") not in ("", "0")
 # reference code) and the PPO clip range; the rest is the usual RL-with-verifiable-rewards setup.
 
 MODES = ("dsrl", "grpo", "psr", "nsr", "w-reinforce", "prerl", "psr-prerl", "nsr-prerl")
-TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand")
+TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand", "twostep")
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # reference runs
 EMBEDDED_MODEL = "embedded"
 
@@ -116,6 +123,8 @@ class Config:
     # evaluation, logging, checkpoints
     eval_every: int = opt(10, "held-out evaluation every N steps (0 = only at the start and end)")
     eval_temperature: float = opt(0.0, "evaluation temperature; 0 = greedy")
+    diagnose_every: int = opt(10, "entropy and log P(y), log P(y|x) diagnostics every N steps (a no-grad forward "
+                                  "per space); 0 = never")
     out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
@@ -154,6 +163,10 @@ def parse_config(argv=None):
 # of response y is equivalent to the reference (verify.py). Built-in generator, or MATH / GSM8K JSONL.
 
 
+NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe")
+ITEMS = ("apples", "pencils", "marbles", "stickers", "cards")
+
+
 def make_problem(family, difficulty, rng):
     """One problem {'problem', 'answer'} of a family; difficulty = digits per operand."""
     lo, hi = (1 if difficulty == 1 else 10 ** (difficulty - 1)), 10 ** difficulty - 1
@@ -178,6 +191,18 @@ def make_problem(family, difficulty, rng):
         return {"problem": f"Solve for $x$: ${a}x + {b} = {a * x + b}$.", "answer": str(x)}
     if family == "expand":
         return {"problem": f"Expand $(x + {a})(x + {b})$.", "answer": f"x^2 + {a + b}x + {a * b}"}
+    if family == "twostep":  # a word problem of two operations: the first result must be carried into the second
+        name, item, c = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(2, max(2, min(hi, 9)))
+        template = rng.randrange(3)
+        if template == 0:
+            return {"problem": f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} in each. "
+                               f"How many {item} does {name} have now?", "answer": str(a + b * c)}
+        if template == 1:
+            away = min(b, c * a)
+            return {"problem": f"{name} buys {c} boxes with {a} {item} in each and gives away {away} {item}. "
+                               f"How many {item} does {name} have left?", "answer": str(c * a - away)}
+        return {"problem": f"{name} has {a} {item} and finds {b} more. Then the number of {item} is multiplied "
+                           f"by {c}. How many {item} does {name} have now?", "answer": str((a + b) * c)}
     raise ValueError(f"unknown task family {family!r}")
 
 
@@ -576,8 +601,12 @@ def loss_denominator(space, response_mask, advantages):
     """Token-mean denominator for the whole batch: in the pre-train space only kept tokens (A != 0)
     count (PAPER.md); in the conditional space every response token counts (verl's token-mean)."""
     if space == "pretrain":
-        return (response_mask * (advantages != 0)[:, None]).sum().clamp(min=1)
-    return response_mask.sum().clamp(min=1)
+        tokens = (response_mask * (advantages != 0)[:, None]).sum()
+    else:
+        tokens = response_mask.sum()
+    if DIST is not None:  # machinery: count every rank's tokens, scaled for FSDP's gradient averaging
+        return machinery.global_denominator(tokens, DIST)
+    return tokens.clamp(min=1)
 
 
 def policy_loss(token_lp, response_mask, advantages, denominator, cfg, coef, ref_lp=None):
@@ -643,7 +672,10 @@ def accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model=
     lengths = lengths.tolist()                                 # scored sequence length of each row
     total_loss, kept_tokens = 0.0, 0
     model.train()
-    for chunk in micro_batches(rows, lengths, micro_batch_budget(cfg, batch["response_ids"].device)):
+    chunks = micro_batches(rows, lengths, micro_batch_budget(cfg, batch["response_ids"].device))
+    if DIST is not None:  # machinery: as many forward/backward passes as the busiest rank (FSDP's collectives)
+        machinery.match_passes(model, len(chunks), start_id, DIST)
+    for chunk in chunks:
         token_lp, mask = scored_logprobs(model, space, batch, chunk, start_id)
         ref_lp = None
         if use_kl:
@@ -660,20 +692,31 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
     """One RL step: sample G responses per prompt, verify them, one optimizer update. Returns the metrics."""
     stage = stage_for_step(cfg.mode, step, cfg.switch_step)
     t0 = time.perf_counter()
-    batch = sample(model, tokenizer, problems, cfg, cfg.group_size, [f"{cfg.seed}-{step}-{i}" for i in range(len(problems))])
+    first = 0
+    if DIST is not None:  # machinery: this rank's prompts (whole groups) and the index of its first one
+        problems, first = machinery.rank_share(problems, DIST)
+        machinery.gather_weights(model)        # machinery: the rollout runs on whole weights, gathered once
+    batch = sample(model, tokenizer, problems, cfg, cfg.group_size, [f"{cfg.seed}-{step}-{first + i}" for i in range(len(problems))])
+    if DIST is not None:
+        machinery.shard_layers(model)          # machinery: training gathers one layer at a time again
     t1 = time.perf_counter()
     golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
     rewards = torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
+    diagnostics = step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id)  # measured, never trained on
     t2 = time.perf_counter()
     loss, kept_tokens = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model)
     grad_norm = optimizer_step(model, optimizer, cfg, loss)
     t3 = time.perf_counter()
+    lengths = batch["response_mask"].sum(1)
+    if DIST is not None:  # machinery: the metrics cover every rank's responses
+        rewards, lengths, loss, kept_tokens = machinery.step_totals(rewards, lengths, loss, kept_tokens)
     record = {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
               "accuracy": (rewards > 0.5).float().mean().item(),
               "mixed_groups": int(((rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)).sum()),
-              "response_length": batch["response_mask"].sum(1).float().mean().item(),
+              "response_length": lengths.float().mean().item(),
               "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
-              "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3), "train_s": round(t3 - t2, 3)}
+              "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
+              "train_s": round(t3 - t2, 3), **diagnostics}
     if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
         record["skipped"] = nonfinite_reason(loss, grad_norm)
     return record
@@ -682,6 +725,9 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
 def optimizer_step(model, optimizer, cfg, loss=0.0):
     """Clip the gradient norm, one AdamW update. Not when the loss or the norm is NaN/inf (run safety):
     that update would poison every weight, so the gradients are dropped and the weights stay."""
+    if DIST is not None:  # machinery: the optimizer updates the shards, so the gathered root weights go
+        machinery.release_root(model)
+        loss = machinery.all_reduce(loss)        # machinery: every rank skips a non-finite step, or none
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
     if not nonfinite_reason(loss, grad_norm):
         optimizer.step()
@@ -708,13 +754,108 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
     None with no problems (--eval-size 0): nothing was measured."""
     if not problems:
         return None
-    correct = 0.0
+    correct, first, total = 0.0, 0, len(problems)
+    if DIST is not None:  # machinery: every rank evaluates its share on whole weights; the counts are summed
+        problems, first = machinery.rank_share(problems, DIST, may_be_empty=True)
+        machinery.gather_weights(model)
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
-        keys = [f"{cfg.seed}-eval-{i + j}" for j in range(len(chunk))]
+        keys = [f"{cfg.seed}-eval-{first + i + j}" for j in range(len(chunk))]
         out = sample(model, tokenizer, chunk, cfg, 1, keys, temperature=cfg.eval_temperature)
         correct += sum(verify.rewards(out["texts"], [p["answer"] for p in chunk]))
-    return correct / len(problems)
+    if DIST is not None:
+        correct = machinery.all_reduce(correct)
+        machinery.shard_layers(model)
+        machinery.release_root(model)
+    return correct / total
+
+
+# -----------------------------------------------------------------------------
+# Diagnostics: what a step's samples say about the policy that drew them; logged with the step's metrics,
+# never trained on. Every step: how responses end and their reasoning-behaviour phrases (free). Every
+# cfg.diagnose_every steps: the policy's entropy and the likelihood of right vs wrong responses in both
+# spaces -- log P(y) is what NSR-PreRL pushes down -- at the cost of one no-grad forward per space.
+
+# The paper's keyword lists are not public; these are ours. Matched case-insensitively, whole words.
+TRANSITION_PHRASES = ("alternatively", "however", "instead", "another way", "another approach", "on the other hand",
+                      "otherwise", "let's try", "let me try", "try a different", "what if")
+REFLECTION_PHRASES = ("wait", "hmm", "let me check", "let's check", "let me verify", "let's verify", "verify",
+                      "double-check", "double check", "re-examine", "reexamine", "recheck", "re-check",
+                      "check again", "make sure", "i made a mistake", "that's not right")
+
+
+def phrase_pattern(phrases):
+    return re.compile(r"\b(?:" + "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)) + r")\b",
+                      re.IGNORECASE)
+
+
+TRANSITION_RE, REFLECTION_RE = phrase_pattern(TRANSITION_PHRASES), phrase_pattern(REFLECTION_PHRASES)
+
+
+def count_behaviours(text):
+    """(transitions, reflections) in one response: whole-word, case-insensitive matches."""
+    return len(TRANSITION_RE.findall(text)), len(REFLECTION_RE.findall(text))
+
+
+def eos_share(response_ids, eos_ids):
+    """Share of responses that ended with EOS; the others ran into max_new_tokens."""
+    return torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).any(1).float().mean().item()
+
+
+def logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
+    """Per response token: log P(y_t | x, y_<t), and the exact entropy of the distribution it was drawn
+    from, softmax(logits / T) (before top-p; T = 0, greedy, reports T = 1). Full logits: no-grad only."""
+    input_ids = torch.cat([prompt_ids, response_ids], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with autocast(input_ids.device):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, prompt_ids.shape[1] - 1:-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    token_lp = logits.log_softmax(-1).gather(-1, response_ids[..., None]).squeeze(-1)
+    tempered = (logits / (temperature or 1.0)).log_softmax(-1)
+    return token_lp, -(tempered.exp() * tempered).sum(-1)
+
+
+@torch.no_grad()
+def likelihood_diagnostics(model, batch, rewards, start_id, cfg):
+    """Entropy of the sampling policy, mean over response tokens; mean over right (reward 1) and over wrong
+    responses of log P(y|x) and of log P(y), each summed over the response's tokens (None when the step
+    has no right, or no wrong, response)."""
+    rows = len(batch["response_ids"])
+    conditional, pretrain, entropy = torch.zeros(rows), torch.zeros(rows), 0.0
+    lengths = (batch["prompt_mask"].sum(1) + batch["response_mask"].sum(1)).tolist()
+    model.eval()
+    budget = min(512, micro_batch_budget(cfg, batch["response_ids"].device))   # full logits: 512 x vocab x 4 bytes, a few copies
+    for chunk in micro_batches(range(rows), lengths, budget):
+        response_ids, response_mask = trim(batch["response_ids"][chunk], batch["response_mask"][chunk], left=False)
+        prompt_ids, prompt_mask = trim(batch["prompt_ids"][chunk], batch["prompt_mask"][chunk], left=True)
+        token_lp, token_entropy = logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_mask,
+                                                       cfg.temperature)
+        mask = response_mask.to(token_lp.dtype)
+        conditional[chunk] = (token_lp * mask).sum(1).cpu().float()
+        pretrain[chunk] = (pretrain_logprobs(model, start_id, response_ids, response_mask) * mask).sum(1).cpu().float()
+        entropy += float((token_entropy * mask).sum())
+    right = rewards.reshape(-1) > 0.5
+
+    def mean_over(values, which):
+        return values[which].mean().item() if which.any() else None
+    return {"entropy": entropy / max(1, int(batch["response_mask"].sum())),
+            "logp_y_given_x_right": mean_over(conditional, right), "logp_y_given_x_wrong": mean_over(conditional, ~right),
+            "logp_y_right": mean_over(pretrain, right), "logp_y_wrong": mean_over(pretrain, ~right)}
+
+
+def step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id):
+    """The diagnostics of one step (see above), and the seconds they took."""
+    start = time.perf_counter()
+    counts = [count_behaviours(text) for text in batch["texts"]]
+    record = {"eos_share": eos_share(batch["response_ids"], eos_token_ids(model, tokenizer)),
+              "transitions": sum(t for t, _ in counts) / len(counts), "reflections": sum(r for _, r in counts) / len(counts)}
+    if cfg.diagnose_every and step % cfg.diagnose_every == 0:
+        record.update(likelihood_diagnostics(model, batch, rewards, start_id, cfg))
+    record["diagnose_s"] = round(time.perf_counter() - start, 3)
+    return record
 
 
 # -----------------------------------------------------------------------------
@@ -722,10 +863,17 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
 
 
 def save_checkpoint(path, model, optimizer, step, cfg):
-    weights = machinery.adapter_state(model) if cfg.lora else model.state_dict()  # machinery: LoRA keeps its adapter
-    state = {"model": weights, "optimizer": optimizer.state_dict(), "step": step,
-             "config": dataclasses.asdict(cfg), "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    if cfg.lora:
+        model_state = machinery.adapter_state(model)  # machinery: LoRA keeps its adapter only
+    if DIST is not None:  # machinery: every rank saves its shards and RNG; rank 0 writes the whole weights here
+        machinery.save_sharded(path, model, optimizer, step, rng, DIST)
+        model_state, optimizer_state = machinery.full_state(model, optimizer)
+        if DIST.rank > 0:
+            return
+    state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": dataclasses.asdict(cfg), "rng": rng}
     temporary = f"{path}.tmp{os.getpid()}"
     torch.save(state, temporary)
     os.replace(temporary, path)
@@ -734,6 +882,8 @@ def save_checkpoint(path, model, optimizer, step, cfg):
 def load_checkpoint(path, model, optimizer=None, adapter_only=False):
     """Restore the model's weights (LoRA: the adapter) and, when resuming a run (optimizer given), the
     optimizer and RNG. Returns the step to continue from."""
+    if DIST is not None:  # machinery: under torchrun, resume from every rank's shards
+        return machinery.load_sharded(path, model, optimizer, DIST)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         name, saved = next(iter(state["model"].items()))
@@ -763,11 +913,16 @@ def load_checkpoint(path, model, optimizer=None, adapter_only=False):
 
 
 def train(cfg):
-    global PLAIN
+    global PLAIN, DIST
     PLAIN = PLAIN or cfg.plain                    # --plain: the reading path only, for this whole process
     refuse_bad_run(cfg)                           # run safety: flags, out-dir, --resume's checkpoint; exit 2
     device = pick_device(cfg)
-    precision, why = ("fp32", "the plain path trains in fp32") if PLAIN else machinery.choose_precision(cfg.precision, device.type)
+    DIST = machinery.init_distributed(device)     # machinery: one rank of a torchrun job; None otherwise
+    if DIST is not None:
+        device = DIST.device
+        if DIST.rank > 0:                         # machinery: rank 0 alone reports to a tracker
+            cfg = dataclasses.replace(cfg, report_to="none")
+    precision, why = ("fp32", "the plain path trains in fp32") if PLAIN else machinery.choose_precision(cfg.precision, device.type, DIST is not None)
     print(f"precision {precision}: {why}")        # the run's first line
     if not PLAIN:
         machinery.reuse_freed_memory(device)      # machinery: CPU malloc keeps freed blocks, no page faults
@@ -787,6 +942,8 @@ def train(cfg):
     if cfg.kl_coef > 0:
         ref_model, _ = load_model(cfg.model, device, dtype=dtype)
         ref_model.requires_grad_(False).eval()
+    if DIST is not None:
+        machinery.shard_model(model, DIST)        # machinery: FSDP2, each decoder layer and the root
     # Seed after loading (a resumed run then restores its own RNG): the one-time GGUF conversion builds a
     # model with random init, and seeding before it would shift every sample of the run that converts.
     torch.manual_seed(cfg.seed)
@@ -809,10 +966,16 @@ def train(cfg):
         accuracy_before = evaluate(model, tokenizer, eval_set, cfg)
         print(f"held-out accuracy at step {first_step}: {accuracy_text(accuracy_before)}")
         report({"step": first_step, "eval_accuracy": accuracy_before})
-        log = open_metrics(metrics_path, first_step)  # run safety: on --resume, cut back to the checkpoint's step
+        if DIST is None or DIST.rank == 0:            # machinery: under torchrun rank 0 alone writes the metrics
+            log = open_metrics(metrics_path, first_step)  # run safety: on --resume, cut back to the checkpoint's step
+        else:
+            log = open(os.devnull, "w")
         nonfinite_in_a_row = 0
-        progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl")
+        progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl",
+                        disable=DIST is not None and DIST.rank > 0)   # machinery: rank 0 alone shows progress
         for step in progress:
+            if DIST is not None:                      # machinery: a signal to any rank stops every rank here
+                machinery.agree_on_stop(stop)
             if stop.signal:                           # run safety: Ctrl-C or SIGTERM -- checkpoint, then exit
                 save_run(checkpoint_path, model, tokenizer, optimizer, step, cfg)
                 progress.close()
@@ -832,6 +995,8 @@ def train(cfg):
                 save_run(checkpoint_path, model, tokenizer, optimizer, step + 1, cfg)
         log.close()
         save_run(checkpoint_path, model, tokenizer, optimizer, cfg.steps, cfg)
+        if DIST is not None:
+            machinery.agree_on_stop(stop)
         if stop.signal:
             exit_after_signal(stop, cfg, cfg.steps)
         accuracy_after = evaluate(model, tokenizer, eval_set, cfg)
@@ -887,6 +1052,7 @@ FLAG_RULES = [
     ("micro-batch-tokens", lambda c: 0 < c.micro_batch_tokens < c.max_new_tokens + 1, "a row is the start token (or prompt) + up to --max-new-tokens {c.max_new_tokens}; use at least {c.max_new_tokens} + 1 plus the prompt, or 0"),
     ("eval-every",         lambda c: not c.eval_every >= 0,               "use 0 (only at the start and end) or a number of steps"),
     ("eval-temperature",   lambda c: not c.eval_temperature >= 0,         "use 0 (greedy) or more"),
+    ("diagnose-every",     lambda c: not c.diagnose_every >= 0,           "use 0 (no entropy and likelihood diagnostics) or a number of steps"),
     ("save-every",         lambda c: not c.save_every >= 0,               "use 0 (only at the end) or a number of steps"),
     ("report-to",          lambda c: c.report_to not in REPORTERS,        "choose one of " + ", ".join(REPORTERS)),
     ("report-to",          lambda c: bool(REPORTERS.get(c.report_to)) and importlib.util.find_spec(REPORTERS[c.report_to]) is None, "the {c.report_to} package is not installed: pip install {c.report_to}, or use --report-to none"),
@@ -895,6 +1061,8 @@ FLAG_RULES = [
     ("lora",               lambda c: not c.lora >= 0,                     "a rank, e.g. 64, or 0 for full fine-tuning"),
     ("lora",               lambda c: c.lora > 0 and (PLAIN or c.plain),   "the plain path (--plain, PRERL_PLAIN=1) trains every weight; LoRA needs the machinery"),
     ("lora",               lambda c: c.lora > 0 and importlib.util.find_spec("peft") is None, "LoRA needs the optional peft package: pip install peft"),
+    ("precision",          lambda c: c.precision == "bf16" and int(os.environ.get("WORLD_SIZE", "1")) > 1, "bf16 with stochastic rounding is not yet tried under torchrun (FSDP2); use fp32 or auto"),
+    ("lora",               lambda c: c.lora > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1, "LoRA is not yet tried under torchrun (FSDP2); run it on one device"),
     ("lora-alpha",         lambda c: not c.lora_alpha >= 0,               "use 0 (= the rank) or a positive alpha, e.g. 64"),
     ("model-config",       lambda c: c.model_config not in ("", *machinery.MODEL_SHAPES) and not os.path.isfile(os.path.join(c.model_config, "config.json")), "a shape (" + ", ".join(machinery.MODEL_SHAPES) + ") or a folder holding config.json"),
 ]
@@ -942,7 +1110,7 @@ def out_dir_problem(out_dir):
 
 # Fields a resumed run may change: they never change what is trained (--steps may also grow).
 RESUME_MAY_CHANGE = {"steps", "device", "gradient_checkpointing", "micro_batch_tokens", "eval_data", "eval_size",
-                     "eval_every", "eval_temperature", "out_dir", "save_every", "resume", "report_to", "plain",
+                     "eval_every", "eval_temperature", "diagnose_every", "out_dir", "save_every", "resume", "report_to", "plain",
                      "precision", "plan_memory", "model_config"}  # precision: the weights' dtype is checked on load
 
 
@@ -1017,6 +1185,9 @@ def live_run_problem(out_dir):
 def claim_out_dir(out_dir):
     """Hold OUT_DIR/run.lock for the run; a lock left by a dead process is taken over (and said so).
     Every read and write goes through the one descriptor: closing any other one would drop the lock."""
+    if DIST is not None and DIST.rank > 0:       # machinery: under torchrun rank 0 holds the lock for the job
+        yield
+        return
     path = os.path.join(out_dir, "run.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     if lock_is_held(fd, fcntl.LOCK_EX):
@@ -1155,11 +1326,17 @@ def count_nonfinite_steps(record, in_a_row, cfg):
 
 
 def export_model(out_dir, model, tokenizer):
+    state_dict = None
+    if DIST is not None:  # machinery: the whole weights gathered from every rank; rank 0 writes them
+        state_dict, model = machinery.whole_model(model)
+        if DIST.rank > 0:
+            return
     final = os.path.join(out_dir, "model")
     temporary, previous = f"{final}.tmp{os.getpid()}", f"{final}.old{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
-    merged = machinery.merged_state_dict(model) if machinery.has_lora(model) else None  # LoRA: W + (alpha/r) B A
-    model.save_pretrained(temporary, state_dict=merged)
+    if machinery.has_lora(model):     # machinery: LoRA exports the merged plain model, W + (alpha/r) B A
+        state_dict = machinery.merged_state_dict(model)
+    model.save_pretrained(temporary, state_dict=state_dict)
     tokenizer.save_pretrained(temporary)
     if os.path.isdir(final):
         os.replace(final, previous)

@@ -1962,6 +1962,7 @@ def verifier_in_process_under_mutmut(request, monkeypatch):
     if request.node.name.startswith(("test_hostile_input", "test_time_bound")):
         pytest.skip("needs the verifier's worker processes; not run under mutmut")
     monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: verify._compare_normalized(*job))
+    monkeypatch.setattr(verify, "warmup", lambda workers=None: None)   # no idle workers left behind per mutant
 
 
 # --- 1. the pre-train-space start token
@@ -2171,7 +2172,7 @@ def test_periodic_checkpoint_records_its_step_and_resumes_like_an_uninterrupted_
     for line in open(tmp_path / "cut" / "metrics.jsonl"):   # step 2 ran twice (before the kill, after resume)
         record = json.loads(line)
         records[record["step"]] = record                    # the resumed run's record is the later one
-    timing = ("sample_s", "score_s", "train_s")
+    timing = ("sample_s", "score_s", "train_s", "diagnose_s")
     uninterrupted = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert [m["stage"] for m in uninterrupted] == ["nsr-prerl", "grpo", "grpo", "grpo"]
     assert any(m["kept_tokens"] > 0 for m in uninterrupted[2:])   # the resumed steps really trained
@@ -2294,6 +2295,394 @@ CORE_CASES = [
 def test_verifier_core_cases(pred, gold, expected):
     assert verify.is_equiv(pred, gold) is expected
     assert verify.is_equiv(gold, pred) is expected
+# ---------------------------------------------------------------------------
+# Issue 12: torchrun + FSDP2 (machinery.py "Distribution"), two CPU ranks on gloo, equal to one process.
+# One torchrun launch runs this file as its script (distributed_worker below) for the in-process checks
+# and a run that is killed at step 2; a second launch resumes it through prerl.py's command line.
+
+import torch.distributed  # noqa: E402
+
+# the runs below: both DSRL stages, the KL term (a reference model on every rank), gradient checkpointing
+RUN = ("--steps", "3", "--switch-step", "2", "--kl-coef", "0.05", "--gradient-checkpointing")
+# 4 groups of 4 with uneven response lengths (toy_batch); each rank takes 2 whole groups
+FIXED_REWARDS = {"grpo": [[1., 0., 0., 1.], [0., 1., 1., 1.], [0., 0., 1., 0.], [1., 0., 1., 0.]],
+                 # rank 1's groups are all-equal: it has no pass of its own and joins rank 0's collectives
+                 "nsr-prerl": [[1., 0., 0., 1.], [0., 1., 1., 1.], [1., 1., 1., 1.], [0., 0., 0., 0.]]}
+
+
+def fixed_batch_step(stage):
+    """One RL update of a fresh tiny model on a fixed batch; under torchrun each rank takes its groups
+    and rank 0 gets the results. Returns (loss, grad norm, weights after the step, passes per rank)."""
+    dist, group = prerl.DIST, 4
+    model, batch = tiny_model(torch.float32), toy_batch(n_groups=4, group=group)
+    rewards = torch.tensor(FIXED_REWARDS[stage])
+    cfg = prerl.Config(micro_batch_tokens=25, lr=1e-2)
+    if dist is not None:
+        machinery.shard_model(model, dist)
+    optimizer = prerl.make_optimizer(model, cfg)
+    passes = []
+    if dist is not None:
+        groups, _ = machinery.rank_share(list(range(len(rewards))), dist)
+        rows = [g * group + j for g in groups for j in range(group)]
+        batch, rewards = {name: value[rows] for name, value in batch.items()}, rewards[groups]
+        machinery.gather_weights(model)    # as rl_step leaves the model after a rollout
+        machinery.shard_layers(model)
+        match_passes = machinery.match_passes
+        machinery.match_passes = lambda model, n, *rest: (passes.append(n), match_passes(model, n, *rest))[1]
+    try:
+        loss, kept = prerl.accumulate_gradients(model, batch, rewards, stage, cfg, start_id=1)
+    finally:
+        if dist is not None:
+            machinery.match_passes = match_passes
+    grad_norm = prerl.optimizer_step(model, optimizer, cfg)
+    if dist is None:
+        return loss, grad_norm, model.state_dict(), passes
+    _, _, loss, _ = machinery.step_totals(rewards, torch.zeros(1), loss, kept)
+    return loss, grad_norm, machinery.full_state(model, optimizer)[0], machinery.gather_objects(passes[0])
+
+
+def distributed_worker(folder, out):
+    """Runs on each of two ranks (torchrun); rank 0 saves what the tests below compare."""
+    prerl.DIST = dist = machinery.init_distributed(torch.device("cpu"))
+    results = {stage: fixed_batch_step(stage) for stage in FIXED_REWARDS}
+    real_denominator = machinery.global_denominator          # the common mistake: a per-rank token-mean
+    machinery.global_denominator = lambda tokens, dist: tokens.clamp(min=1)
+    results["per-rank mean"] = fixed_batch_step("grpo")
+    machinery.global_denominator = real_denominator
+    # Ranks that end decoding at different steps: rank 0's first token ends its responses (every token
+    # is an end token), rank 1 decodes all 12; then both meet at the next collectives.
+    model = machinery.shard_model(tiny_model(torch.float32), dist)
+    machinery.gather_weights(model)
+    eos_ids = list(range(len(CHARS) + 4)) if dist.rank == 0 else [-1]
+    decoded = prerl.generate(model, torch.tensor([[20, 21, 22]]), torch.ones(1, 3, dtype=torch.long), 2, 12,
+                             0.0, 1.0, eos_ids, pad_id=3)
+    machinery.shard_layers(model)
+    machinery.release_root(model)
+    results["decode lengths"] = machinery.gather_objects(decoded.shape[1])
+    if dist.rank == 0:
+        torch.save(results, out / "worker.pt")
+    # A whole run through prerl.train, killed (os._exit, no clean-up) at the start of step 2 after
+    # step 2's checkpoint; the fixture resumes it with `torchrun prerl.py ... --resume`.
+    real_rl_step = prerl.rl_step
+
+    def rl_step_killed_at_step_2(*args):
+        if args[4] == 2:
+            for process, _ in verify._idle_workers:  # forked verifier workers would outlive os._exit
+                process.kill()
+            sys.stdout.flush()
+            os._exit(0)
+        return real_rl_step(*args)
+    prerl.train(prerl.parse_config(run_args(folder, out / "uninterrupted", *RUN)))
+    prerl.rl_step = rl_step_killed_at_step_2
+    prerl.train(prerl.parse_config(run_args(folder, out / "killed", *RUN, "--save-every", "1")))
+
+
+def test_rank_shares_are_contiguous_whole_and_refuse_an_empty_rank():
+    """Each rank's prompts: contiguous, in order, sizes within one, every prompt once, and the index of
+    its first one (which keys its random numbers); too few prompts for the ranks is a one-line error."""
+    for n, world in [(16, 2), (7, 3), (5, 4), (8, 8)]:
+        shares = [machinery.rank_share(list(range(n)), machinery.Distributed(r, world, "gloo", None, None))
+                  for r in range(world)]
+        assert sum((items for items, _ in shares), []) == list(range(n))
+        assert all(items[0] == first for items, first in shares)
+        assert max(len(i) for i, _ in shares) - min(len(i) for i, _ in shares) <= 1
+    with pytest.raises(SystemExit, match="--prompts-per-step 4 or more"):
+        machinery.rank_share([0, 1, 2], machinery.Distributed(3, 4, "gloo", None, None))
+    assert machinery.rank_share([0, 1, 2], machinery.Distributed(3, 4, "gloo", None, None), may_be_empty=True) == ([], 3)
+
+
+def torchrun(*args, timeout=300):
+    """Two CPU ranks (gloo) on a free port; one thread each; ends on its own or fails the test."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model_folder, tmp_path_factory):
+    if not torch.distributed.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    import resource
+    out = tmp_path_factory.mktemp("two_ranks")
+    start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker = torchrun(os.path.abspath(__file__), "--distributed-worker", tiny_model_folder, out)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    assert not (out / "killed" / "checkpoint.dcp.tmp").exists()
+    assert torch.load(out / "killed" / "checkpoint.pt", weights_only=False)["step"] == 2   # killed after step 2's save
+    resumed = torchrun(os.path.dirname(os.path.abspath(__file__)) + "/prerl.py",
+                       *run_args(tiny_model_folder, out / "killed", *RUN, "--save-every", "1", "--resume"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"two-rank launches: {time.perf_counter() - start:.1f} s wall, "
+          f"{cpu.ru_utime + cpu.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime:.1f} s CPU")
+    one = tmp_path_factory.mktemp("one_rank")                 # the same run in this one process
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, one, *RUN)))
+    return {"worker": torch.load(out / "worker.pt", weights_only=False), "resumed": resumed, "out": out, "one": one}
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+@pytest.mark.parametrize("stage", list(FIXED_REWARDS))
+def test_two_ranks_one_step_equals_one_process(two_ranks, stage):
+    """Loss, gradient norm and weights after AdamW: 2 ranks == 1 process (fp32, atol 1e-5), with ranks
+    running different numbers of forward/backward passes (one rank none at all for nsr-prerl)."""
+    loss, grad_norm, weights, passes = two_ranks["worker"][stage]
+    prerl.DIST = None
+    one_loss, one_grad_norm, one_weights, _ = fixed_batch_step(stage)
+    assert passes[0] != passes[1] and (stage != "nsr-prerl" or passes[1] == 0), passes
+    assert loss == pytest.approx(one_loss, abs=1e-5) and loss != 0
+    assert grad_norm == pytest.approx(one_grad_norm, abs=1e-5)
+    assert max_difference(weights, one_weights) < 1e-5
+    assert max_difference(weights, tiny_model(torch.float32).state_dict()) > 1e-3   # the step moved the weights
+
+
+def test_per_rank_token_mean_fails_the_same_check(two_ranks):
+    """Negative control: dividing by each rank's own token count (then FSDP's average) is not the
+    single-process token-mean; the check above catches it."""
+    loss, grad_norm, weights, _ = two_ranks["worker"]["per-rank mean"]
+    prerl.DIST = None
+    one_loss, one_grad_norm, one_weights, _ = fixed_batch_step("grpo")
+    assert abs(grad_norm - one_grad_norm) > 1e-5 or abs(loss - one_loss) > 1e-5
+    assert max_difference(weights, one_weights) > 1e-5
+
+
+def test_ranks_that_end_decoding_at_different_steps_do_not_hang(two_ranks):
+    assert two_ranks["worker"]["decode lengths"] == [1, 12]   # and the launch ended (fixture timeout)
+
+
+def test_torchrun_run_killed_and_resumed_equals_one_process(two_ranks):
+    """`torchrun prerl.py`, killed at step 2 and resumed, ends with the weights of the uninterrupted
+    2-rank run (bit for bit) and with the metrics and final weights of the same run in one process; its
+    first line names the world size; its whole-weights exports load in one process: checkpoint.pt with the
+    optimizer, and model/ with from_pretrained."""
+    out, one = two_ranks["out"] / "killed", two_ranks["one"]
+    assert two_ranks["resumed"].stdout.splitlines()[0] == "world size 2, gloo"
+    uninterrupted = torch.load(two_ranks["out"] / "uninterrupted" / "checkpoint.pt", weights_only=False)
+    assert max_difference(torch.load(out / "checkpoint.pt", weights_only=False)["model"], uninterrupted["model"]) == 0
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    one_metrics = [json.loads(line) for line in open(one / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert [m["stage"] for m in metrics] == ["nsr-prerl", "nsr-prerl", "grpo"]
+    assert all(m["kept_tokens"] > 0 for m in metrics)
+    for m, o in zip(metrics, one_metrics):
+        for name in ("stage", "reward_mean", "accuracy", "mixed_groups", "response_length", "kept_tokens"):
+            assert m[name] == o[name], (name, m, o)
+        assert m["loss"] == pytest.approx(o["loss"], abs=1e-6) and m["grad_norm"] == pytest.approx(o["grad_norm"], abs=1e-6)
+    exported, one_state = torch.load(out / "checkpoint.pt", weights_only=False), torch.load(one / "checkpoint.pt", weights_only=False)
+    assert exported["step"] == 3
+    assert max_difference(exported["model"], one_state["model"]) < 1e-5
+    assert exported["optimizer"]["param_groups"] == one_state["optimizer"]["param_groups"]   # the one-process format
+    for index, state in one_state["optimizer"]["state"].items():
+        mine = exported["optimizer"]["state"][index]
+        assert mine["step"] == state["step"]
+        torch.testing.assert_close(mine["exp_avg"], state["exp_avg"], rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(mine["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+    prerl.DIST = None
+    model = tiny_model(torch.float32)
+    optimizer = prerl.make_optimizer(model, prerl.Config())
+    assert prerl.load_checkpoint(str(out / "checkpoint.pt"), model, optimizer) == 3   # one process, with its optimizer
+    assert max_difference(model.state_dict(), exported["model"]) == 0
+    from transformers import AutoModelForCausalLM                         # and model/ (save_pretrained)
+    assert max_difference(AutoModelForCausalLM.from_pretrained(out / "model").state_dict(), exported["model"]) == 0
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--distributed-worker"]:
+    from pathlib import Path
+    distributed_worker(Path(sys.argv[2]), Path(sys.argv[3]))
+
+
+
+
+# ---------------------------------------------------------------------------
+# Issue 13: multi-seed studies (t-intervals, steps to a threshold, resume per run), lr sweep on a
+# validation split, per-step diagnostics, the two-step word-problem family
+
+
+def test_t_interval_hand_worked():
+    # [0.5, 0.6, 0.7]: mean 0.6, s = 0.1, s / sqrt(3) = 0.0577350, t(0.975, 2) = 4.302653 -> half-width 0.248414
+    mean, low, high = analyze.mean_ci([0.5, 0.6, 0.7])
+    assert (mean, low, high) == pytest.approx((0.6, 0.6 - 0.248414, 0.6 + 0.248414), abs=1e-6)
+    # [1..5]: mean 3, s = sqrt(2.5), s / sqrt(5) = 0.707107, t(0.975, 4) = 2.776445 -> half-width 1.963243
+    assert analyze.mean_ci([1, 2, 3, 4, 5]) == pytest.approx((3.0, 3 - 1.963243, 3 + 1.963243), abs=1e-6)
+    assert analyze.mean_ci([0.4]) == (0.4, None, None)            # one seed: no interval
+    with pytest.raises(ValueError):
+        analyze.t_quantile_975(0)
+
+
+def student_t_cdf(x, df, intervals=4000):
+    """P(T <= x) for x >= 0 by Simpson's rule on the t density: independent of the table."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = lambda t: math.exp(log_norm - (df + 1) / 2 * math.log1p(t * t / df))
+    h = x / intervals
+    total = density(0) + density(x) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, intervals))
+    return 0.5 + total * h / 3
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 10, 29, 30, 31, 45, 200])
+def test_t_quantile_is_the_975_quantile(df):
+    assert student_t_cdf(analyze.t_quantile_975(df), df) == pytest.approx(0.975, abs=2e-6)
+
+
+def test_steps_to_threshold_on_a_synthetic_curve():
+    curve = [(10, 0.55), (0, 0.2), (5, 0.4), (15, 0.5), (20, 0.7)]   # order does not matter; a dip after 10
+    assert analyze.steps_to_threshold(curve, 0.5) == 10
+    assert analyze.steps_to_threshold(curve, 0.7) == 20
+    assert analyze.steps_to_threshold(curve, 0.2) == 0               # the start model already there
+    assert analyze.steps_to_threshold(curve, 0.71) is None           # never reached
+    runs = {"m": [{"seed": s, "lr": 1e-5, "curve": c, "step_seconds": 1.0, "eval": {"pass_at_k": {"1": 0.5, "2": 0.6}}}
+                  for s, c in enumerate([curve, [(0, 0.2), (10, 0.75), (20, 0.8)]])]}
+    row = analyze.summarize(runs, 0.7, budget=20)["m"]
+    assert row["steps"] == (15.0, pytest.approx(15 - 12.706205 * 5), pytest.approx(15 + 12.706205 * 5))
+    row = analyze.summarize(runs, 0.78, budget=20)["m"]                # one seed never gets there
+    assert (row["steps"], row["steps_reached"], row["steps_lower_bound"]) == (None, 1, 20.0)
+    assert ">= 20.0 (1/2 reached)" in analyze.format_table({"m": row}, 0.78)
+
+
+def test_curve_band_is_the_per_step_interval():
+    runs = [{"curve": [(0, 0.2), (5, 0.5)]}, {"curve": [(0, 0.2), (5, 0.7)]}]
+    steps, cis = analyze.curve_band(runs)
+    assert steps == [0, 5]
+    assert cis[0] == (0.2, pytest.approx(0.2), pytest.approx(0.2))
+    assert cis[1] == pytest.approx((0.6, 0.6 - 12.706205 * 0.1, 0.6 + 12.706205 * 0.1))
+
+
+def hand_scores(model, context, response, temperature):
+    """Sum of log P(y_t | context, y_<t) and sum of the entropies of softmax(logits / T) before each response
+    token, from one plain forward of the unpadded sequence (no masks, no micro-batches)."""
+    logits = model(input_ids=torch.tensor([context + response])).logits[0, len(context) - 1:-1]
+    logprob = sum(float(torch.log_softmax(logits[t], -1)[token]) for t, token in enumerate(response))
+    p = torch.softmax(logits / temperature, -1)
+    return logprob, float(-(p * p.log()).sum())
+
+
+def test_likelihood_diagnostics_equal_hand_computation():
+    model, batch = tiny_model(), toy_batch()
+    rewards = torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 1.]])
+    cfg = prerl.Config(temperature=0.7, micro_batch_tokens=20)   # several micro-batches
+    with torch.no_grad():
+        got = prerl.likelihood_diagnostics(model, batch, rewards, 1, cfg)
+        cond, pre, entropy, tokens = [], [], 0.0, 0
+        for i in range(8):
+            response = batch["response_ids"][i, :int(batch["response_mask"][i].sum())].tolist()
+            logprob, entropy_sum = hand_scores(model, real_prompt(batch, i), response, 0.7)
+            cond.append(logprob)
+            pre.append(hand_scores(model, [1], response, 0.7)[0])
+            entropy += entropy_sum
+            tokens += len(response)
+    right = [r == 1 for r in rewards.reshape(-1).tolist()]
+    mean = lambda values, keep: sum(v for v, k in zip(values, keep) if k) / sum(keep)
+    wrong = [not r for r in right]
+    assert got["entropy"] == pytest.approx(entropy / tokens, rel=1e-6)
+    assert got["logp_y_given_x_right"] == pytest.approx(mean(cond, right), rel=1e-6)
+    assert got["logp_y_given_x_wrong"] == pytest.approx(mean(cond, wrong), rel=1e-6)
+    assert got["logp_y_right"] == pytest.approx(mean(pre, right), rel=1e-6)
+    assert got["logp_y_wrong"] == pytest.approx(mean(pre, wrong), rel=1e-6)
+    assert got["logp_y_wrong"] != pytest.approx(got["logp_y_given_x_wrong"], rel=1e-3)   # two different spaces
+    none_right = prerl.likelihood_diagnostics(model, batch, torch.zeros(2, 4), 1, cfg)
+    assert none_right["logp_y_right"] is None and none_right["logp_y_wrong"] == pytest.approx(sum(pre) / 8, rel=1e-6)
+
+
+def test_step_diagnostics_eos_share_and_behaviours():
+    model, tokenizer = tiny_model(torch.float32), tiny_tokenizer()
+    batch = toy_batch(n_groups=1, group=4)
+    batch["response_ids"][0, 2] = 2              # rows 0 and 2 end with EOS (id 2), rows 1 and 3 hit the limit
+    batch["response_ids"][2, 0] = 2
+    batch["response_ids"][[1, 3]] = torch.where(batch["response_ids"][[1, 3]] == 2, 5, batch["response_ids"][[1, 3]])
+    batch["texts"] = ["Wait, hmm. However", "no phrases", "let me check: instead, alternatively", "wait"]
+    cfg = prerl.Config(diagnose_every=3)
+    quiet = prerl.step_diagnostics(model, tokenizer, batch, torch.zeros(1, 4), 1, cfg, 1)
+    assert quiet["eos_share"] == 0.5
+    assert (quiet["transitions"], quiet["reflections"]) == ((1 + 0 + 2 + 0) / 4, (2 + 0 + 1 + 1) / 4)
+    assert "entropy" not in quiet                                 # step 1: not a diagnosed step
+    assert {"entropy", "logp_y_wrong"} <= set(prerl.step_diagnostics(model, tokenizer, batch, torch.zeros(1, 4), 3, cfg, 1))
+
+
+def test_two_step_word_problems_answer_what_they_ask():
+    import re
+    for p in prerl.make_problems(60, "twostep", 1, seed=3, held_out=False):
+        a, b, c = map(int, re.findall(r"\d+", p["problem"]))
+        if "bags" in p["problem"]:
+            expected = a + b * c                      # has a, buys b bags of c
+        elif "gives away" in p["problem"]:
+            expected = a * b - c                      # a boxes of b, gives away c
+        else:
+            expected = (a + b) * c                    # has a, finds b, multiplied by c
+        assert p["answer"] == str(expected) and expected >= 0, p
+
+
+def study_argv(folder, out, *extra):
+    return ["compare", "--model", str(folder), "--data", str(folder / "toy.jsonl"), "--eval-data", str(folder / "toy.jsonl"),
+            "--modes", "grpo,nsr-prerl", "--seeds", "2", "--steps", "2", "--eval-every", "1", "--save-every", "1",
+            "--diagnose-every", "1", "--n", "2", "--eval-size", "4", "--max-new-tokens", "6", "--prompts-per-step", "4",
+            "--group-size", "4", "--lr", "1e-3", "--switch-step", "1", "--out-dir", str(out), "--json", str(out / "study.out.json"),
+            *extra]
+
+
+def test_study_resumes_per_mode_and_seed_to_the_same_table(tiny_model_folder, tmp_path, monkeypatch):
+    whole = analyze.main(study_argv(tiny_model_folder, tmp_path / "whole"))
+    rl_step, calls = prerl.rl_step, []
+
+    def interrupted_at_the_sixth_step(*args, **kwargs):   # grpo seeds 0, 1 done; nsr-prerl seed 0 half done
+        calls.append(args[4])
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return rl_step(*args, **kwargs)
+    monkeypatch.setattr(prerl, "rl_step", interrupted_at_the_sixth_step)
+    with pytest.raises(KeyboardInterrupt):
+        analyze.main(study_argv(tiny_model_folder, tmp_path / "parts"))
+    calls.clear()
+    evaluate_samples, temperatures = analyze.evaluate_samples, []
+
+    def recording_evaluate_samples(model, tokenizer, problems, cfg, n):
+        temperatures.append((cfg.temperature, cfg.top_p))
+        return evaluate_samples(model, tokenizer, problems, cfg, n)
+    monkeypatch.setattr(analyze, "evaluate_samples", recording_evaluate_samples)
+    resumed = analyze.main(study_argv(tiny_model_folder, tmp_path / "parts"))
+    assert temperatures == [(0.6, 0.95)] * 2        # pass@k as for the base model, not at the training T 0.7
+    assert calls == [1, 0, 1]          # finished runs are read back; nsr-prerl seed 0 goes on from step 1, then seed 1
+    assert resumed["table"] == whole["table"]
+    without_time = lambda rows: {m: {k: v for k, v in r.items() if k != "step_seconds"} for m, r in rows.items()}
+    assert without_time(resumed["rows"]) == without_time(whole["rows"])
+    result = json.load(open(tmp_path / "parts" / "nsr-prerl" / "seed0" / "result.json"))
+    assert [m["step"] for m in result["metrics"]] == [0, 1] and result["seed"] == 0
+    assert {"entropy", "logp_y_wrong", "eos_share", "reflections"} <= set(result["metrics"][0])
+    with pytest.raises(SystemExit, match="other options .*steps"):
+        analyze.main(study_argv(tiny_model_folder, tmp_path / "parts", "--steps", "3"))
+    calls.clear()                                  # a speed-only option may change: the study is read back
+    assert analyze.main(study_argv(tiny_model_folder, tmp_path / "parts", "--save-every", "2"))["table"] == whole["table"]
+    assert calls == []
+
+
+def test_lr_sweep_chooses_on_the_validation_split_never_the_held_out(tiny_model_folder, tmp_path, monkeypatch):
+    args, cfg = analyze.parse_args(study_argv(tiny_model_folder, tmp_path, "--data", str(tmp_path / "big.jsonl"),
+                                              "--eval-size", "8"))
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"problem": f"what is {a}+{b}?", "answer": str(a + b)}) + "\n"
+                                                         for a in range(12) for b in range(12)))
+    data = analyze.study_data(cfg, args.out_dir)
+    sets = {name: {p["problem"] for p in prerl.load_problems(path)} for name, path in data.items()}
+    assert sets["validation"] and sets["heldout"] and sets["train"]
+    assert not (sets["train"] & sets["validation"]) and not (sets["train"] & sets["heldout"])
+    assert not (sets["validation"] & sets["heldout"])
+    seen = []
+    final = {1e-3: 0.5, 1e-2: 0.75, 1e-1: 0.75}          # a tie at the end, broken by the mean over the curve
+    mean_part = {1e-3: 0.9, 1e-2: 0.1, 1e-1: 0.5}
+
+    def fake_run(cfg, args, mode, lr, seed, train_path, eval_path, out_dir, n_samples):
+        seen.append((eval_path, train_path, n_samples))
+        return {"curve": [(0, mean_part[lr]), (2, final[lr])]}
+    monkeypatch.setattr(analyze, "study_run", fake_run)
+    lr, scores = analyze.choose_lr(cfg, args, "grpo", [1e-3, 1e-2, 1e-1], data)
+    assert lr == 1e-1 and scores == {"0.001": 0.5, "0.01": 0.75, "0.1": 0.75}
+    assert {s[0] for s in seen} == {data["validation"]} and {s[1] for s in seen} == {data["train"]}
+
+
+def test_diagnose_every_is_a_checked_flag(capsys):
+    assert refused_line(["--diagnose-every", "-1"], capsys).startswith("error: --diagnose-every -1:")
+    assert "diagnose_every" in prerl.RESUME_MAY_CHANGE        # diagnostics never change what is trained
 
 
 # ---------------------------------------------------------------------------
