@@ -18,6 +18,10 @@ Parts, in the order prerl.py reaches them:
                                                              logits or log-softmax copies kept
     Memory: allocator          reuse_freed_memory(device)    glibc keeps freed blocks for reuse instead
                                                              of page-faulting them in per micro-batch
+    Precision                  choose_precision(...),        bf16 weights and moments, AdamW in fp32 with
+                               StochasticRoundingAdamW       stochastic rounding back to bf16 (--precision)
+    Memory: plan and LoRA      memory_plan(...), add_lora()  the peak estimated before loading; adapters only
+                                                             train under --lora (peft, optional)
     GPU decode                 static_generate(...)          on CUDA: a static KV cache and the one-token
                                                              step replayed as a CUDA graph
     Distribution               init_distributed(device) ...  torchrun + FSDP2: each rank a share of the

@@ -19,21 +19,20 @@ Paper: "From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train S
 
 How to read this file. Top to bottom is the method, in the order a step runs: Config (every field is a
 flag), Data (problems and reference answers), Model (loading, the pre-train-space start token),
-Sampling (G responses per prompt: a plain decode loop), Scoring (per-token log-probs in the two spaces,
-log P(y|x) and log P(y)), Advantages (the table of every mode: which responses, which space, which
-weight), Losses (PPO-clip surrogate, token-mean), the RL step and the loop (DSRL's switch is one line in
-stage_for_step), Evaluation, Diagnostics (measured on each step's samples, never trained on) and
-Checkpoints. The method ends with train() at the bottom of this file.
-What only makes it faster or smaller lives in machinery.py, reached from here through one call each
-(marked "machinery:") -- a preallocated KV cache and an inverse-CDF draw for sampling (on a GPU, a static
-KV cache with the decode step replayed as a CUDA graph), a chunked LM head with a hand-written backward
-for scoring, and glibc's allocator kept from page-faulting on CPU. With --plain (or PRERL_PLAIN=1) none
-of it runs, and the tests check that both paths agree. Under torchrun (`torchrun --nproc_per_node N
-prerl.py ...`) the lines marked "if DIST is not None" split each step's prompts across ranks and shard the
-model with FSDP2 (machinery.py, "Distribution"); the result equals one process, which the tests check.
-After train(), "Run safety" holds what keeps a run from surprising its user: every flag checked before
-anything loads, one run per out-dir, Ctrl-C with a checkpoint, a crash-safe log, NaN steps skipped, a
-loadable model/.
+Sampling (G responses per prompt: a plain decode loop, random numbers keyed per prompt), Scoring
+(per-token log-probs in the two spaces, log P(y|x) and log P(y)), Advantages (the table of every mode:
+which responses, which space, which weight), Losses (PPO-clip surrogate, token-mean), the RL step (DSRL's
+switch is one line in stage_for_step), Evaluation, Checkpoints, and the loop, train(): the method ends there.
+After train(), not the method: Diagnostics (measured on each step's samples, never trained on) and Run
+safety (every flag checked before anything loads, one run per out-dir, Ctrl-C with a checkpoint, a
+crash-safe log, NaN steps skipped, a model/ folder other tools load).
+What only makes it faster, smaller or wider lives in machinery.py, reached from here through one call each
+(marked "machinery:"): a preallocated KV cache for sampling (on a GPU, a static KV cache with the decode
+step replayed as a CUDA graph), a chunked LM head with a hand-written backward for scoring, glibc's
+allocator kept from page-faulting on CPU, bf16 weights with a stochastic-rounding AdamW (--precision), a
+memory plan and LoRA adapters (--plan-memory, --lora), and FSDP2 under torchrun (the lines marked
+"if DIST is not None" split each step's prompts across ranks; the result equals one process). With
+--plain (or PRERL_PLAIN=1) none of the speed machinery runs, and the tests check that both paths agree.
 """
 
 import argparse
@@ -771,94 +770,6 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
 
 
 # -----------------------------------------------------------------------------
-# Diagnostics: what a step's samples say about the policy that drew them; logged with the step's metrics,
-# never trained on. Every step: how responses end and their reasoning-behaviour phrases (free). Every
-# cfg.diagnose_every steps: the policy's entropy and the likelihood of right vs wrong responses in both
-# spaces -- log P(y) is what NSR-PreRL pushes down -- at the cost of one no-grad forward per space.
-
-# The paper's keyword lists are not public; these are ours. Matched case-insensitively, whole words.
-TRANSITION_PHRASES = ("alternatively", "however", "instead", "another way", "another approach", "on the other hand",
-                      "otherwise", "let's try", "let me try", "try a different", "what if")
-REFLECTION_PHRASES = ("wait", "hmm", "let me check", "let's check", "let me verify", "let's verify", "verify",
-                      "double-check", "double check", "re-examine", "reexamine", "recheck", "re-check",
-                      "check again", "make sure", "i made a mistake", "that's not right")
-
-
-def phrase_pattern(phrases):
-    return re.compile(r"\b(?:" + "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)) + r")\b",
-                      re.IGNORECASE)
-
-
-TRANSITION_RE, REFLECTION_RE = phrase_pattern(TRANSITION_PHRASES), phrase_pattern(REFLECTION_PHRASES)
-
-
-def count_behaviours(text):
-    """(transitions, reflections) in one response: whole-word, case-insensitive matches."""
-    return len(TRANSITION_RE.findall(text)), len(REFLECTION_RE.findall(text))
-
-
-def eos_share(response_ids, eos_ids):
-    """Share of responses that ended with EOS; the others ran into max_new_tokens."""
-    return torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).any(1).float().mean().item()
-
-
-def logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
-    """Per response token: log P(y_t | x, y_<t), and the exact entropy of the distribution it was drawn
-    from, softmax(logits / T) (before top-p; T = 0, greedy, reports T = 1). Full logits: no-grad only."""
-    input_ids = torch.cat([prompt_ids, response_ids], 1)
-    attention_mask = torch.cat([prompt_mask, response_mask], 1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with autocast(input_ids.device):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, use_cache=False).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, prompt_ids.shape[1] - 1:-1])
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    token_lp = logits.log_softmax(-1).gather(-1, response_ids[..., None]).squeeze(-1)
-    tempered = (logits / (temperature or 1.0)).log_softmax(-1)
-    return token_lp, -(tempered.exp() * tempered).sum(-1)
-
-
-@torch.no_grad()
-def likelihood_diagnostics(model, batch, rewards, start_id, cfg):
-    """Entropy of the sampling policy, mean over response tokens; mean over right (reward 1) and over wrong
-    responses of log P(y|x) and of log P(y), each summed over the response's tokens (None when the step
-    has no right, or no wrong, response)."""
-    rows = len(batch["response_ids"])
-    conditional, pretrain, entropy = torch.zeros(rows), torch.zeros(rows), 0.0
-    lengths = (batch["prompt_mask"].sum(1) + batch["response_mask"].sum(1)).tolist()
-    model.eval()
-    budget = min(512, micro_batch_budget(cfg, batch["response_ids"].device))   # full logits: 512 x vocab x 4 bytes, a few copies
-    for chunk in micro_batches(range(rows), lengths, budget):
-        response_ids, response_mask = trim(batch["response_ids"][chunk], batch["response_mask"][chunk], left=False)
-        prompt_ids, prompt_mask = trim(batch["prompt_ids"][chunk], batch["prompt_mask"][chunk], left=True)
-        token_lp, token_entropy = logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_mask,
-                                                       cfg.temperature)
-        mask = response_mask.to(token_lp.dtype)
-        conditional[chunk] = (token_lp * mask).sum(1).cpu().float()
-        pretrain[chunk] = (pretrain_logprobs(model, start_id, response_ids, response_mask) * mask).sum(1).cpu().float()
-        entropy += float((token_entropy * mask).sum())
-    right = rewards.reshape(-1) > 0.5
-
-    def mean_over(values, which):
-        return values[which].mean().item() if which.any() else None
-    return {"entropy": entropy / max(1, int(batch["response_mask"].sum())),
-            "logp_y_given_x_right": mean_over(conditional, right), "logp_y_given_x_wrong": mean_over(conditional, ~right),
-            "logp_y_right": mean_over(pretrain, right), "logp_y_wrong": mean_over(pretrain, ~right)}
-
-
-def step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id):
-    """The diagnostics of one step (see above), and the seconds they took."""
-    start = time.perf_counter()
-    counts = [count_behaviours(text) for text in batch["texts"]]
-    record = {"eos_share": eos_share(batch["response_ids"], eos_token_ids(model, tokenizer)),
-              "transitions": sum(t for t, _ in counts) / len(counts), "reflections": sum(r for _, r in counts) / len(counts)}
-    if cfg.diagnose_every and step % cfg.diagnose_every == 0:
-        record.update(likelihood_diagnostics(model, batch, rewards, start_id, cfg))
-    record["diagnose_s"] = round(time.perf_counter() - start, 3)
-    return record
-
-
-# -----------------------------------------------------------------------------
 # Checkpoints: atomic write (temp file, then rename), exact resume
 
 
@@ -1005,6 +916,94 @@ def train(cfg):
           f"({len(eval_set)} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
     print(f"metrics: {metrics_path}   checkpoint: {checkpoint_path}   model: {os.path.join(cfg.out_dir, 'model')}")
     return {"before": accuracy_before, "after": accuracy_after}
+
+
+# -----------------------------------------------------------------------------
+# Diagnostics, after the method: what a step's samples say about the policy that drew them; logged with the step's metrics,
+# never trained on. Every step: how responses end and their reasoning-behaviour phrases (free). Every
+# cfg.diagnose_every steps: the policy's entropy and the likelihood of right vs wrong responses in both
+# spaces -- log P(y) is what NSR-PreRL pushes down -- at the cost of one no-grad forward per space.
+
+# The paper's keyword lists are not public; these are ours. Matched case-insensitively, whole words.
+TRANSITION_PHRASES = ("alternatively", "however", "instead", "another way", "another approach", "on the other hand",
+                      "otherwise", "let's try", "let me try", "try a different", "what if")
+REFLECTION_PHRASES = ("wait", "hmm", "let me check", "let's check", "let me verify", "let's verify", "verify",
+                      "double-check", "double check", "re-examine", "reexamine", "recheck", "re-check",
+                      "check again", "make sure", "i made a mistake", "that's not right")
+
+
+def phrase_pattern(phrases):
+    return re.compile(r"\b(?:" + "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)) + r")\b",
+                      re.IGNORECASE)
+
+
+TRANSITION_RE, REFLECTION_RE = phrase_pattern(TRANSITION_PHRASES), phrase_pattern(REFLECTION_PHRASES)
+
+
+def count_behaviours(text):
+    """(transitions, reflections) in one response: whole-word, case-insensitive matches."""
+    return len(TRANSITION_RE.findall(text)), len(REFLECTION_RE.findall(text))
+
+
+def eos_share(response_ids, eos_ids):
+    """Share of responses that ended with EOS; the others ran into max_new_tokens."""
+    return torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)).any(1).float().mean().item()
+
+
+def logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
+    """Per response token: log P(y_t | x, y_<t), and the exact entropy of the distribution it was drawn
+    from, softmax(logits / T) (before top-p; T = 0, greedy, reports T = 1). Full logits: no-grad only."""
+    input_ids = torch.cat([prompt_ids, response_ids], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with autocast(input_ids.device):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, prompt_ids.shape[1] - 1:-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    token_lp = logits.log_softmax(-1).gather(-1, response_ids[..., None]).squeeze(-1)
+    tempered = (logits / (temperature or 1.0)).log_softmax(-1)
+    return token_lp, -(tempered.exp() * tempered).sum(-1)
+
+
+@torch.no_grad()
+def likelihood_diagnostics(model, batch, rewards, start_id, cfg):
+    """Entropy of the sampling policy, mean over response tokens; mean over right (reward 1) and over wrong
+    responses of log P(y|x) and of log P(y), each summed over the response's tokens (None when the step
+    has no right, or no wrong, response)."""
+    rows = len(batch["response_ids"])
+    conditional, pretrain, entropy = torch.zeros(rows), torch.zeros(rows), 0.0
+    lengths = (batch["prompt_mask"].sum(1) + batch["response_mask"].sum(1)).tolist()
+    model.eval()
+    budget = min(512, micro_batch_budget(cfg, batch["response_ids"].device))   # full logits: 512 x vocab x 4 bytes, a few copies
+    for chunk in micro_batches(range(rows), lengths, budget):
+        response_ids, response_mask = trim(batch["response_ids"][chunk], batch["response_mask"][chunk], left=False)
+        prompt_ids, prompt_mask = trim(batch["prompt_ids"][chunk], batch["prompt_mask"][chunk], left=True)
+        token_lp, token_entropy = logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_mask,
+                                                       cfg.temperature)
+        mask = response_mask.to(token_lp.dtype)
+        conditional[chunk] = (token_lp * mask).sum(1).cpu().float()
+        pretrain[chunk] = (pretrain_logprobs(model, start_id, response_ids, response_mask) * mask).sum(1).cpu().float()
+        entropy += float((token_entropy * mask).sum())
+    right = rewards.reshape(-1) > 0.5
+
+    def mean_over(values, which):
+        return values[which].mean().item() if which.any() else None
+    return {"entropy": entropy / max(1, int(batch["response_mask"].sum())),
+            "logp_y_given_x_right": mean_over(conditional, right), "logp_y_given_x_wrong": mean_over(conditional, ~right),
+            "logp_y_right": mean_over(pretrain, right), "logp_y_wrong": mean_over(pretrain, ~right)}
+
+
+def step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id):
+    """The diagnostics of one step (see above), and the seconds they took."""
+    start = time.perf_counter()
+    counts = [count_behaviours(text) for text in batch["texts"]]
+    record = {"eos_share": eos_share(batch["response_ids"], eos_token_ids(model, tokenizer)),
+              "transitions": sum(t for t, _ in counts) / len(counts), "reflections": sum(r for _, r in counts) / len(counts)}
+    if cfg.diagnose_every and step % cfg.diagnose_every == 0:
+        record.update(likelihood_diagnostics(model, batch, rewards, start_id, cfg))
+    record["diagnose_s"] = round(time.perf_counter() - start, 3)
+    return record
 
 
 # -----------------------------------------------------------------------------
