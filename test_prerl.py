@@ -1331,7 +1331,6 @@ def test_hostile_long_completions_stay_fast():
 # Issue 16: run safety -- every bad flag refused up front, one run per out-dir, Ctrl-C and kill -9 leave
 # a resumable run, non-finite steps skipped, an exported model folder, plots and trackers.
 
-import fcntl  # noqa: E402
 import signal  # noqa: E402
 import types  # noqa: E402
 

@@ -620,8 +620,7 @@ def _special_forms(p, g):
 # Parser: LaTeX-ish math -> sympy objects, without eval (runs inside a worker process)
 
 _TOKEN_RE = re.compile(r"\s*(\d+\.\d*|\.\d+|\d+|\\[a-zA-Z]+|\\[{}|]|[a-zA-Z]|[-+*/^_()\[\]{}=,!|&'<>])")
-_FUNCTIONS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh", "cot",
-              "tanh", "ln", "log", "exp"}
+_FUNCTIONS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "ln", "log", "exp"}
 _IGNORED_COMMANDS = {"\\limits", "\\nolimits", "\\mathrm", "\\mathbf", "\\rm", "\\bf", "\\boldsymbol"}
 
 
