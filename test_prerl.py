@@ -2295,3 +2295,9 @@ CORE_CASES = [
 def test_verifier_core_cases(pred, gold, expected):
     assert verify.is_equiv(pred, gold) is expected
     assert verify.is_equiv(gold, pred) is expected
+
+
+def test_response_mask_of_one_token_responses():
+    """A batch whose every row ended at its first token (or --max-new-tokens 1) is one column wide."""
+    ids = torch.tensor([[2], [5], [9]])
+    assert prerl.response_mask_from_positions(ids, [2, 9]).tolist() == [[1], [1], [1]]
