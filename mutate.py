@@ -49,6 +49,8 @@ EQUIVALENT = {
     # prerl.py: the sampler gets 2-D logits [rows, vocabulary], where dim 1 is dim -1
     "prerl.x_pick_next_token__mutmut_4": "argmax(+1) for argmax(-1): the same dimension of 2-D logits",
     "prerl.x_pick_next_token__mutmut_12": "softmax over dim +1 for -1: the same dimension of 2-D logits",
+    "prerl.x_pick_next_token__mutmut_14": "nucleus filter also at top_p 1.0: keeps every token (a skipped no-op, not a rule)",
+    "prerl.x_pick_next_token__mutmut_15": "nucleus filter for top_p < 2: as above",
     # device= arguments: the tests run on a CPU, where device None is the response's device
     "prerl.x_response_mask_from_positions__mutmut_7": "EOS ids made with device None: the CPU, the responses' device in the tests",
     "prerl.x_response_mask_from_positions__mutmut_9": "EOS ids made without device: as above",
