@@ -51,6 +51,10 @@ EQUIVALENT = {
     "prerl.x_pick_next_token__mutmut_12": "softmax over dim +1 for -1: the same dimension of 2-D logits",
     "prerl.x_pick_next_token__mutmut_14": "nucleus filter also at top_p 1.0: keeps every token (a skipped no-op, not a rule)",
     "prerl.x_pick_next_token__mutmut_15": "nucleus filter for top_p < 2: as above",
+    "prerl.x_pick_next_token__mutmut_19": "sort() without dim: sorts the last dimension, as sort(-1)",
+    "prerl.x_pick_next_token__mutmut_21": "sort over dim +1 for -1: the same dimension of 2-D logits",
+    "prerl.x_pick_next_token__mutmut_27": "cumsum over dim +1 for -1: the same dimension of 2-D logits",
+    "prerl.x_pick_next_token__mutmut_29": ">= for > top_p: differs only when a nucleus' float mass equals top_p exactly",
     # device= arguments: the tests run on a CPU, where device None is the response's device
     "prerl.x_response_mask_from_positions__mutmut_7": "EOS ids made with device None: the CPU, the responses' device in the tests",
     "prerl.x_response_mask_from_positions__mutmut_9": "EOS ids made without device: as above",
