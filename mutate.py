@@ -55,6 +55,10 @@ EQUIVALENT = {
     "prerl.x_pick_next_token__mutmut_21": "sort over dim +1 for -1: the same dimension of 2-D logits",
     "prerl.x_pick_next_token__mutmut_27": "cumsum over dim +1 for -1: the same dimension of 2-D logits",
     "prerl.x_pick_next_token__mutmut_29": ">= for > top_p: differs only when a nucleus' float mass equals top_p exactly",
+    "prerl.x_pick_next_token__mutmut_37": "scatter over dim +1 for -1: the same dimension of 2-D logits",
+    "prerl.x_pick_next_token__mutmut_46": "cumsum over dim +1 for -1: as above",
+    "prerl.x_pick_next_token__mutmut_50": "u moved to device None: the CPU, where the tests run",
+    "prerl.x_pick_next_token__mutmut_51": "u cast to dtype None: u * cdf promotes to float64 either way",
     # device= arguments: the tests run on a CPU, where device None is the response's device
     "prerl.x_response_mask_from_positions__mutmut_7": "EOS ids made with device None: the CPU, the responses' device in the tests",
     "prerl.x_response_mask_from_positions__mutmut_9": "EOS ids made without device: as above",
