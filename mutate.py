@@ -64,6 +64,12 @@ EQUIVALENT = {
     "prerl.x_pick_next_token__mutmut_66": "clamp at V + 1 for V - 1: u < 1 keeps every draw below the total mass, the clamp never acts",
     "prerl.x_pick_next_token__mutmut_67": "probs.shape[+1] for [-1]: the same dimension of 2-D logits",
     "prerl.x_policy_loss__mutmut_14": "KL term at kl_coef >= 0: adds 0 * k3, and ref_lp is passed only when kl_coef > 0",
+    # trim only saves compute: the scores ignore padded columns (test_padding_invariance)
+    "prerl.x_trim__mutmut_6": "ids[:, :1] when no column is real: unreachable, every scored row has a token",
+    "prerl.x_trim__mutmut_7": "mask[:, :1] when no column is real: as above",
+    "prerl.x_trim__mutmut_9": "no left trim of prompts: the extra columns are padding, masked out",
+    "prerl.x_trim__mutmut_10": "left trim of responses: their first column is always real, nothing is cut",
+    "prerl.x_trim__mutmut_17": "one more padded column kept: masked out",
     # device= arguments: the tests run on a CPU, where device None is the response's device
     "prerl.x_response_mask_from_positions__mutmut_7": "EOS ids made with device None: the CPU, the responses' device in the tests",
     "prerl.x_response_mask_from_positions__mutmut_9": "EOS ids made without device: as above",

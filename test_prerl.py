@@ -2316,3 +2316,11 @@ def test_policy_loss_has_no_kl_term_without_a_reference():
     cfg = prerl.Config(kl_coef=0.5)
     plain = prerl.policy_loss(token_lp, mask, torch.tensor([1.0]), 2, prerl.Config(), 1.0)
     assert prerl.policy_loss(token_lp, mask, torch.tensor([1.0]), 2, cfg, 1.0, ref_lp=None) == plain
+
+
+def test_trim_keeps_a_single_real_column():
+    ids, mask = torch.tensor([[5, 3, 3], [7, 3, 3]]), torch.tensor([[1, 0, 0], [1, 0, 0]])
+    got_ids, got_mask = prerl.trim(ids, mask, left=False)
+    assert got_ids.tolist() == [[5], [7]] and got_mask.tolist() == [[1], [1]]
+    got_ids, got_mask = prerl.trim(torch.tensor([[3, 3, 9]]), torch.tensor([[0, 0, 1]]), left=True)
+    assert got_ids.tolist() == [[9]] and got_mask.tolist() == [[1]]
