@@ -11,7 +11,9 @@ the method (advantages, masks, losses, scoring in both spaces, the DSRL switch, 
 and verify.py's comparison core. Each mutant runs only the tests that reach its function. A surviving
 mutant is either a missing test (write it) or equivalent to the original (list it in EQUIVALENT with
 the reason). The score counts killed mutants among the non-equivalent ones; the target is 95%.
-Not mutated: generate() (mutmut 3 leaves decorated functions alone: @torch.no_grad()).
+Not mutated: generate() (mutmut 3 leaves decorated functions alone: @torch.no_grad()); machinery.py
+(speed only, checked against the plain path by the tests). Not scored: train() and rl_step(), whose many
+print, timing and run-safety lines would drown the method; their rules are tested end to end.
 """
 
 import argparse
@@ -37,58 +39,42 @@ SCORED = {
 }
 
 # Mutants that behave exactly like the original (one line each: why no test can tell them apart).
+# mutmut numbers the mutants of each function in order, so a change to a function renumbers its mutants:
+# re-triage that function's entries then (`mutmut show NAME` prints what a mutant changed).
 EQUIVALENT = {
     # verify.py: _close
     "verify.x__close__mutmut_3": "< for <=: differs only when the difference equals the tolerance exactly",
     "verify.x__close__mutmut_9": "max(1, |b|) for max(1, |a|, |b|): within 1e-8 of each other |a| and |b| give the same bound",
     "verify.x__close__mutmut_10": "max(1, |a|) for max(1, |a|, |b|): as above, with a and b swapped",
-    # _numbers_equal
-    "verify.x__numbers_equal__mutmut_17": "evalf default (15 digits) for 30: complex() keeps 16 digits, far below the 1e-8 tolerance",
-    "verify.x__numbers_equal__mutmut_18": "evalf(31) for evalf(30): the same doubles after complex()",
-    "verify.x__numbers_equal__mutmut_20": "evalf default (15 digits) for 30 on the other side: as above",
-    "verify.x__numbers_equal__mutmut_21": "evalf(31) for evalf(30) on the other side: as above",
-    "verify.x__numbers_equal__mutmut_22": "break for continue after a failed evalf: b, b/100 and b*100 fail to evaluate together",
-    "verify.x__numbers_equal__mutmut_30": "the inner a == target repeats the test just above it, already False there",
-    "verify.x__numbers_equal__mutmut_31": "break for continue on a non-finite value: b, b/100 and b*100 are finite together",
-    # _expressions_equal
-    "verify.x__expressions_equal__mutmut_1": "default percent=True: every caller passes percent, except the proportional call that never reads it",
-    "verify.x__expressions_equal__mutmut_26": "7 sampled points for 6: the loop stops after 3 evaluable points either way",
-    "verify.x__expressions_equal__mutmut_29": "Float precision default (15 digits) for 30 at a sampled point: far below the 1e-8 tolerance",
-    "verify.x__expressions_equal__mutmut_31": "Float precision default for 30: as above",
-    "verify.x__expressions_equal__mutmut_36": "sample range 2.1-3.9 for 1.1-3.9: any range away from 0 and 1 tells expressions apart",
-    "verify.x__expressions_equal__mutmut_37": "sample range 1.1-4.9 for 1.1-3.9: as above",
-    "verify.x__expressions_equal__mutmut_38": "Float precision 31 for 30: as above",
-    "verify.x__expressions_equal__mutmut_41": "evalf default (15 digits) for 30: complex() keeps 16 digits, far below the tolerance",
-    "verify.x__expressions_equal__mutmut_43": "evalf default for 30: as above",
-    "verify.x__expressions_equal__mutmut_45": "evalf(31) for evalf(30): as above",
-    "verify.x__expressions_equal__mutmut_48": "evalf default for 30 on the other side: as above",
-    "verify.x__expressions_equal__mutmut_50": "evalf default for 30 on the other side: as above",
-    "verify.x__expressions_equal__mutmut_52": "evalf(31) for evalf(30) on the other side: as above",
-    "verify.x__expressions_equal__mutmut_65": "<= for < against 1e-12: differs only at exactly 1e-12",
-    "verify.x__expressions_equal__mutmut_76": "4 evaluable points for 3: only stricter for expressions that agree at 3 random points and not a 4th",
-    "verify.x__expressions_equal__mutmut_77": "4 evaluable points for 3: as above",
-    "verify.x__expressions_equal__mutmut_91": "ratios[1] for ratios[0]: all ratios are within 1e-8 of each other when this is reached",
-    "verify.x__expressions_equal__mutmut_93": "|ratios[1]| for |ratios[0]|: as above",
-    "verify.x__expressions_equal__mutmut_94": ">= for > against 1e-12: differs only at exactly 1e-12",
-    # _structures_equal: the text/choice shortcut; kinds that differ are rejected again further down
-    "verify.x__structures_equal__mutmut_4": "text/choice shortcut reshuffled (and/or): differing kinds still fall to `kind_p != kind_g`",
-    "verify.x__structures_equal__mutmut_5": "text/choice shortcut reshuffled (and/or): as above",
-    "verify.x__structures_equal__mutmut_6": "text/choice shortcut reshuffled (and/or): as above",
-    "verify.x__structures_equal__mutmut_8": "one kind test of the text/choice shortcut disabled: the others or `kind_p != kind_g` decide the same",
-    "verify.x__structures_equal__mutmut_9": "one kind test of the shortcut disabled: as above",
-    "verify.x__structures_equal__mutmut_11": "one kind test of the shortcut disabled: as above",
-    "verify.x__structures_equal__mutmut_12": "one kind test of the shortcut disabled: as above",
-    "verify.x__structures_equal__mutmut_14": "one kind test of the shortcut disabled: as above",
-    "verify.x__structures_equal__mutmut_15": "one kind test of the shortcut disabled: as above",
-    "verify.x__structures_equal__mutmut_17": "one kind test of the shortcut disabled: as above",
-    "verify.x__structures_equal__mutmut_18": "one kind test of the shortcut disabled: as above",
-    "verify.x__structures_equal__mutmut_24": "expr or expr: an expr against a list/set/... indexes past its tuple, the error reads as False",
-    "verify.x__structures_equal__mutmut_65": "a_text None for '' in the proportional call: texts are read only without symbols, where proportional returns first",
-    "verify.x__structures_equal__mutmut_66": "b_text None for '': as above",
-    "verify.x__structures_equal__mutmut_79": "a_text 'XXXX' for '': as above",
-    "verify.x__structures_equal__mutmut_80": "b_text 'XXXX' for '': as above",
-    "verify.x__structures_equal__mutmut_93": "percent None for False in matrix cells: both falsy",
-    "verify.x__structures_equal__mutmut_122": "next() without default: StopIteration reads as False, like the None it replaces",
+    # prerl.py: the sampler gets 2-D logits [rows, vocabulary], where dim 1 is dim -1
+    "prerl.x_pick_next_token__mutmut_4": "argmax(+1) for argmax(-1): the same dimension of 2-D logits",
+    "prerl.x_pick_next_token__mutmut_12": "softmax over dim +1 for -1: the same dimension of 2-D logits",
+    "prerl.x_pick_next_token__mutmut_14": "nucleus filter also at top_p 1.0: keeps every token (a skipped no-op, not a rule)",
+    "prerl.x_pick_next_token__mutmut_15": "nucleus filter for top_p < 2: as above",
+    "prerl.x_pick_next_token__mutmut_19": "sort() without dim: sorts the last dimension, as sort(-1)",
+    "prerl.x_pick_next_token__mutmut_21": "sort over dim +1 for -1: the same dimension of 2-D logits",
+    "prerl.x_pick_next_token__mutmut_27": "cumsum over dim +1 for -1: the same dimension of 2-D logits",
+    "prerl.x_pick_next_token__mutmut_29": ">= for > top_p: differs only when a nucleus' float mass equals top_p exactly",
+    "prerl.x_pick_next_token__mutmut_37": "scatter over dim +1 for -1: the same dimension of 2-D logits",
+    "prerl.x_pick_next_token__mutmut_46": "cumsum over dim +1 for -1: as above",
+    "prerl.x_pick_next_token__mutmut_50": "u moved to device None: the CPU, where the tests run",
+    "prerl.x_pick_next_token__mutmut_51": "u cast to dtype None: u * cdf promotes to float64 either way",
+    "prerl.x_pick_next_token__mutmut_52": "u moved without a device: stays on the CPU, where the tests run",
+    "prerl.x_pick_next_token__mutmut_53": "u not cast: u * cdf promotes to float64 either way",
+    "prerl.x_pick_next_token__mutmut_66": "clamp at V + 1 for V - 1: u < 1 keeps every draw below the total mass, the clamp never acts",
+    "prerl.x_pick_next_token__mutmut_67": "probs.shape[+1] for [-1]: the same dimension of 2-D logits",
+    "prerl.x_policy_loss__mutmut_14": "KL term at kl_coef >= 0: adds 0 * k3, and ref_lp is passed only when kl_coef > 0",
+    # trim only saves compute: the scores ignore padded columns (test_padding_invariance)
+    "prerl.x_trim__mutmut_6": "ids[:, :1] when no column is real: unreachable, every scored row has a token",
+    "prerl.x_trim__mutmut_7": "mask[:, :1] when no column is real: as above",
+    "prerl.x_trim__mutmut_9": "no left trim of prompts: the extra columns are padding, masked out",
+    "prerl.x_trim__mutmut_10": "left trim of responses: their first column is always real, nothing is cut",
+    "prerl.x_trim__mutmut_17": "one more padded column kept: masked out",
+    # device= arguments: the tests run on a CPU, where device None is the response's device
+    "prerl.x_response_mask_from_positions__mutmut_7": "EOS ids made with device None: the CPU, the responses' device in the tests",
+    "prerl.x_response_mask_from_positions__mutmut_9": "EOS ids made without device: as above",
+    "prerl.x_response_mask_from_positions__mutmut_32": "positions made with device None: as above",
+    "prerl.x_response_mask_from_positions__mutmut_34": "positions made without device: as above",
     # prerl.py: checkpoints (CPU-only test machine)
     "prerl.x_load_checkpoint__mutmut_3": "map_location None for 'cpu': the same on a machine without a GPU, where the tests run",
     "prerl.x_load_checkpoint__mutmut_6": "no map_location: as above",

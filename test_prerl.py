@@ -2973,3 +2973,34 @@ def test_lora_run_checkpoints_only_the_adapter_and_resumes(tiny_model_folder, tm
     assert full["model"] and all("lora_" in name for name in full["model"])
     for name, tensor in full["model"].items():
         assert torch.equal(tensor, part["model"][name]), name
+
+
+
+
+def test_response_mask_of_one_token_responses():
+    """A batch whose every row ended at its first token (or --max-new-tokens 1) is one column wide."""
+    ids = torch.tensor([[2], [5], [9]])
+    assert prerl.response_mask_from_positions(ids, [2, 9]).tolist() == [[1], [1], [1]]
+
+
+def test_sampler_never_draws_a_token_outside_the_nucleus_even_at_u_zero():
+    """Inverse CDF with right=True: u = 0 (torch.rand can return it) picks the first token with mass,
+    never a zero-probability one that sorts before it."""
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+    assert prerl.pick_next_token(logits, 1.0, 0.7, torch.zeros(1, dtype=torch.float64)).item() == 1
+    assert prerl.pick_next_token(logits, 1.0, 0.7, torch.full((1,), 0.999, dtype=torch.float64)).item() == 3
+
+
+def test_policy_loss_has_no_kl_term_without_a_reference():
+    token_lp, mask = torch.tensor([[-1.0, -2.0]]), torch.ones(1, 2)
+    cfg = prerl.Config(kl_coef=0.5)
+    plain = prerl.policy_loss(token_lp, mask, torch.tensor([1.0]), 2, prerl.Config(), 1.0)
+    assert prerl.policy_loss(token_lp, mask, torch.tensor([1.0]), 2, cfg, 1.0, ref_lp=None) == plain
+
+
+def test_trim_keeps_a_single_real_column():
+    ids, mask = torch.tensor([[5, 3, 3], [7, 3, 3]]), torch.tensor([[1, 0, 0], [1, 0, 0]])
+    got_ids, got_mask = prerl.trim(ids, mask, left=False)
+    assert got_ids.tolist() == [[5], [7]] and got_mask.tolist() == [[1], [1]]
+    got_ids, got_mask = prerl.trim(torch.tensor([[3, 3, 9]]), torch.tensor([[0, 0, 1]]), left=True)
+    assert got_ids.tolist() == [[9]] and got_mask.tolist() == [[1]]
