@@ -1059,7 +1059,7 @@ FLAG_RULES = [
     ("precision",          lambda c: c.precision == "bf16" and (PLAIN or c.plain), "the plain path (--plain, PRERL_PLAIN=1) trains fp32 weights; bf16 needs the machinery"),
     ("lora",               lambda c: not c.lora >= 0,                     "a rank, e.g. 64, or 0 for full fine-tuning"),
     ("lora",               lambda c: c.lora > 0 and (PLAIN or c.plain),   "the plain path (--plain, PRERL_PLAIN=1) trains every weight; LoRA needs the machinery"),
-    ("lora",               lambda c: c.lora > 0 and importlib.util.find_spec("peft") is None, "LoRA needs the optional peft package: pip install peft"),
+    ("lora",               lambda c: c.lora > 0 and not c.plan_memory and importlib.util.find_spec("peft") is None, "LoRA needs the optional peft package: pip install peft"),
     ("precision",          lambda c: c.precision == "bf16" and int(os.environ.get("WORLD_SIZE", "1")) > 1, "bf16 with stochastic rounding is not yet tried under torchrun (FSDP2); use fp32 or auto"),
     ("lora",               lambda c: c.lora > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1, "LoRA is not yet tried under torchrun (FSDP2); run it on one device"),
     ("lora-alpha",         lambda c: not c.lora_alpha >= 0,               "use 0 (= the rank) or a positive alpha, e.g. 64"),
