@@ -177,7 +177,7 @@ def reuse_freed_memory(device):
 
 
 # -----------------------------------------------------------------------------
-# Precision: bf16 weights and stochastic rounding (issue 15)
+# Precision: bf16 weights and stochastic rounding
 # bf16 keeps 8 significant bits: a weight of 0.02 sits on a grid of 1.2e-4, so an AdamW update of
 # lr = 1e-6 is ~60x smaller than half a step and round-to-nearest drops it -- nothing trains, silently.
 # Here the optimizer does its arithmetic in fp32 and writes the new weight back to bf16 rounding up
@@ -296,7 +296,7 @@ def choose_precision(requested, device_type, distributed=False):
 
 
 # -----------------------------------------------------------------------------
-# Memory: plan and LoRA (issue 15)
+# Memory: plan and LoRA
 # The plan adds up, from the model's config alone (a meta-device model: shapes, no weights), what a run
 # holds at its two peaks: sampling (weights, optimizer state, the KV cache of prompts x G rows, one
 # decode step's [rows, vocab] softmax and float64 CDF) and training (weights, optimizer state,
@@ -485,7 +485,7 @@ def merged_state_dict(model):
 
 
 # -----------------------------------------------------------------------------
-# GPU decode: static KV cache and a captured decode step (issue 11)
+# GPU decode: static KV cache and a captured decode step
 # On a GPU, prerl.generate's loop is bound by Python and kernel launches: about 30 ms per token for a
 # 1.5B model at 32 rows, where streaming its bf16 weights once takes about 1 ms. Here the whole one-token
 # step -- forward, prerl's pick_next_token, bookkeeping -- has fixed shapes and reads and writes only
@@ -726,7 +726,7 @@ def static_generate(model, prompt_ids, prompt_mask, group_size, max_new_tokens, 
 
 
 # -----------------------------------------------------------------------------
-# Distribution: torchrun + FSDP2 (issue 12)
+# Distribution: torchrun + FSDP2
 # Launched by torchrun (WORLD_SIZE > 1), each process is a rank with a share of the model (PyTorch's own
 # FSDP2: fully_shard on each decoder layer and on the root) and a share of each step's prompts, whole
 # groups only, so advantages stay local. Three rules keep the result equal to one process:

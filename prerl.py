@@ -1007,7 +1007,7 @@ def step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id):
 
 
 # -----------------------------------------------------------------------------
-# Run safety, after the method: flag validation, one run per out-dir, Ctrl-C, crash-safe logs, export (issue 16)
+# Run safety, after the method: flag validation, one run per out-dir, Ctrl-C, crash-safe logs, export
 # Nothing here changes what a run computes; it makes a run refuse bad input before it starts, survive a
 # crash or a Ctrl-C with its log and checkpoint consistent, and leave a model folder any tool can load.
 
