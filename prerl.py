@@ -498,14 +498,19 @@ def sample(model, tokenizer, problems, cfg, group_size, keys, temperature=None):
 #   pre-train:   log P(y)   = sum_t log pi(y_t | s, y_<t)       (PreRL: prompt removed, positions from 0)
 
 
-def token_logprobs(model, input_ids, attention_mask, targets, first_target_pos):
-    """log pi(targets[:, t] | input_ids[:, :first_target_pos + t]) as [B, T] in fp32: the hidden state
-    at position p predicts the token at p + 1. Positions come from the attention mask, so left padding
+def last_hidden_states(model, input_ids, attention_mask):
+    """The decoder's output before the LM head. Positions come from the attention mask, so left padding
     does not shift them."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with autocast(input_ids.device):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, use_cache=False).last_hidden_state
+        return model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+def token_logprobs(model, input_ids, attention_mask, targets, first_target_pos):
+    """log pi(targets[:, t] | input_ids[:, :first_target_pos + t]) as [B, T] in fp32: the hidden state
+    at position p predicts the token at p + 1."""
+    hidden = last_hidden_states(model, input_ids, attention_mask)
     hidden = hidden[:, first_target_pos - 1:first_target_pos - 1 + targets.shape[1]]
     lm_head = model.get_output_embeddings()
     if not PLAIN:  # machinery: chunked LM head, hand-written backward, no [tokens, vocab] logits kept
@@ -955,10 +960,8 @@ def logprobs_and_entropy(model, prompt_ids, prompt_mask, response_ids, response_
     from, softmax(logits / T) (before top-p; T = 0, greedy, reports T = 1). Full logits: no-grad only."""
     input_ids = torch.cat([prompt_ids, response_ids], 1)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = last_hidden_states(model, input_ids, attention_mask)
     with autocast(input_ids.device):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, use_cache=False).last_hidden_state
         logits = model.get_output_embeddings()(hidden[:, prompt_ids.shape[1] - 1:-1])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     token_lp = logits.log_softmax(-1).gather(-1, response_ids[..., None]).squeeze(-1)
