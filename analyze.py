@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import time
 
 import prerl
@@ -54,6 +55,11 @@ def load_for_analysis(model_name, checkpoint_path, device):
     """A model by hub id / folder / 'embedded', optionally with the weights of one of our checkpoints."""
     model, tokenizer = prerl.load_model(model_name, device)
     if checkpoint_path:
+        try:  # a run with --precision bf16 saved bf16 weights: evaluate them as it trained them, in bf16
+            saved = next(iter(prerl.torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=False)["model"].values()))
+            model.to(saved.dtype)
+        except Exception:
+            pass  # an unreadable file: load_checkpoint says so in one line
         prerl.load_checkpoint(checkpoint_path, model)
     return model, tokenizer
 
@@ -276,7 +282,8 @@ NOT_IN_THE_RESULT = {"device", "plain", "micro_batch_tokens", "gradient_checkpoi
 def check_study_options(args, cfg):
     """A study folder holds the runs of one set of options: resuming it with others (more seeds or modes
     aside) would mix runs that are not comparable, so that is refused."""
-    options = {**vars(cfg), "train_temperature": args.train_temperature, "train_top_p": args.train_top_p, "n": args.n}
+    options = {**vars(cfg), "train_temperature": args.train_temperature, "train_top_p": args.train_top_p, "n": args.n,
+               "lr_sweep": args.lr_sweep}
     path = os.path.join(args.out_dir, "study.json")
     if os.path.exists(path):
         saved = json.load(open(path))
@@ -301,33 +308,47 @@ def run_cfg_for(cfg, args, mode, lr, seed, train_path, eval_path, out_dir):
                            "temperature": args.train_temperature, "top_p": args.train_top_p})
 
 
-def study_run(cfg, args, mode, lr, seed, train_path, eval_path, out_dir, n_samples):
-    """One (mode, lr, seed) run in out_dir. A finished run (out_dir/result.json) is read, not redone; an
-    interrupted one resumes from its last checkpoint (every --save-every steps). Returns its result:
-    the greedy held-out curve [(step, accuracy)], its metrics, and pass@k from n_samples per problem."""
+def run_folder(out_dir, mode, lr, seed):
+    return os.path.join(out_dir, mode, f"lr{lr:g}", f"seed{seed}")
+
+
+def study_run(cfg, args, mode, lr, seed, data, validate, n_samples):
+    """One (mode, lr, seed) run in its folder: trains on data["train"] with the greedy held-out curve, then
+    scores what is asked and missing: greedy accuracy on data["validation"] (validate: the lr sweep
+    chooses on it) and pass@k from n_samples per held-out problem. A finished run (result.json) is read,
+    not redone; an interrupted one resumes from its last checkpoint (every --save-every steps)."""
+    out_dir = run_folder(args.out_dir, mode, lr, seed)
     result_path = os.path.join(out_dir, "result.json")
+    run_cfg = run_cfg_for(cfg, args, mode, lr, seed, data["train"], data["heldout"], out_dir)
     if os.path.exists(result_path):
-        return json.load(open(result_path))
-    run_cfg = run_cfg_for(cfg, args, mode, lr, seed, train_path, eval_path, out_dir)
-    start = time.perf_counter()
-    accuracy = prerl.train(run_cfg)
-    metrics = prerl.read_metrics(os.path.join(out_dir, "metrics.jsonl"))
-    curve = [(0, start_accuracy(cfg, eval_path))] + [(m["step"] + 1, m["eval_accuracy"]) for m in metrics
-                                                     if "eval_accuracy" in m] + [(cfg.steps, accuracy["after"])]
-    result = {"mode": mode, "lr": lr, "seed": seed, "curve": curve, "metrics": metrics,
-              "step_seconds": statistics.mean(m["sample_s"] + m["score_s"] + m["diagnose_s"] + m["train_s"] for m in metrics)}
-    if n_samples:
-        model, tokenizer = load_for_analysis(cfg.model, os.path.join(out_dir, "checkpoint.pt"), prerl.pick_device(cfg))
-        eval_cfg = dataclasses.replace(run_cfg, temperature=cfg.temperature, top_p=cfg.top_p)  # as the base model's
-        result["eval"] = evaluate_samples(model, tokenizer, prerl.load_problems(eval_path), eval_cfg, n_samples)
+        result = json.load(open(result_path))
+    else:
+        start = time.perf_counter()
+        accuracy = prerl.train(run_cfg)
+        metrics = prerl.read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+        curve = [(0, start_accuracy(cfg, data["heldout"]))] + [(m["step"] + 1, m["eval_accuracy"]) for m in metrics
+                                                               if "eval_accuracy" in m] + [(cfg.steps, accuracy["after"])]
+        result = {"mode": mode, "lr": lr, "seed": seed, "curve": curve, "metrics": metrics,
+                  "step_seconds": statistics.mean(m["sample_s"] + m["score_s"] + m["diagnose_s"] + m["train_s"] for m in metrics),
+                  "train_seconds": time.perf_counter() - start}
+    wanted = {"validation": validate, "eval": bool(n_samples)}
+    missing = [key for key, asked in wanted.items() if asked and key not in result]
+    if missing:
+        checkpoint = os.path.join(out_dir, "checkpoint.pt")
+        if not os.path.exists(checkpoint):
+            raise SystemExit(f"error: {out_dir}: needs its {' and '.join(missing)} scores but its weights were removed "
+                             f"(a learning rate the sweep did not choose); use the same --lr-sweep, or another --out-dir")
+        model, tokenizer = load_for_analysis(cfg.model, checkpoint, prerl.pick_device(cfg))
+        if "validation" in missing:
+            result["validation"] = prerl.evaluate(model, tokenizer, prerl.load_problems(data["validation"]), run_cfg)
+        if "eval" in missing:   # sampled as for the base model (cfg's T and top-p), not at the training T
+            eval_cfg = dataclasses.replace(run_cfg, temperature=cfg.temperature, top_p=cfg.top_p)
+            result["eval"] = evaluate_samples(model, tokenizer, prerl.load_problems(data["heldout"]), eval_cfg, n_samples)
         del model
-    result["seconds_this_process"] = time.perf_counter() - start
-    with open(result_path + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(result_path + ".tmp", result_path)
-    if not n_samples:   # a sweep run is done with once its curve is kept: free its weights (2 GB for 135M)
-        os.remove(os.path.join(out_dir, "checkpoint.pt"))
-        shutil.rmtree(os.path.join(out_dir, "model"), ignore_errors=True)
+    if missing or not os.path.exists(result_path):
+        with open(result_path + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(result_path + ".tmp", result_path)
     return json.load(open(result_path))   # read back: a resumed study sees exactly what a fresh one sees
 
 
@@ -344,18 +365,62 @@ def start_accuracy(cfg, eval_path):
     return json.load(open(path))
 
 
-def choose_lr(cfg, args, mode, grid, data):
-    """The lr of the grid whose run (first seed) ends with the best greedy accuracy on the validation
-    split, ties to the better mean over its validation curve, then to the smaller lr."""
-    if os.path.getsize(data["validation"]) == 0:
-        raise SystemExit("error: --lr-sweep: the validation split is empty; give more training problems")
-    scores = {}
-    for lr in grid:
-        out_dir = os.path.join(args.out_dir, "sweep", mode, f"lr{lr:g}")
-        curve = study_run(cfg, args, mode, lr, cfg.seed, data["train"], data["validation"], out_dir, 0)["curve"]
-        scores[lr] = (curve[-1][1], statistics.mean(a for _, a in curve), -lr)
-    best = max(grid, key=lambda lr: scores[lr])
-    return best, {f"{lr:g}": scores[lr][0] for lr in grid}
+def choose_lr(results):
+    """results: {lr: the first seed's run at lr}. The lr whose run scores best on the validation split
+    (greedy accuracy after training), ties to the better mean training accuracy over the last quarter of
+    its steps (its own samples), then to the smaller lr. The held-out curve is never looked at."""
+    def score(lr):
+        metrics = results[lr]["metrics"]
+        late = [m["accuracy"] for m in metrics[len(metrics) * 3 // 4:]]
+        return results[lr]["validation"], statistics.mean(late), -lr
+    return max(results, key=score)
+
+
+# -----------------------------------------------------------------------------
+# Running a study's runs: in this process, or --jobs N at once in worker processes
+
+
+def worker_init(threads):
+    import torch
+    torch.set_num_threads(threads)
+
+
+def study_run_logged(job):
+    """study_run in a worker process, its printout (progress bars included) to log.txt in the run's folder."""
+    cfg, args, mode, lr, seed = job[:5]
+    out_dir = run_folder(args.out_dir, mode, lr, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    with open(os.path.join(out_dir, "log.txt"), "a") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        return study_run(*job)
+
+
+def execute(first_jobs, follow_up, workers):
+    """Run first_jobs, and as each finishes the jobs follow_up(job, result) returns. workers > 1: that many
+    worker processes, each with its share of this process's torch threads (small models decode faster
+    as two 1-thread processes than as one 2-thread process); a run's numbers can then differ from a
+    --jobs 1 run's in the last bits (another thread count, another summation order)."""
+    if workers == 1:
+        queue = list(first_jobs)
+        while queue:
+            job = queue.pop(0)
+            queue[:0] = follow_up(job, study_run(*job))   # a mode's runs together
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    threads = max(1, prerl.torch.get_num_threads() // workers)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init,
+                               initargs=(threads,))
+    try:
+        pending = {pool.submit(study_run_logged, job): job for job in first_jobs}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                pending.update({pool.submit(study_run_logged, j): j for j in follow_up(job, future.result())})
+    finally:   # a failed run stops the study: queued runs are dropped, running ones finish first
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def summarize(runs, threshold, budget):
@@ -430,30 +495,64 @@ def command_compare(args, cfg):
             raise SystemExit(f"error: --modes: unknown mode {mode!r}; choose from {', '.join(prerl.MODES)}")
     if args.seeds < 1:
         raise SystemExit(f"error: --seeds {args.seeds}: give at least 1")
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs {args.jobs}: give at least 1 (runs at once)")
     try:
         grid = [float(v) for v in args.lr_sweep.split(",")] if args.lr_sweep else []
     except ValueError:
         raise SystemExit(f"error: --lr-sweep {args.lr_sweep!r}: give learning rates separated by commas, e.g. 1e-5,2e-5,5e-5") from None
+    if grid and (len(set(grid)) != len(grid) or min(grid) <= 0):
+        raise SystemExit(f"error: --lr-sweep {args.lr_sweep!r}: give distinct positive learning rates")
     start = time.perf_counter()
     check_study_options(args, cfg)
     data = study_data(cfg, args.out_dir)
-    lrs, sweep = {mode: cfg.lr for mode in modes}, {}
-    for mode in modes if grid else []:
-        lrs[mode], sweep[mode] = choose_lr(cfg, args, mode, grid, data)
+    if grid and os.path.getsize(data["validation"]) == 0:
+        raise SystemExit("error: --lr-sweep: the validation split is empty; give more training problems")
+    start_accuracy(cfg, data["heldout"])       # step 0 of every curve, computed once before any run starts
     base_path = os.path.join(args.out_dir, "base.json")
     if not os.path.exists(base_path):
         model, tokenizer = load_for_analysis(cfg.model, None, prerl.pick_device(cfg))
-        problems = prerl.load_problems(data["heldout"])
-        base = evaluate_samples(model, tokenizer, problems, cfg, args.n)
+        base = evaluate_samples(model, tokenizer, prerl.load_problems(data["heldout"]), cfg, args.n)
         del model
         base["greedy"] = start_accuracy(cfg, data["heldout"])
-        with open(base_path, "w") as f:
+        with open(base_path + ".tmp", "w") as f:
             json.dump(base, f)
+        os.replace(base_path + ".tmp", base_path)
     base = json.load(open(base_path))
-    seeds = [cfg.seed + i for i in range(args.seeds)]
-    runs = {mode: [study_run(cfg, args, mode, lrs[mode], seed, data["train"], data["heldout"],
-                             os.path.join(args.out_dir, mode, f"seed{seed}"), args.n) for seed in seeds]
-            for mode in modes}
+
+    # Each mode: first seed at every lr of the grid (without a sweep, the grid is --lr alone), then the
+    # chosen lr's first-seed run (already trained) gets its pass@k and the other seeds train at that lr.
+    seeds, lrs = [cfg.seed + i for i in range(args.seeds)], grid or [cfg.lr]
+    results, chosen, total = {}, {}, len(modes) * (len(lrs) + len(seeds) - 1)
+
+    def job(mode, lr, seed, validate, n_samples):
+        return (cfg, args, mode, lr, seed, data, validate, n_samples)
+
+    def follow_up(finished, result):
+        _, _, mode, lr, seed, _, _, n_samples = finished
+        new = (mode, lr, seed) not in results
+        results[(mode, lr, seed)] = result
+        if new:
+            end = f", validation {result['validation']:.3f}" if "validation" in result else ""
+            print(f"[{len(results)}/{total}] {mode} lr {lr:g} seed {seed}: held-out {result['curve'][0][1]:.3f} -> "
+                  f"{result['curve'][-1][1]:.3f}{end} ({result['train_seconds'] / 60:.1f} min)", flush=True)
+        if mode in chosen or any((mode, other, seeds[0]) not in results for other in lrs):
+            return []
+        chosen[mode] = choose_lr({other: results[(mode, other, seeds[0])] for other in lrs}) if grid else cfg.lr
+        for other in lrs:  # the runs the sweep did not choose are done with: free their weights (1-2 GB each)
+            if other != chosen[mode]:
+                folder = run_folder(args.out_dir, mode, other, seeds[0])
+                shutil.rmtree(os.path.join(folder, "model"), ignore_errors=True)
+                if os.path.exists(os.path.join(folder, "checkpoint.pt")):
+                    os.remove(os.path.join(folder, "checkpoint.pt"))
+        first = results[(mode, chosen[mode], seeds[0])]   # trained already; scored for pass@k unless it was
+        return [job(mode, chosen[mode], seed, bool(grid) and seed == seeds[0], args.n)
+                for seed in seeds if seed != seeds[0] or "eval" not in first]
+
+    execute([job(mode, lr, seeds[0], bool(grid), 0 if grid else args.n) for mode in modes for lr in lrs],
+            follow_up, args.jobs)
+    runs = {mode: [results[(mode, chosen[mode], seed)] for seed in seeds] for mode in modes}
+    sweep = {mode: {f"{lr:g}": results[(mode, lr, seeds[0])]["validation"] for lr in grid} for mode in modes} if grid else {}
     rows = summarize(runs, args.threshold, cfg.steps)
     wall = time.perf_counter() - start
     print(f"\n{len(modes)} modes x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {cfg.steps} steps x "
@@ -461,14 +560,14 @@ def command_compare(args, cfg):
           f"{len(prerl.load_problems(data['heldout']))} problems, pass@k from n={args.n} at T={cfg.temperature}, "
           f"top-p {cfg.top_p}; 95% Student t-intervals over seeds")
     if sweep:
-        print("lr chosen on the validation split (final greedy accuracy): " +
-              "; ".join(f"{mode} {lrs[mode]:g} of {sweep[mode]}" for mode in modes))
+        print("lr chosen on the validation split (greedy accuracy after training, first seed): " +
+              "; ".join(f"{mode} {chosen[mode]:g} of {sweep[mode]}" for mode in modes))
     table = format_table(rows, args.threshold, base)
     print("\n" + table + "\n\n" + diagnostics_table(runs) + "\n")
     print("mean seconds per step: " + ", ".join(f"{mode} {r['step_seconds']:.1f}" for mode, r in rows.items()) +
-          f"; study wall time this invocation: {wall:.0f} s")
-    summary = {"rows": rows, "table": table, "lr": lrs, "sweep": sweep, "base": base, "wall_seconds": wall,
-               "threshold": args.threshold}
+          f"; study wall time this invocation: {wall:.0f} s ({wall / 60:.1f} min, --jobs {args.jobs})")
+    summary = {"rows": rows, "table": table, "lr": chosen, "sweep": sweep, "base": base, "wall_seconds": wall,
+               "threshold": args.threshold, "jobs": args.jobs}
     with open(args.json, "w") as f:
         json.dump(summary, f, indent=2)
     print(f"written: {args.json}")
@@ -577,12 +676,14 @@ def parse_args(argv=None):
                         "trains at the one with the best validation accuracy (one run per lr, first seed)")
     parser.add_argument("--train-temperature", type=float, default=0.7, help="compare: sampling during training")
     parser.add_argument("--train-top-p", type=float, default=1.0, help="compare: nucleus during training")
+    parser.add_argument("--jobs", type=int, default=1, help="compare: runs at once, each in its own process with "
+                        "its share of the CPU threads (2 on a 2-core CPU: ~1.3x the throughput of one run)")
     parser.add_argument("--json", default="", help="where the results go (default: <command>.json)")
     # prerl.py's options that matter here; NSR paper's evaluation sampling by default
     shared = {"model": prerl.EMBEDDED_MODEL, "device": "auto", "data": "", "eval_data": "", "tasks": "add,mul",
               "difficulty": 1, "eval_size": 32, "max_new_tokens": 48, "temperature": 0.6, "top_p": 0.95, "seed": 0,
               "steps": 10, "switch_step": 5, "lr": 2e-5, "prompts_per_step": 8, "group_size": 4, "eval_every": 5,
-              "diagnose_every": 5, "save_every": 5}
+              "diagnose_every": 5, "save_every": 5, "precision": "auto"}
     for name, default in shared.items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
                             help=f"as in prerl.py (default: {default!r})")

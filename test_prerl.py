@@ -2646,7 +2646,7 @@ def test_study_resumes_per_mode_and_seed_to_the_same_table(tiny_model_folder, tm
     assert resumed["table"] == whole["table"]
     without_time = lambda rows: {m: {k: v for k, v in r.items() if k != "step_seconds"} for m, r in rows.items()}
     assert without_time(resumed["rows"]) == without_time(whole["rows"])
-    result = json.load(open(tmp_path / "parts" / "nsr-prerl" / "seed0" / "result.json"))
+    result = json.load(open(tmp_path / "parts" / "nsr-prerl" / "lr0.001" / "seed0" / "result.json"))
     assert [m["step"] for m in result["metrics"]] == [0, 1] and result["seed"] == 0
     assert {"entropy", "logp_y_wrong", "eos_share", "reflections"} <= set(result["metrics"][0])
     with pytest.raises(SystemExit, match="other options .*steps"):
@@ -2656,7 +2656,7 @@ def test_study_resumes_per_mode_and_seed_to_the_same_table(tiny_model_folder, tm
     assert calls == []
 
 
-def test_lr_sweep_chooses_on_the_validation_split_never_the_held_out(tiny_model_folder, tmp_path, monkeypatch):
+def test_study_splits_train_validation_and_held_out_apart(tiny_model_folder, tmp_path):
     args, cfg = analyze.parse_args(study_argv(tiny_model_folder, tmp_path, "--data", str(tmp_path / "big.jsonl"),
                                               "--eval-size", "8"))
     (tmp_path / "big.jsonl").write_text("".join(json.dumps({"problem": f"what is {a}+{b}?", "answer": str(a + b)}) + "\n"
@@ -2666,17 +2666,70 @@ def test_lr_sweep_chooses_on_the_validation_split_never_the_held_out(tiny_model_
     assert sets["validation"] and sets["heldout"] and sets["train"]
     assert not (sets["train"] & sets["validation"]) and not (sets["train"] & sets["heldout"])
     assert not (sets["validation"] & sets["heldout"])
-    seen = []
-    final = {1e-3: 0.5, 1e-2: 0.75, 1e-1: 0.75}          # a tie at the end, broken by the mean over the curve
-    mean_part = {1e-3: 0.9, 1e-2: 0.1, 1e-1: 0.5}
 
-    def fake_run(cfg, args, mode, lr, seed, train_path, eval_path, out_dir, n_samples):
-        seen.append((eval_path, train_path, n_samples))
-        return {"curve": [(0, mean_part[lr]), (2, final[lr])]}
-    monkeypatch.setattr(analyze, "study_run", fake_run)
-    lr, scores = analyze.choose_lr(cfg, args, "grpo", [1e-3, 1e-2, 1e-1], data)
-    assert lr == 1e-1 and scores == {"0.001": 0.5, "0.01": 0.75, "0.1": 0.75}
-    assert {s[0] for s in seen} == {data["validation"]} and {s[1] for s in seen} == {data["train"]}
+
+def sweep_result(validation, late_accuracy, heldout):
+    """A finished first-seed run as choose_lr sees it: 8 steps whose last quarter sampled late_accuracy."""
+    metrics = [{"step": s, "accuracy": 0.0 if s < 6 else late_accuracy} for s in range(8)]
+    return {"validation": validation, "metrics": metrics, "curve": [(0, 0.2), (8, heldout)]}
+
+
+def test_choose_lr_ranks_validation_then_late_training_accuracy_then_the_smaller_lr():
+    # the held-out curve would pick 1e-3; validation ties 1e-2 and 1e-1, training accuracy breaks it
+    assert analyze.choose_lr({1e-3: sweep_result(0.50, 0.9, 0.99), 1e-2: sweep_result(0.75, 0.3, 0.1),
+                              1e-1: sweep_result(0.75, 0.6, 0.1)}) == 1e-1
+    # steps 0-5 (before the last quarter) do not count: only the tie-break on lr is left
+    assert analyze.choose_lr({2e-5: sweep_result(0.5, 0.5, 0.0), 1e-5: sweep_result(0.5, 0.5, 0.0)}) == 1e-5
+    assert analyze.choose_lr({1e-5: sweep_result(0.25, 0.5, 0.0), 2e-5: sweep_result(0.5, 0.0, 0.0)}) == 2e-5
+
+
+def test_lr_sweep_study_in_two_processes_matches_one_and_shares_the_first_seed(tiny_model_folder, tmp_path, monkeypatch):
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"problem": f"what is {a}+{b}?", "answer": str(a + b)}) + "\n"
+                                                for a in range(12) for b in range(12)))
+    argv = lambda out, jobs: study_argv(tiny_model_folder, out, "--data", str(tmp_path / "big.jsonl"), "--precision", "fp32",
+                                        "--lr-sweep", "1e-3,3e-2", "--jobs", jobs)
+    evaluate, evaluated = prerl.evaluate, []
+
+    def recording_evaluate(model, tokenizer, problems, cfg, **kwargs):
+        evaluated.append(cfg.lr if problems == validation else "held-out" if problems == heldout else "other")
+        return evaluate(model, tokenizer, problems, cfg, **kwargs)
+    monkeypatch.setattr(prerl, "evaluate", recording_evaluate)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        args, cfg = analyze.parse_args(argv(tmp_path / "one", "1"))
+        data = analyze.study_data(cfg, args.out_dir)
+        validation, heldout = prerl.load_problems(data["validation"]), prerl.load_problems(data["heldout"])
+        one = analyze.main(argv(tmp_path / "one", "1"))
+        monkeypatch.undo()
+        torch.set_num_threads(2)                 # two workers of 1 thread each: the same arithmetic as above
+        two = analyze.main(argv(tmp_path / "two", "2"))
+    finally:
+        torch.set_num_threads(threads)
+    # each sweep run scored once on the validation split; everything else evaluated the held-out set
+    assert sorted(x for x in evaluated if x != "held-out") == [1e-3, 1e-3, 3e-2, 3e-2] and "held-out" in evaluated
+    assert two["table"] == one["table"] and two["lr"] == one["lr"] and two["sweep"] == one["sweep"]
+    for mode, lr in one["lr"].items():
+        other = 3e-2 if lr == 1e-3 else 1e-3
+        for out in ("one", "two"):
+            unchosen = tmp_path / out / mode / f"lr{other:g}" / "seed0"
+            assert "eval" not in json.load(open(unchosen / "result.json"))    # trained and validated, never scored
+            assert not (unchosen / "checkpoint.pt").exists() and not (unchosen / "model").exists()
+            for seed in (0, 1):   # the chosen lr's first-seed run is the sweep's run, scored once chosen
+                result = json.load(open(tmp_path / out / mode / f"lr{lr:g}" / f"seed{seed}" / "result.json"))
+                assert "eval" in result and ("validation" in result) == (seed == 0) and result["seed"] == seed
+        assert (tmp_path / "two" / mode / f"lr{lr:g}" / "seed1" / "log.txt").read_text().count("held-out accuracy")
+    with pytest.raises(SystemExit, match="other options .*lr_sweep"):
+        analyze.main(study_argv(tiny_model_folder, tmp_path / "one", "--data", str(tmp_path / "big.jsonl"),
+                                "--precision", "fp32", "--lr-sweep", "1e-3"))
+
+
+def test_study_refuses_bad_jobs_and_grids(tiny_model_folder, tmp_path):
+    for extra, message in ((("--jobs", "0"), "--jobs 0"), (("--lr-sweep", "1e-3,1e-3"), "distinct positive"),
+                           (("--lr-sweep", "1e-3,-1"), "distinct positive")):
+        with pytest.raises(SystemExit, match=message):
+            analyze.main(study_argv(tiny_model_folder, tmp_path / "x", *extra))
+    assert not (tmp_path / "x").exists()       # refused before anything was written
 
 
 def test_diagnose_every_is_a_checked_flag(capsys):
