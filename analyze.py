@@ -387,7 +387,7 @@ def worker_init(threads):
 
 def study_run_logged(job):
     """study_run in a worker process, its printout (progress bars included) to log.txt in the run's folder."""
-    cfg, args, mode, lr, seed = job[:5]
+    args, mode, lr, seed = job[1:5]
     out_dir = run_folder(args.out_dir, mode, lr, seed)
     os.makedirs(out_dir, exist_ok=True)
     sys.stdout.flush(), sys.stderr.flush()
@@ -529,7 +529,7 @@ def command_compare(args, cfg):
         return (cfg, args, mode, lr, seed, data, validate, n_samples)
 
     def follow_up(finished, result):
-        _, _, mode, lr, seed, _, _, n_samples = finished
+        mode, lr, seed = finished[2:5]
         new = (mode, lr, seed) not in results
         results[(mode, lr, seed)] = result
         if new:
