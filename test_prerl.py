@@ -2512,6 +2512,28 @@ def test_t_interval_hand_worked():
         analyze.t_quantile_975(0)
 
 
+def test_intervals_are_cut_to_the_range_the_quantity_can_take():
+    assert analyze.format_ci((0.9, 0.7, 1.1)) == "0.900 [0.700, 1.000]"          # accuracy: at most 1
+    assert analyze.format_ci((0.1, -0.2, 0.4)) == "0.100 [0.000, 0.400]"
+    assert analyze.format_ci((6.7, -0.5, 13.8), 0, 20, digits=1) == "6.7 [0.0, 13.8]"   # steps: 0 to the budget
+    assert analyze.format_ci((0.05, -0.2, 0.3), -1, 1, sign="+") == "+0.050 [-0.200, +0.300]"
+    assert analyze.format_ci((0.4, None, None)) == "0.400"
+
+
+def test_paired_differences_by_seed_hand_worked():
+    def run(seed, pass1, greedy):
+        return {"seed": seed, "eval": {"pass_at_k": {"1": pass1}}, "curve": [(0, 0.3), (20, greedy)]}
+    runs = {"grpo": [run(0, 0.5, 0.50), run(1, 0.6, 0.40), run(2, 0.7, 0.90)],
+            "dsrl": [run(2, 1.0, 0.85), run(0, 0.6, 0.60), run(1, 0.8, 0.50), run(7, 0.0, 0.0)]}   # seed 7: unpaired
+    d = analyze.paired_differences(runs, "grpo")
+    assert set(d) == {"dsrl"} and d["dsrl"]["seeds"] == 3
+    # pass@1: differences 0.1, 0.2, 0.3 -> mean 0.2, s = 0.1, half-width t(0.975, 2) * 0.1 / sqrt(3) = 0.248414
+    assert d["dsrl"]["pass@1"] == pytest.approx((0.2, 0.2 - 0.248414, 0.2 + 0.248414), abs=1e-6)
+    # greedy: differences 0.1, 0.1, -0.05 -> mean 0.05, s = 0.0866025, s / sqrt(3) = 0.05, half-width 0.2151326
+    assert d["dsrl"]["greedy"] == pytest.approx((0.05, 0.05 - 0.2151326, 0.05 + 0.2151326), abs=1e-6)
+    assert "| dsrl - grpo (3 seeds) | +0.200 [-0.048, +0.448] |" in analyze.format_differences(d, "grpo")
+
+
 def student_t_cdf(x, df, intervals=4000):
     """P(T <= x) for x >= 0 by Simpson's rule on the t density: independent of the table."""
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
