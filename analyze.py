@@ -599,10 +599,12 @@ def command_compare(args, cfg):
           diagnostics_table(runs) + "\n")
     print("mean seconds per step: " + ", ".join(f"{mode} {r['step_seconds']:.1f}" for mode, r in rows.items()) +
           f"; study wall time this invocation: {wall:.0f} s ({wall / 60:.1f} min, --jobs {args.jobs})")
-    summary = {"rows": rows, "table": table, "differences": differences, "lr": chosen, "sweep": sweep, "base": base, "wall_seconds": wall,
-               "threshold": args.threshold, "jobs": args.jobs}
-    with open(args.json, "w") as f:
-        json.dump(summary, f, indent=2)
+    summary = {"rows": rows, "table": table, "differences": differences, "lr": chosen, "sweep": sweep, "base": base,
+               "wall_seconds": wall, "threshold": args.threshold, "jobs": args.jobs,
+               "runs": runs}   # every chosen run: its held-out curve, pass@k and per-step metrics
+    with open(args.json + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(args.json + ".tmp", args.json)
     print(f"written: {args.json}")
     if args.plot:
         plot_curves(runs, args.plot, cfg.switch_step if "dsrl" in runs else None)

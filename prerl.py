@@ -282,7 +282,10 @@ def load_model(name, device, gradient_checkpointing=False, dtype=torch.float32):
 def enable_gradient_checkpointing(model):
     """Keep only each decoder layer's input for the backward pass and recompute the rest:
     activation memory drops about 20x for about a third more compute."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def start_token_id(tokenizer):

@@ -2754,6 +2754,20 @@ def test_study_refuses_bad_jobs_and_grids(tiny_model_folder, tmp_path):
     assert not (tmp_path / "x").exists()       # refused before anything was written
 
 
+def test_gradient_checkpointing_is_on_and_changes_no_gradient():
+    batch, rewards = toy_batch(n_groups=2, group=4), torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 0.]])
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        if checkpointing:
+            prerl.enable_gradient_checkpointing(model)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+        prerl.accumulate_gradients(model, batch, rewards, "grpo", prerl.Config(), start_id=1)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+
+
 def test_diagnose_every_is_a_checked_flag(capsys):
     assert refused_line(["--diagnose-every", "-1"], capsys).startswith("error: --diagnose-every -1:")
     assert "diagnose_every" in prerl.RESUME_MAY_CHANGE        # diagnostics never change what is trained
