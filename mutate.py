@@ -47,6 +47,12 @@ EQUIVALENT = {
     "verify.x__close__mutmut_9": "max(1, |b|) for max(1, |a|, |b|): within 1e-8 of each other |a| and |b| give the same bound",
     "verify.x__close__mutmut_10": "max(1, |a|) for max(1, |a|, |b|): as above, with a and b swapped",
     # prerl.py: the sampler gets 2-D logits [rows, vocabulary], where dim 1 is dim -1
+    # prerl.py: rewards are 0 or 1 (verify.rewards), never exactly 0.5
+    "prerl.x_advantages_for__mutmut_3": ">= 0.5 for > 0.5 as 'correct': differs only for a reward of exactly 0.5",
+    # prerl.py: optimizer_step's loss is only tested for being finite
+    "prerl.x_optimizer_step__mutmut_1": "default loss 1.0 for 0.0: both finite, so no step is skipped either way",
+    # prerl.py: trim(left=None) takes the same branch as left=False
+    "prerl.x_scored_logprobs__mutmut_4": "trim(..., left=None) for left=False on responses: None is falsy, the same branch",
     "prerl.x_pick_next_token__mutmut_4": "argmax(+1) for argmax(-1): the same dimension of 2-D logits",
     "prerl.x_pick_next_token__mutmut_12": "softmax over dim +1 for -1: the same dimension of 2-D logits",
     "prerl.x_pick_next_token__mutmut_14": "nucleus filter also at top_p 1.0: keeps every token (a skipped no-op, not a rule)",

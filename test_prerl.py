@@ -2754,6 +2754,31 @@ def test_study_refuses_bad_jobs_and_grids(tiny_model_folder, tmp_path):
     assert not (tmp_path / "x").exists()       # refused before anything was written
 
 
+def test_scored_logprobs_scores_the_rows_trimmed_of_shared_padding(monkeypatch):
+    """The scorer sees only the columns the chosen rows use: left padding that every prompt of the rows
+    has, and right padding past their longest response, are cut (the result would not change, the cost would)."""
+    batch = toy_batch(n_groups=2, group=4)          # group 0's prompts all start with a pad column
+    batch["response_mask"][:4, 4:] = 0              # group 0's responses end by column 4, row 0 exactly there
+    batch["response_mask"][0, :4] = 1
+    batch["response_ids"][:4] = torch.where(batch["response_mask"][:4].bool(), batch["response_ids"][:4], 3)
+    seen = {}
+
+    def spy(name, original):
+        def wrapped(model, *args):
+            seen[name] = [a for a in args if torch.is_tensor(a)]
+            return original(model, *args)
+        return wrapped
+    monkeypatch.setattr(prerl, "conditional_logprobs", spy("conditional", prerl.conditional_logprobs))
+    monkeypatch.setattr(prerl, "pretrain_logprobs", spy("pretrain", prerl.pretrain_logprobs))
+    model, rows = tiny_model(), [0, 1, 2, 3]
+    _, mask = prerl.scored_logprobs(model, "conditional", batch, rows, 1)
+    prompt_ids, prompt_mask, response_ids, response_mask = seen["conditional"]
+    assert torch.equal(prompt_ids, batch["prompt_ids"][:4, 1:]) and torch.equal(prompt_mask, batch["prompt_mask"][:4, 1:])
+    assert torch.equal(response_ids, batch["response_ids"][:4, :4]) and torch.equal(mask, batch["response_mask"][:4, :4])
+    _, mask = prerl.scored_logprobs(model, "pretrain", batch, rows, 1)
+    assert torch.equal(seen["pretrain"][0], batch["response_ids"][:4, :4]) and torch.equal(mask, batch["response_mask"][:4, :4])
+
+
 def test_gradient_checkpointing_is_on_and_changes_no_gradient():
     batch, rewards = toy_batch(n_groups=2, group=4), torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 0.]])
     grads = []
