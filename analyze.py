@@ -249,6 +249,15 @@ def steps_to_threshold(curve, threshold):
 # Mode comparison: K seeds per mode, each (mode, seed) a run in its own folder that resumes
 
 
+def write_atomically(path, text):
+    """Write a study file whole or not at all (temp file, then rename): an interrupted study never leaves
+    a half-written result that a resume would trust."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
 def study_data(cfg, out_dir):
     """The study's three problem sets, written once to out_dir/data so every run and every seed trains and
     evaluates on the same problems: train, validation (20% of the training side, by hash: chooses
@@ -268,9 +277,7 @@ def study_data(cfg, out_dir):
         raise SystemExit("error: compare: no training problems left once the held-out and validation sets are out")
     os.makedirs(folder, exist_ok=True)
     for name, problems in sets.items():
-        with open(paths[name] + ".tmp", "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in problems)
-        os.replace(paths[name] + ".tmp", paths[name])
+        write_atomically(paths[name], "".join(json.dumps(p) + "\n" for p in problems))
     return paths
 
 
@@ -293,8 +300,7 @@ def check_study_options(args, cfg):
                              f"use another --out-dir, or the same options to resume it")
         return
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(options, f, indent=2)
+    write_atomically(path, json.dumps(options, indent=2))
 
 
 def is_validation(problem_text):
@@ -346,22 +352,18 @@ def study_run(cfg, args, mode, lr, seed, data, validate, n_samples):
             result["eval"] = evaluate_samples(model, tokenizer, prerl.load_problems(data["heldout"]), eval_cfg, n_samples)
         del model
     if missing or not os.path.exists(result_path):
-        with open(result_path + ".tmp", "w") as f:
-            json.dump(result, f)
-        os.replace(result_path + ".tmp", result_path)
+        write_atomically(result_path, json.dumps(result))
     return json.load(open(result_path))   # read back: a resumed study sees exactly what a fresh one sees
 
 
-def start_accuracy(cfg, eval_path):
+def start_accuracy(cfg, eval_path, loaded=None):
     """Greedy accuracy of the start model on an eval set: step 0 of every run's curve (the same for every
-    mode and seed, so computed once and kept beside the set; a resumed run never saw its own step 0)."""
+    mode and seed, so computed once and kept beside the set; a resumed run never saw its own step 0).
+    loaded: the start model's (model, tokenizer) when the caller has it already."""
     path = eval_path + ".start_accuracy.json"
     if not os.path.exists(path):
-        model, tokenizer = load_for_analysis(cfg.model, None, prerl.pick_device(cfg))
-        accuracy = prerl.evaluate(model, tokenizer, prerl.load_problems(eval_path), cfg)
-        with open(path + ".tmp", "w") as f:
-            json.dump(accuracy, f)
-        os.replace(path + ".tmp", path)
+        model, tokenizer = loaded or load_for_analysis(cfg.model, None, prerl.pick_device(cfg))
+        write_atomically(path, json.dumps(prerl.evaluate(model, tokenizer, prerl.load_problems(eval_path), cfg)))
     return json.load(open(path))
 
 
@@ -538,16 +540,15 @@ def command_compare(args, cfg):
     data = study_data(cfg, args.out_dir)
     if grid and os.path.getsize(data["validation"]) == 0:
         raise SystemExit("error: --lr-sweep: the validation split is empty; give more training problems")
-    start_accuracy(cfg, data["heldout"])       # step 0 of every curve, computed once before any run starts
+    # the start model, loaded once: its pass@k, and its greedy accuracy (step 0 of every run's curve,
+    # computed before any run starts)
     base_path = os.path.join(args.out_dir, "base.json")
     if not os.path.exists(base_path):
         model, tokenizer = load_for_analysis(cfg.model, None, prerl.pick_device(cfg))
         base = evaluate_samples(model, tokenizer, prerl.load_problems(data["heldout"]), cfg, args.n)
+        base["greedy"] = start_accuracy(cfg, data["heldout"], (model, tokenizer))
         del model
-        base["greedy"] = start_accuracy(cfg, data["heldout"])
-        with open(base_path + ".tmp", "w") as f:
-            json.dump(base, f)
-        os.replace(base_path + ".tmp", base_path)
+        write_atomically(base_path, json.dumps(base))
     base = json.load(open(base_path))
 
     # Each mode: first seed at every lr of the grid (without a sweep, the grid is --lr alone), then the
@@ -602,9 +603,7 @@ def command_compare(args, cfg):
     summary = {"rows": rows, "table": table, "differences": differences, "lr": chosen, "sweep": sweep, "base": base,
                "wall_seconds": wall, "threshold": args.threshold, "jobs": args.jobs,
                "runs": runs}   # every chosen run: its held-out curve, pass@k and per-step metrics
-    with open(args.json + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(args.json + ".tmp", args.json)
+    write_atomically(args.json, json.dumps(summary, indent=1))
     print(f"written: {args.json}")
     if args.plot:
         plot_curves(runs, args.plot, cfg.switch_step if "dsrl" in runs else None)
