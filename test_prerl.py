@@ -775,10 +775,14 @@ def tiny_model_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     tiny_model(torch.float32).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    data = folder / "toy.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"what is {a}+{b}?", "answer": str(a + b)}) + "\n"
-                            for a in range(4) for b in range(4)))
+    write_sums(folder / "toy.jsonl", 4)
     return folder
+
+
+def write_sums(path, n):
+    """A JSONL file of the n x n problems 'what is a+b?' for a, b < n, with their answers."""
+    path.write_text("".join(json.dumps({"problem": f"what is {a}+{b}?", "answer": str(a + b)}) + "\n"
+                            for a in range(n) for b in range(n)))
 
 
 def run_args(folder, out, *extra):
@@ -2681,8 +2685,7 @@ def test_study_resumes_per_mode_and_seed_to_the_same_table(tiny_model_folder, tm
 def test_study_splits_train_validation_and_held_out_apart(tiny_model_folder, tmp_path):
     args, cfg = analyze.parse_args(study_argv(tiny_model_folder, tmp_path, "--data", str(tmp_path / "big.jsonl"),
                                               "--eval-size", "8"))
-    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"problem": f"what is {a}+{b}?", "answer": str(a + b)}) + "\n"
-                                                         for a in range(12) for b in range(12)))
+    write_sums(tmp_path / "big.jsonl", 12)
     data = analyze.study_data(cfg, args.out_dir)
     sets = {name: {p["problem"] for p in prerl.load_problems(path)} for name, path in data.items()}
     assert sets["validation"] and sets["heldout"] and sets["train"]
@@ -2706,8 +2709,7 @@ def test_choose_lr_ranks_validation_then_late_training_accuracy_then_the_smaller
 
 
 def test_lr_sweep_study_in_two_processes_matches_one_and_shares_the_first_seed(tiny_model_folder, tmp_path, monkeypatch):
-    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"problem": f"what is {a}+{b}?", "answer": str(a + b)}) + "\n"
-                                                for a in range(12) for b in range(12)))
+    write_sums(tmp_path / "big.jsonl", 12)
     argv = lambda out, jobs: study_argv(tiny_model_folder, out, "--data", str(tmp_path / "big.jsonl"), "--precision", "fp32",
                                         "--lr-sweep", "1e-3,3e-2", "--jobs", jobs)
     evaluate, evaluated = prerl.evaluate, []
