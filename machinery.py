@@ -5,7 +5,7 @@ prerl.py reads as the method, top to bottom. Everything here only changes how fa
 memory it takes or how many devices it spans: never what it computes. Each part is reached from
 prerl.py through one call, and each has a plain counterpart there: `python prerl.py --plain` (or
 PRERL_PLAIN=1 in the environment) runs the method exactly as written in prerl.py, without any of this,
-and test_prerl.py checks that both paths agree (values, gradients, sampled distributions).
+and test_machinery.py checks that both paths agree (values, gradients, sampled distributions).
 
 This module never imports prerl (prerl.py may run as __main__; a second import would make a second
 copy of it): whatever a part needs from the method comes in as an argument.
@@ -306,7 +306,7 @@ def choose_precision(requested, device_type, distributed=False):
 # activation), attention 7 q-widths + 4 kv-widths (q and k before and after RoPE, k and v repeated for
 # the heads, the output and its reshaped copy), the MLP 4 intermediate widths (gate, silu(gate), up,
 # product). With gradient checkpointing each layer keeps only its input, and one layer is recomputed
-# (plus its backward's scratch) at a time. Checked against a measured step in test_prerl.py and bench.py.
+# (plus its backward's scratch) at a time. Checked against a measured step in test_machinery.py and bench.py.
 
 MODEL_SHAPES = {  # --model-config NAME: named shapes (bench.py builds them with random weights; no download)
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
