@@ -274,7 +274,7 @@ def matmul_rates(device, size=1024, rounds=3):
 
 # AMX-BF16 (Xeon): ~5.5x fp32 on a matmul. This AMD EPYC (avx512_bf16, no AMX): 1.9-2.8x on the probe,
 # and a SmolLM2-135M training step 1.6-1.9x faster in bf16 -- kept on fp32 by this threshold until the
-# demo's accuracy in bf16 is checked there (README, "bf16 training").
+# demo's accuracy in bf16 is checked there (docs/scaling.md, "bf16 training").
 BF16_CLEARLY_FASTER = 4.0
 
 
