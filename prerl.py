@@ -924,11 +924,11 @@ def data_source(path, split=""):
     raise SystemExit(f"error: data {path!r} does not exist (a hub dataset id needs --data-split)")
 
 
-def optional_package(name, purpose):
+def optional_package(name, purpose, package):
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise SystemExit(f"error: {purpose} needs the optional {name} package: pip install {name}") from None
+        raise SystemExit(f"error: {purpose} needs the optional {package} package: pip install {package}") from None
 
 
 def read_rows(path, split=""):
@@ -945,13 +945,13 @@ def read_rows(path, split=""):
                         raise SystemExit(f"error: {path}:{lineno}: not valid JSON ({e.msg})") from None
         return kind, rows
     if kind == "Parquet":
-        parquet = optional_package("pyarrow.parquet", f"reading {path} (Parquet)")
+        parquet = optional_package("pyarrow.parquet", f"reading {path} (Parquet)", "pyarrow")
         try:
             table = parquet.read_table(path).to_pylist()
         except Exception as e:
             raise SystemExit(f"error: {path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
         return kind, [(f"{path} row {i}", row) for i, row in enumerate(table)]
-    datasets = optional_package("datasets", f"reading {path} ({kind})")
+    datasets = optional_package("datasets", f"reading {path} ({kind})", "datasets")
     try:
         if kind == "hub dataset":
             dataset = datasets.load_dataset(path, split=split)
@@ -997,15 +997,15 @@ def problem_from_row(row, where, problem_key="", answer_key=""):
     if not isinstance(row, dict):
         raise SystemExit(f"error: {where}: expected a JSON object (named fields), got {type(row).__name__}")
     problem = {"row": row}
-    key = problem_key or ("prompt" if isinstance(row.get("prompt"), list) else "problem" if "problem" in row else "question")
+    key = problem_key or ("prompt" if "prompt" in row else "problem" if "problem" in row else "question")
     text = field(row, key)
     if isinstance(text, list):
         problem["messages"] = chat_messages(text, where, key)
         users = [m["content"] for m in problem["messages"] if m["role"] == "user"]
         text = users[-1] if users else problem["messages"][-1]["content"]
     if not isinstance(text, str) or not text.strip():
-        named = f"'{problem_key}'" if problem_key else "'problem' (or 'question', or verl's 'prompt')"
-        raise SystemExit(f"error: {where}: field {named} missing or empty")
+        named = f"'{key}'" if problem_key or key == "prompt" else "'problem' (or 'question', or verl's 'prompt')"
+        raise SystemExit(f"error: {where}: field {named} missing or empty (a problem text, or verl's chat messages)")
     key = answer_key or ("reward_model.ground_truth" if "reward_model" in row else "answer")
     answer = field(row, key)
     if answer is None and not answer_key and isinstance(row.get("solution"), str) and "\\boxed" in row["solution"]:
@@ -1309,8 +1309,6 @@ def evaluation_preflight(accuracy, ended, cfg):
     no_signal = p ** g + (1 - p) ** g
     line = (f"first evaluation: {stopped:.0%} of {len(ended)} responses ended before --max-new-tokens {cfg.max_new_tokens}; "
             f"base pass rate {p:.3f} -> at --group-size {g}, at least {no_signal:.0%} of groups predicted all right or all wrong (no signal)")
-    if stopped < 0.5:
-        line += f"; most responses are cut: raise --max-new-tokens"
     if no_signal > 0.8:
         line += (f"; most groups will teach nothing: try a larger --group-size, a higher --temperature, or "
                  f"{'easier' if p < 0.5 else 'harder'} data")
@@ -1342,11 +1340,15 @@ def run_preflight(cfg):
 STALL_STEPS = 5             # a sign must hold this many steps in a row before it is said
 ENTROPY_COLLAPSE = 0.1      # entropy below this share of its first measurement, twice in a row
 LENGTH_CHANGE = 3.0         # mean response length this many times above (or below) the run's first steps
+LEARNING = 0.1              # mean accuracy up by this much since the first steps: a run that learns
 
 
 def stall_signs(records, cfg):
     """{sign: line} for each sign of a stalled run that held over the last STALL_STEPS steps of these
-    metrics records (oldest first). Pure: records in, text out."""
+    metrics records (oldest first). Pure: records in, text out. Cut responses, a falling entropy and a
+    changing length are normal while a run learns (the demo's responses shrink from ~44 tokens to ~10 as
+    its accuracy rises), so those signs count only while the accuracy is not rising: its mean over the
+    last STALL_STEPS steps is within LEARNING of that over the first STALL_STEPS."""
     recent, signs = records[-STALL_STEPS:], {}
     if len(recent) < STALL_STEPS:
         return signs
@@ -1361,28 +1363,35 @@ def stall_signs(records, cfg):
         signs["gradient norm 0"] = (
             f"the gradient norm was 0 for {n} steps although groups were mixed: the loss reaches no weight; check "
             f"--prerl-coef (now {cfg.prerl_coef}), --mode (now {cfg.mode}) and, with --lora, --lora-targets")
+    # The rest count only in the conditional space, where the step's reward is what the update raises. In a
+    # pre-train-space stage (PreRL modes, DSRL's first S steps) the samples' reward need not rise: it trains
+    # log P(y), and DSRL's GRPO stage is where the reward climbs.
+    records = [r for r in records if not str(r.get("stage", "")).endswith("prerl")]
+    recent, first = records[-STALL_STEPS:], records[:STALL_STEPS]
+    if len(records) < 2 * STALL_STEPS or sum(r["accuracy"] for r in recent) > sum(r["accuracy"] for r in first) + LEARNING * STALL_STEPS:
+        return signs
     if all(r.get("eos_share", 1.0) < 0.5 for r in recent):
         ended = sum(r["eos_share"] for r in recent) / n
         signs["cut at the length limit"] = (
             f"most responses ran into --max-new-tokens {cfg.max_new_tokens} for {n} steps (only {ended:.0%} ended on "
-            f"their own), and a cut response rarely holds its final answer: raise --max-new-tokens")
+            f"their own) and the accuracy is not rising: a cut response rarely holds its final answer; raise --max-new-tokens")
     entropies = [r["entropy"] for r in records if r.get("entropy") is not None]
     if len(entropies) >= 3 and all(e < ENTROPY_COLLAPSE * entropies[0] for e in entropies[-2:]):
         signs["entropy collapse"] = (
-            f"the policy's entropy collapsed from {entropies[0]:.3f} to {entropies[-1]:.3f} per token: the G responses "
-            f"of a group become the same, so groups stop being mixed; try a lower --lr (now {cfg.lr}) or a higher "
-            f"--temperature (now {cfg.temperature})")
-    start = sum(r["response_length"] for r in records[:STALL_STEPS]) / min(len(records), STALL_STEPS)
-    if len(records) >= 2 * STALL_STEPS and start > 0:
+            f"the policy's entropy collapsed from {entropies[0]:.3f} to {entropies[-1]:.3f} per token and the accuracy "
+            f"is not rising: the G responses of a group become the same, so groups stop being mixed; try a lower --lr "
+            f"(now {cfg.lr}) or a higher --temperature (now {cfg.temperature})")
+    start = sum(r["response_length"] for r in first) / len(first)
+    if start > 0:
         if all(r["response_length"] > LENGTH_CHANGE * start for r in recent):
             signs["length exploding"] = (
-                f"responses grew from {start:.0f} to {recent[-1]['response_length']:.0f} tokens on average: try a lower "
-                f"--lr (now {cfg.lr}); --max-new-tokens (now {cfg.max_new_tokens}) caps them")
+                f"responses grew from {start:.0f} to {recent[-1]['response_length']:.0f} tokens on average and the "
+                f"accuracy is not rising: try a lower --lr (now {cfg.lr}); --max-new-tokens (now {cfg.max_new_tokens}) caps them")
         if all(r["response_length"] < start / LENGTH_CHANGE for r in recent):
             signs["length collapsing"] = (
-                f"responses shrank from {start:.0f} to {recent[-1]['response_length']:.0f} tokens on average: the policy "
-                f"may be dodging the reward with short answers; try a lower --lr (now {cfg.lr}) and look at "
-                f"OUT_DIR/samples.jsonl (python analyze.py samples OUT_DIR)")
+                f"responses shrank from {start:.0f} to {recent[-1]['response_length']:.0f} tokens on average and the "
+                f"accuracy is not rising: the policy may be dodging the reward with short answers; try a lower --lr "
+                f"(now {cfg.lr}) and look at OUT_DIR/samples.jsonl (python analyze.py samples OUT_DIR)")
     return signs
 
 

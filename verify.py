@@ -99,6 +99,7 @@ import multiprocessing
 import os
 import random
 import re
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -1342,10 +1343,13 @@ class _Call:
 
     def __init__(self, spec, args):
         self.spec, self.args = spec, args
+        self.path = list(sys.path)   # a worker forked before the caller's sys.path grew finds module:function too
 
     def __call__(self):
         import traceback
         try:
+            if self.spec not in _loaded_functions:
+                sys.path[:] = self.path
             value = load_function(self.spec)(*self.args)
         except BaseException:
             return ("raised", traceback.format_exc())
