@@ -23,8 +23,10 @@ Sampling (G responses per prompt: a plain decode loop, random numbers keyed per 
 (per-token log-probs in the two spaces, log P(y|x) and log P(y)), Advantages (the table of every mode:
 which responses, which space, which weight), Losses (PPO-clip surrogate, token-mean), the RL step (DSRL's
 switch is one line in stage_for_step), Evaluation, Checkpoints, and the loop, train(): the method ends there.
-After train(), not the method: Loading (the JSONL reader's row checks, the embedded model's GGUF
-conversion), Diagnostics (measured on each step's samples, never trained on) and Run
+After train(), not the method: Loading (JSONL, Parquet and datasets readers with their row checks, the
+embedded model's GGUF conversion), Rewards and samples (--reward, --format-reward, samples.jsonl),
+Diagnostics (measured on each step's samples, never trained on), Preflight and stall lines (what would
+make a run learn nothing, said before step 0 and when it persists during training) and Run
 safety (every flag checked before anything loads, one run per out-dir, Ctrl-C with a checkpoint, a
 crash-safe log, NaN steps skipped, a model/ folder other tools load).
 What only makes it faster, smaller or wider lives in machinery.py, reached from here through one call each
@@ -242,6 +244,13 @@ def make_problems(n, families, difficulty, seed, held_out):
 
 # load_problems(path, cfg, split), the reader of JSONL (MATH, GSM8K, verl), Parquet and datasets folders,
 # is after the method, in "Loading". A verl row's chat messages are its prompt, as given.
+
+
+def training_problems(cfg):
+    """The training set: --data, else the built-in generator's training side of the split."""
+    if cfg.data:
+        return load_problems(cfg.data, cfg, cfg.data_split)
+    return make_problems(4096, cfg.tasks, cfg.difficulty, cfg.seed, held_out=False)
 
 
 def eval_problems(cfg):
@@ -1226,13 +1235,6 @@ def step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id):
 # Preflight and stall lines, after the method: what a run can know before step 0 that would make it learn
 # nothing (printed before step 0; --preflight prints it alone), and, during training, one line when a sign
 # of a stalled run persists, naming the likely cause and a flag to try.
-
-
-def training_problems(cfg):
-    """The training set: --data, else the built-in generator's training side of the split."""
-    if cfg.data:
-        return load_problems(cfg.data, cfg, cfg.data_split)
-    return make_problems(4096, cfg.tasks, cfg.difficulty, cfg.seed, held_out=False)
 
 
 def gold_failures(problems, cfg):

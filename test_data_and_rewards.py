@@ -9,8 +9,6 @@ kill -9 and --resume, the preflight, the stall lines, and the run-safety leftove
 
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
