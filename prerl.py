@@ -1258,8 +1258,8 @@ def static_decoder_check(model, tokenizer, problems, cfg, prompts=4):
     """On CUDA: the static-cache decoder's first rollout against the plain loop (greedy, a few prompts). A
     mismatch or an exception sends this run to the loop (one line says so). None where it does not run."""
     device = next(model.parameters()).device
-    if PLAIN or not problems or not machinery.static_decode_fits(model, device):
-        return None
+    if PLAIN or DIST is not None or not problems or not machinery.static_decode_fits(model, device):
+        return None                  # (under torchrun the rollouts gather sharded weights first: not checked)
     encoded = encode_prompts(tokenizer, problems[:prompts], device)
     eos_ids = eos_token_ids(model, tokenizer)
     args = (model, encoded["input_ids"], encoded["attention_mask"], 1, cfg.max_new_tokens, 0.0, 1.0, eos_ids, tokenizer.pad_token_id)
