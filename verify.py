@@ -1370,6 +1370,8 @@ def _math_verify_reward(completion, gold):
     """math-verify's reward (its documented use), inside a worker: its own signal-based timeouts are
     off, the worker's kill is the bound. None when it raises."""
     try:
+        import logging
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warnings: we bound it
         from math_verify import parse, verify as math_verify
         return 1.0 if math_verify(parse(f"${gold}$", parsing_timeout=None), parse(completion, parsing_timeout=None),
                                   timeout_seconds=None) else 0.0
