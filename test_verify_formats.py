@@ -322,6 +322,9 @@ def test_second_opinion_agrees_on_plain_answers_and_returns_the_disagreements():
                               "math_verify": 0.0}]
     audited = verify.audit(verdicts, completions, golds, sample=4)
     assert audited.metrics["math_verify_agreement"] == 3 / 4 and audited.disagreements == disagreements
+    # a trace cut at the token limit scores 0 by rule; math-verify would read its answer: never sampled
+    cut = verify.grades(["so \\boxed{4}"] * 3, ["4"] * 3, truncated=[True, True, False])
+    assert verify.second_opinion(["so \\boxed{4}"] * 3, ["4"] * 3, cut, sample=3) == (1.0, [])
 
 
 def test_second_opinion_is_time_bounded(monkeypatch):

@@ -1577,12 +1577,14 @@ def second_opinion(completions, golds, verdicts, sample=16, timeout=5.0, seed=0)
     call in a verifier worker under a hard time bound (math-verify can be slow or hang). Returns None
     without math-verify, else (agreement rate over the sample, or None when math-verify gave no
     verdict on any; the disagreeing cases as dicts: completion, gold, answer, verify, math_verify).
-    Cases math-verify could not grade in time are left out of the rate."""
+    Unfinished traces are not sampled (verify.py scores them 0 by rule, not by grading), and cases
+    math-verify could not grade in time are left out of the rate."""
     try:
         import math_verify  # noqa: F401  (imported here so that the workers forked from now on have it)
     except ImportError:
         return None
-    picked = random.Random(seed).sample(range(len(completions)), min(sample, len(completions)))
+    finished = [i for i, v in enumerate(verdicts) if v.status != "unfinished"]  # math-verify cannot see a cut trace
+    picked = random.Random(seed).sample(finished, min(sample, len(finished)))
 
     def check(i):
         return _run_in_worker((None, str(completions[i]), str(reference_answer(golds[i]))), timeout)
