@@ -653,7 +653,10 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
         machinery.shard_layers(model)          # machinery: training gathers one layer at a time again
     t1 = time.perf_counter()
     golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
-    rewards = torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
+    cut = ~torch.isin(batch["response_ids"].cpu(), torch.tensor(eos_token_ids(model, tokenizer))).any(1)  # no EOS
+    verdicts = verify.grades(batch["texts"], golds, truncated=cut.tolist())   # cut at --max-new-tokens: never rewarded
+    rewards = torch.tensor([v.reward for v in verdicts]).view(len(problems), cfg.group_size)
+    audit = verify.audit(verdicts, batch["texts"], golds, seed=step)  # no-answer/wrong rates, math-verify agreement
     diagnostics = step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id)  # measured, never trained on
     t2 = time.perf_counter()
     loss, kept_tokens = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model)
@@ -668,7 +671,7 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
               "response_length": lengths.float().mean().item(),
               "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
               "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
-              "train_s": round(t3 - t2, 3), **diagnostics}
+              "train_s": round(t3 - t2, 3), **diagnostics, **audit.metrics}
     if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
         record["skipped"] = nonfinite_reason(loss, grad_norm)
     return record
