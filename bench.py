@@ -366,7 +366,7 @@ def bench_verify(rows, n=2000):
 # --gpu-suite: every GPU figure the project needs, in one call of a few minutes on a lent GPU (issue 11).
 # It carries everything it needs: random weights of a named shape built on the device and a tokenizer
 # built in code (nothing downloaded, nothing read from a cache folder). --dry-run runs the same code on
-# the CPU with a tiny shape and tiny sizes, so the script itself is tested here (test_prerl.py).
+# the CPU with a tiny shape and tiny sizes, so the script itself is tested here (test_machinery.py).
 
 SUITE = {
     "gpu": dict(shape="qwen2.5-1.5b", prompts=4, group=8, new_tokens=256, wide_prompts=32,

@@ -6,8 +6,8 @@ side by side with Hugging Face's math-verify when it is installed (`pip install 
     python bench_verify.py --data DIR       # or a folder with the same files
 
 First, per category of issue 14, the accuracy of reward(completion, reference) on the hand-written
-cases of what real models write (REAL_CASES in test_prerl.py, FORMAT_CASES in test_verify_formats.py), with per-call latency and the number
-of calls that raised. Then, with the data folder: accuracy on verify_dev_cases.jsonl (misses listed), the rate at which
+cases of what real models write (REAL_CASES in test_verify.py, FORMAT_CASES in test_verify_formats.py), with per-call
+latency and the number of calls that raised. Then, with the data folder: accuracy on verify_dev_cases.jsonl (misses listed), the rate at which
 reward("... \\boxed{a}", a) is 1.0 over the MATH answers, the rate at which two different MATH answers
 are judged equal (each listed, for review), per-call latency median / p99 / max; and for verify.py
 the batch throughput of rewards().
@@ -69,7 +69,7 @@ def measure(name, is_equiv, reward, cases, answers, pairs):
 
 def real_cases_table(verifiers):
     """Per-category accuracy of reward() on REAL_CASES, misses listed, latency and raised calls."""
-    from test_prerl import REAL_CASES
+    from test_verify import REAL_CASES
     try:
         from test_verify_formats import FORMAT_CASES   # the newer formats' cases, by kind
         REAL_CASES = {**REAL_CASES, **FORMAT_CASES}
