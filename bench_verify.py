@@ -5,9 +5,9 @@ side by side with Hugging Face's math-verify when it is installed (`pip install 
     python bench_verify.py                  # uses ../shared/data when it is there
     python bench_verify.py --data DIR       # or a folder with the same files
 
-First, per category of issue 14, the accuracy of reward(completion, reference) on the hand-written
-cases of what real models write (REAL_CASES in test_verify.py), with per-call latency and the number
-of calls that raised. Then, with the data folder: accuracy on verify_dev_cases.jsonl (misses listed), the rate at which
+First, per category of what real models write, the accuracy of reward(completion, reference) on the hand-written
+cases of what real models write (REAL_CASES in test_verify.py, FORMAT_CASES in test_verify_formats.py), with per-call
+latency and the number of calls that raised. Then, with the data folder: accuracy on verify_dev_cases.jsonl (misses listed), the rate at which
 reward("... \\boxed{a}", a) is 1.0 over the MATH answers, the rate at which two different MATH answers
 are judged equal (each listed, for review), per-call latency median / p99 / max; and for verify.py
 the batch throughput of rewards().
@@ -70,6 +70,11 @@ def measure(name, is_equiv, reward, cases, answers, pairs):
 def real_cases_table(verifiers):
     """Per-category accuracy of reward() on REAL_CASES, misses listed, latency and raised calls."""
     from test_verify import REAL_CASES
+    try:
+        from test_verify_formats import FORMAT_CASES   # the newer formats' cases, by kind
+        REAL_CASES = {**REAL_CASES, **FORMAT_CASES}
+    except ImportError:
+        pass
     rows, misses = {}, {}
     for name, _, reward in verifiers:
         latencies, raised = [], 0

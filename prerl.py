@@ -126,6 +126,8 @@ class Config:
     reward: str = opt("", "your own reward: FILE.py:function or module:function, called as function(completion, "
                           "answer, row) -> float (> 0.5 counts as right); empty = verify.py")
     format_reward: float = opt(0.0, "add W x [a final answer was found in the response] to the reward (W < 0.5)")
+    cut_scores_zero: bool = opt(False, "a response cut at --max-new-tokens without EOS scores 0 whatever it holds "
+                                       "(verify.py's unfinished-trace rule; an unclosed <think> always scores 0)")
     tasks: str = opt("add,mul", "built-in families, comma-separated: " + ",".join(TASK_FAMILIES))
     difficulty: int = opt(1, "built-in generator: digits per operand (1 = single digit)")
     eval_size: int = opt(64, "held-out problems per evaluation (at most)")
@@ -654,7 +656,7 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
     with machinery.rollout_share(model, problems, DIST) as (problems, first):  # machinery: torchrun: this rank's prompts
         batch = sample(model, tokenizer, problems, cfg, cfg.group_size, [f"{cfg.seed}-{step}-{first + i}" for i in range(len(problems))])
     t1 = time.perf_counter()
-    rewards, scored = score_responses(batch["texts"], problems, cfg, cfg.group_size)  # verify.py, or --reward's
+    rewards, scored = score_responses(batch["texts"], problems, cfg, cfg.group_size, cut=~batch["ended"], audit_seed=step)  # verify.py, or --reward's
     diagnostics = step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id)  # measured, never trained on
     t2 = time.perf_counter()
     loss, kept_tokens = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model)
@@ -668,7 +670,7 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
               "response_length": lengths.float().mean().item(),
               "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
               "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
-              "train_s": round(t3 - t2, 3), "reward_timeouts": scored["timeouts"], **diagnostics,
+              "train_s": round(t3 - t2, 3), "reward_timeouts": scored["timeouts"], **scored["audit"], **diagnostics,
               "samples": logged_samples(step, problems, batch, rewards, scored, cfg)}  # popped into samples.jsonl
     if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
         record["skipped"] = nonfinite_reason(loss, grad_norm)
@@ -1057,26 +1059,38 @@ def user_rewards(spec, texts, answers, rows):
     return [value if status == "ok" else 0.0 for status, value in outcomes], sum(s == "timeout" for s, _ in outcomes)
 
 
-def score_responses(texts, problems, cfg, group_size=1, with_format=True):
+def score_responses(texts, problems, cfg, group_size=1, with_format=True, cut=None, audit_seed=None):
     """Rewards [problems, group_size] of responses listed group by group, and what scoring saw: the
-    answer verify.py extracts from each response, and how many --reward calls timed out."""
+    answer verify.py extracts from each response, how many --reward calls timed out and, given an
+    audit_seed, the step's verifier audit (no-answer and wrong-answer rates; math-verify's agreement and
+    the cases it disagrees on, where it is installed). cut: [responses] bool, True where a response hit
+    --max-new-tokens without EOS; with --cut-scores-zero such a response scores 0."""
     answers = [p["answer"] for p in problems for _ in range(group_size)]
+    audit = verify.Audit({}, [])
     if cfg.reward:
         rewards, timeouts = user_rewards(cfg.reward, texts, answers, [p.get("row", p) for p in problems for _ in range(group_size)])
     else:
-        rewards, timeouts = verify.rewards(texts, answers), 0
+        truncated = cut.tolist() if cut is not None and cfg.cut_scores_zero else None
+        verdicts = verify.grades(texts, answers, truncated=truncated)
+        rewards, timeouts = [v.reward for v in verdicts], 0
+        if audit_seed is not None:
+            audit = verify.audit(verdicts, texts, answers, seed=audit_seed)
     extracted = [verify.extract_answer(text) for text in texts]
     if with_format and cfg.format_reward:
         rewards = [r + cfg.format_reward * (a is not None) for r, a in zip(rewards, extracted)]
-    return torch.tensor(rewards).view(len(problems), group_size), {"answers": extracted, "timeouts": timeouts}
+    return torch.tensor(rewards).view(len(problems), group_size), {"answers": extracted, "timeouts": timeouts,
+                                                                   "audit": audit.metrics, "disagreements": audit.disagreements}
 
 
 def logged_samples(step, problems, batch, rewards, scored, cfg):
-    """The step's first --log-samples groups as samples.jsonl lines. 'audit' is left for the cases where
-    a second grader disagrees with the reward (empty: no second grader ran)."""
+    """The step's first --log-samples groups as samples.jsonl lines. 'audit': the group's responses on which
+    math-verify, the second grader, disagrees with the reward (empty when it is not installed or agrees)."""
     group_size, lengths, ended = rewards.shape[1], batch["response_mask"].sum(1).tolist(), batch["ended"].tolist()
     flat = rewards.reshape(-1).tolist()
-    return [{"step": step, "problem": problem["problem"], "gold": problem["answer"], "audit": [],
+    texts = batch["texts"]
+    return [{"step": step, "problem": problem["problem"], "gold": problem["answer"],
+             "audit": [case for case in scored.get("disagreements", [])                 # math-verify disagrees
+                       if case["completion"] in texts[i * group_size:(i + 1) * group_size]],
              "responses": [{"text": batch["texts"][j], "answer": scored["answers"][j], "reward": flat[j],
                             "length": lengths[j], "cut": not ended[j]} for j in range(i * group_size, (i + 1) * group_size)]}
             for i, problem in enumerate(problems[:cfg.log_samples])]

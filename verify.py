@@ -4,20 +4,26 @@ verify.py -- a safe, time-bounded, sympy-based answer verifier for RL with verif
     from verify import reward, rewards, extract_answer, is_equiv
     reward("... so the answer is \\boxed{\\frac{1}{2}}", "0.5")        # -> 1.0
     rewards(completions, golds)                                         # batch form, uses every core
+    grade(completion, gold)     # -> Verdict(reward, answer, status): correct / wrong / no_answer / unfinished
+    rewards(completions, golds, truncated=[...])     # True: cut at the token limit, scores 0
 
 Standalone: needs only sympy and the standard library, so any trainer can import it.
 
 Extraction (extract_answer). The completion is first cut at the first end-of-turn chat token
 (`<|im_end|>`, `<|eot_id|>`, `</s>`, ...: a model that goes on writes a made-up next turn) and at a
 made-up next few-shot question (`\n\nQuestion:`), reasoning inside `<think>...</think>` is skipped
-when an answer follows it, markdown bold is unwrapped. Then the first rule that finds something wins:
+(also `<thinking>`, `<|begin_of_thought|>`, `◁think▷`, gpt-oss's analysis channel), markdown bold is
+unwrapped. Reasoning that never ends has no answer: a `<think>` never closed, or closed with nothing
+after it, extracts None and scores 0, as does any completion the caller marks truncated (it hit the
+token limit): an answer written mid-thought (`so it is 41 ... wait`) must never earn the reward.
+Then the first rule that finds something wins:
   1. the last \\boxed{...} / \\fbox{...} (brace-balanced; `\\boxed 5` without braces). A wrong last
      box is wrong even when an earlier box was right. Only when the reference lists k answers
      (`2, 3`) and the last k boxes hold one answer each are they read together (`\\boxed{2} and
      \\boxed{3}`), in reward().
   2. a GSM8K answer line `#### 72`;
   3. the last answer phrase: `final answer is`, `the answer is`, `answer:` (also `**Answer:**`),
-     `the correct option is`, and in other languages (答案/所以/因此, Réponse, Antwort, Respuesta,
+     `the correct option is`, and in other languages (答案/所以/因此/故/综上, Réponse, Antwort, Respuesta,
      Resposta, Ответ, 答え, 정답, ...). From the text after it: math right after the phrase (with
      `$2$ and $3$` read as both), else the text up to the end of the sentence, `I hope it is
      correct` (Minerva), `because`, `since`, `;`; when that is a sentence around a number (`Natalia
@@ -28,10 +34,13 @@ when an answer follows it, markdown bold is unwrapped. Then the first rule that 
      math with no prose (`\\frac{10}{9}`, `[2,5)`, `(x-2)(x+2)`, `$x=3$`) or one or two words
      (`east`). Longer text is never taken whole, but its last line is when that line is a short
      formula with no prose and no `$` (`\\frac{10}{9}` after the reasoning; a leading `=` dropped).
-  6. the last math span ($...$, $$...$$, \\(...\\), \\[...\\]) or number, whichever ends later,
-     skipping any inside a clause that denies (`36 is not divisible by 5`: not, no, never, cannot,
-     wrong, ...) or a clause that only checks or explains (`Since $7 > 5$, ...`, `Let me double
-     check: ...`), unless nothing else is left.
+  6. a bold value in the last sentence that holds a number (`takes **27 minutes**, less than 30`),
+     never a bold heading (`**Step 2:**`);
+  7. the last math span ($...$, $$...$$, \\(...\\), \\[...\\]), number or formula written in running
+     text (`7/3 * π`, `2√3`, `\\sqrt[3]{16}/2`, `2 3/4`, `2/5`), whichever ends later, skipping any
+     inside a clause that denies (`36 is not divisible by 5`: not, no, never, cannot, wrong, ...),
+     only compares (`3 fewer than the bus`) or only checks or explains (`Since $7 > 5$, ...`, `Let
+     me double check: ...`), unless nothing else is left.
      Math spans joined by `and`/`or`/`,` are read together (`$x = 2$ and $x = 3$`). A `$` whose span
      would hold prose, run up to a digit (`$5 and $6`) or never close is a dollar sign, not math
      (`48+18=$66`); a number right after `^` or `_` (`cm^2`) is not a candidate.
@@ -87,11 +96,32 @@ Conventions of is_equiv(pred, gold) (where graders disagree, the choice and why)
   - Matrices (pmatrix, bmatrix, vmatrix, array inside \\left[ \\right], ...) compare element by
     element (a vmatrix answer is read as its entries, as models write it for a matrix).
   - Words (three letters or more, outside LaTeX commands) compare as case-folded text.
+  - Multiple select: option letters as a set, however joined (`A, C` == `AC` == `C、A` == `\\text{A}
+    and \\text{C}`); a letter with its value or a remark in brackets (`B (12)`, `\\text{B}(12)`) is
+    the letter against a letter, the value otherwise. Against a one-letter reference, reward() also
+    takes the one letter a completion chooses in prose when its answer is not a letter: named in
+    the sentence of its box (`option C: \\boxed{12}`) or cued near its end (`it cannot be A or C,
+    so B`, `排除 A 和 C，故选 B`); rejected letters (not, wrong, out, 不, 排除, ...) never count.
+  - Several parts: `且`, `和`, `与`, `或` join like `and`/`or`; `a = 2 \\quad b = 3` is two answers;
+    values joined by `and` are solutions in any order (`-2, 3` == `3 \\text{ and } -2`), labelled
+    values still compare by label. An integer parameter's declaration (`, k \\in \\mathbb{Z}`, `(n
+    \\in \\mathbb Z)`, `where k is an integer`) is dropped and the parameter renamed k.
+  - An equation whose right side is a number, `y^2 = 49`, equals that number when the REFERENCE
+    is a number (one way only: an equation reference is never matched by a bare number).
+  - Prose forms: `π`, `√3`, `²`, full-width `（），：`, `7/3 times π`; mixed numbers `2 3/4` == 11/4;
+    clock times with seconds (`2:30:00` == `2:30`, `2:30:15` != `2:30`); a number glued to a unit
+    abbreviation (`12kg`, `45mph`; never a single letter: `12x` stays algebra); unit words in any
+    script and currency after or before the number (`12 元`, `15 千克`, `20 dólares`, `3,50 €`).
 
 Safety: nothing from a completion reaches eval/exec. Strings are turned into sympy objects by a
 small recursive-descent parser in this file (no sympify, no parse_expr, no lambdify). All sympy work
 runs in a pool of worker processes; a call that passes its time bound (default 1 s) kills its worker
 and scores 0.0, so the bound holds from any thread. Nothing here raises on any input.
+
+Audit: audit(verdicts) gives the shares of responses with no final answer and with a wrong one (is
+the format failing, or the math?); given the completions and references, and with math-verify
+installed (optional), it also grades a sample of them with math-verify, in the same worker processes
+under the same kind of hard time bound, and returns the agreement rate and the disagreeing cases.
 """
 
 import math
@@ -104,6 +134,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
+from typing import NamedTuple, Optional
 
 DEFAULT_TIMEOUT = 1.0      # seconds per comparison, hard bound
 MAX_ANSWER_CHARS = 1000    # longer answers are compared as plain strings, never parsed
@@ -165,19 +196,43 @@ _END_OF_TURN_RE = re.compile(r"<\|(?:im_end|endoftext|eot_id|eom_id|end|end_of_t
 _CHAT_TOKEN_RE = re.compile(r"<\|[A-Za-z_▁]{1,30}\|>|<｜[^｜>]{1,30}｜>|</?(?:s|bos|start_of_turn)>")
 
 
-def _clean_completion(text):
+# Reasoning that the model opens and must close before it answers: `<think>...</think>` (DeepSeek-R1,
+# Qwen3, ...), `<thinking>`, `<|begin_of_thought|>` (Sky-T1, OpenThoughts), `◁think▷` (Kimi), and
+# gpt-oss's analysis channel, closed by its final channel.
+_THINKING = [("<think>", "</think>"), ("<thinking>", "</thinking>"), ("<reasoning>", "</reasoning>"),
+             ("<|begin_of_thought|>", "<|end_of_thought|>"), ("◁think▷", "◁/think▷"),
+             ("<|channel|>analysis", "<|channel|>final")]
+
+
+def _final_part(text):
+    """The text after the model's reasoning, or None when its reasoning never ended: an opened
+    `<think>` never closed (nor re-closed after a later `<think>`), or closed with nothing after it.
+    A trace cut inside its thinking has no final answer, whatever numbers the thinking holds."""
+    start = 0
+    for opener, closer in _THINKING:
+        opened, closed = text.rfind(opener), text.rfind(closer)
+        if opened > closed:
+            return None  # still thinking: `... so it is 41 ... wait, no`
+        if closed >= 0:
+            start = max(start, closed + len(closer))
+    return text[start:] if start == 0 or text[start:].strip() else None
+
+
+def _strip_turn(text):
+    """The completion's final text up to the end of its turn (bold kept), or None when unfinished."""
+    final = text.rfind("<|channel|>final")  # gpt-oss: its analysis channel ends with an end-of-turn token
+    if final >= 0:
+        text = text[final:]
     end = _END_OF_TURN_RE.search(text)
     if end and text[:end.start()].strip():
         text = text[:end.start()]
+    text = _final_part(text)
+    if text is None:
+        return None
     question = _NEXT_QUESTION_RE.search(text)  # a base model writing the next few-shot question
     if question and re.search(r"\d", text[:question.start()]):
         text = text[:question.start()]
-    think = text.rfind("</think>")
-    if think >= 0 and text[think + 8:].strip():
-        text = text[think + 8:]
-    text = text[-MAX_COMPLETION_CHARS:]
-    text = _BOLD_RE.sub(r"\1", text)  # markdown **72**, never the power 2**3
-    return _CHAT_TOKEN_RE.sub(" ", text)
+    return _CHAT_TOKEN_RE.sub(" ", text[-MAX_COMPLETION_CHARS:])
 
 
 _BOLD_RE = re.compile(r"(?<![\w*])\*\*(?=\S)([^*\n]{1,200}?)(?<=\S)\*\*(?![\w*])")
@@ -224,7 +279,8 @@ _PHRASE_RE = re.compile(
     r"final\s+answer\**\s*(?:is|[:：])|the\s+answer\s+is|\banswer\**\s*(?:is)?\s*[:：]|\bans\s*[:：]"
     r"|the\s+(?:final\s+)?result\s+is|the\s+solution\s+is|(?:correct|right|best)\s+(?:answer|option|choice)\s+is"
     r"|the\s+(?:option|choice)\s+is"
-    r"|答案\s*(?:是|为|為|[:：])|最终答案|所以|因此|答え\s*(?:は|[:：])|정답\s*(?:은|[:：])|답\s*[:：]"
+    r"|答案\s*(?:是|为|為|[:：])|最终答案|所以|因此|综上(?:所述)?|(?<![事缘变典何])故(?![事意障乡])"
+    r"|答え\s*(?:は|[:：])|정답\s*(?:은|[:：])|답\s*[:：]"
     r"|r[ée]ponse\s*(?:finale)?\s*(?:est|[:：])|antwort\s*(?:ist|lautet|[:：])|endergebnis\s*[:：]"
     r"|respuesta\s*(?:final)?\s*(?:es|[:：])|resposta\s*(?:final)?\s*(?:é|[:：])|risposta\s*(?:è|[:：])"
     r"|ответ\s*[:：]?|odpowied[źz]\s*[:：]|cevap\s*[:：]",
@@ -239,7 +295,15 @@ _DENIAL_RE = re.compile(r"\bnot\b|n't\b|\bnever\b|\bno\b|\bcannot\b|\bneither\b|
 _JUSTIFY_RE = re.compile(r"\s*(?:since|because|as|check|checking|verify|verifying|verification|note|indeed|"
                          r"let me|let's (?:check|verify|double)|double[- ]check|to (?:check|verify))\b", re.IGNORECASE)
 _NEXT_QUESTION_RE = re.compile(r"\n[ \t]*(?:Question|Q|Problem|Human|User|Instruction)\s*\d*\s*[:：]")
-_CLAUSE_RE = re.compile(r"[.!?。](?:\s|$)|[\n,;，；]|\b(?:so|hence|thus|therefore|but)\b", re.IGNORECASE)
+_COMPARISON_RE = re.compile(r"\bthan\b|\bcompared\b", re.IGNORECASE)
+# A formula written in running text, outside `$`: `7/3 * π`, `2√3`, `\sqrt[3]{16}/2`, `2 3/4`, `48 + 24 = 72`.
+_BRACED = r"\{(?:[^{}\n]|\{[^{}\n]*\})*\}"
+_FORMULA_ATOM = (r"(?:\d+ \d+/\d+(?![\d/])|\d{1,3}(?:,\d{3})+(?![\d,])|\d+(?:\.\d+)?|π|√\s*\(?\d+(?:\.\d+)?\)?"
+                 r"|\\(?:pi|sqrt|frac|dfrac|tfrac)(?![a-zA-Z])(?:\[\d+\])?(?:" + _BRACED + r")*)(?:\^\{?-?\d+\}?|[²³])?")
+_FORMULA_OP = r"(?:\s*(?:[+*/×·÷=]|\\cdot|\\times|\\div)\s*|\s+[-−]\s+|\s+times\s+)"
+_FORMULA_RE = re.compile(r"(?<![\w.^_/\\])-?(?:" + _FORMULA_ATOM + r")+(?:" + _FORMULA_OP + r"(?:" + _FORMULA_ATOM + r")+)*")
+_CLAUSE_RE = re.compile(r"[.!?。](?:\s|$)|[\n,;，；]|\b(?:so|hence|thus|therefore|but)\b|所以|因此|故(?![事意障乡])",
+                        re.IGNORECASE)
 
 
 def _answer_in_segment(segment):
@@ -282,7 +346,7 @@ def _after_phrase(text):
     return _answer_in_segment(rest) if rest.strip() else None
 
 
-def _sentence_denies(text, pos):
+def _sentence_denies(text, pos, pattern=_DENIAL_RE):
     """True when the clause around text[pos] says `not`, `no`, `never`, ... (`12 is not divisible
     by 5`); a clause ends at . , ; ! ? a new line, or `so`, `hence`, `thus`, `therefore`, `but`."""
     window = max(0, pos - 300)
@@ -291,7 +355,12 @@ def _sentence_denies(text, pos):
         start = start_match.end()
     end_match = _CLAUSE_RE.search(text, pos, pos + 300)
     end = end_match.start() if end_match else min(len(text), pos + 300)
-    return bool(_DENIAL_RE.search(text, start, end))
+    return bool(pattern.search(text, start, end))
+
+
+def _set_aside(text, pos):
+    """A value in a clause that denies, checks or only compares (`3 fewer than the bus`) is not the answer."""
+    return _sentence_denies(text, pos) or _justifies(text, pos) or _sentence_denies(text, pos, _COMPARISON_RE)
 
 
 def _is_prose_free(text):
@@ -351,31 +420,67 @@ def _joined_spans(text, spans, k):
     return inner[0] if len(inner) == 1 else joiner.join(inner)
 
 
+def _text_values(text):
+    """Numbers and formulas written in running text, last first; at equal ends the formula."""
+    found = [(m.end(), m.end() - m.start(), m.start(), m.group(0)) for m in _NUMBER_RE.finditer(text)]
+    found += [(m.end(), m.end() - m.start(), m.start(), m.group(0).strip()) for m in _FORMULA_RE.finditer(text)
+              if not _NUMBER_RE.fullmatch(m.group(0).strip())]
+    return [(start, value) for _, _, start, value in sorted(found, reverse=True)]
+
+
 def _last_value(text):
-    """The last math span or number not in a denying or checking sentence, whichever ends later."""
+    """The last math span, number or formula not in a denying, checking or comparing clause,
+    whichever ends later."""
     text = text[-20_000:]  # the answer is near the end; bounded work on hostile text
     best, spans = None, _math_spans(text)[-50:]
     for k in range(len(spans) - 1, -1, -1):
-        if not _sentence_denies(text, spans[k][0]) and not _justifies(text, spans[k][0]):
+        if not _set_aside(text, spans[k][0]):
             best = (spans[k][1], _joined_spans(text, spans, k))
             break
-    for k, m in enumerate(reversed(list(_NUMBER_RE.finditer(text)))):
-        if (best is not None and m.start() < best[0]) or k >= 50:
+    for k, (start, value) in enumerate(_text_values(text)):
+        if (best is not None and start < best[0]) or k >= 50:
             break
-        if not _sentence_denies(text, m.start()) and not _justifies(text, m.start()):
-            return m.group(0)
+        if not _set_aside(text, start):
+            return value
     if best is None and spans and not _sentence_denies(text, spans[-1][0]):
         return spans[-1][2]  # everything sits in checking clauses: the last math still beats nothing
     return best[1] if best else None
 
 
+def _last_bold(text):
+    """A bold value in the last sentence that holds a number (`... takes **27 minutes**, which is
+    less than the 30 we allowed`): the model marked it as its answer. Never a heading (`**Step 2:**`)."""
+    text = text[-20_000:]
+    last_digit = max(text.rfind(d) for d in "0123456789")
+    if last_digit < 0:
+        return None
+    sentence = max(text.rfind(c, 0, last_digit) for c in (". ", "! ", "? ", "。", "\n"))
+    answer = None
+    for m in _BOLD_RE.finditer(text, sentence + 1):
+        if re.search(r"\d", m.group(1)) and not re.match(r"\s*[:：]", text[m.end():m.end() + 3]) \
+                and not m.group(1).rstrip().endswith((":", "：")):
+            answer = _answer_in_segment(m.group(1))
+    return answer
+
+
 def extract_answer(completion):
     """The final answer of a completion, or None. Order: boxed, `####`, answer phrase, a last line
-    `A: ...`, the whole completion when it is a short answer, then the last math span or number."""
+    `A: ...`, the whole completion when it is a short answer, a bold value in the last sentence,
+    then the last math span, number or formula. None when the reasoning never ended."""
     try:
         if not isinstance(completion, str) or not completion:
             return None
-        text = _clean_completion(completion)
+        return _extract(_strip_turn(completion))
+    except Exception:  # hostile input must never raise
+        return None
+
+
+def _extract(with_bold):
+    """extract_answer() on the completion's final text (from _strip_turn; None: unfinished)."""
+    try:
+        if with_bold is None:
+            return None  # the reasoning never ended: no final answer
+        text = _BOLD_RE.sub(r"\1", with_bold)
         boxed = _last_boxed(text)
         if boxed:
             return boxed
@@ -384,7 +489,8 @@ def extract_answer(completion):
             pass
         if gsm8k:
             return _answer_in_segment(gsm8k.group(1)[:400]) or gsm8k.group(1)[:400].strip()
-        for rule in (_after_phrase, _last_line_a, _whole_answer, _last_line_math, _last_value):
+        for rule in (_after_phrase, _last_line_a, _whole_answer, _last_line_math, lambda _: _last_bold(with_bold),
+                     _last_value):
             answer = rule(text)
             if answer is not None and answer.strip():
                 return answer.strip()
@@ -393,18 +499,43 @@ def extract_answer(completion):
         return None
 
 
+_LETTER_MENTION_RE = re.compile(r"(?<![A-Za-z\\{])\(?([A-E])\)?(?![A-Za-z'’}])")
+_CHOICE_CUE_RE = re.compile(r"\b(?:so|thus|hence|therefore|answer|option|choice|choose|select|pick|correct|right"
+                            r"|must be|remaining)\b|选|故|所以|答案|正确|因此", re.IGNORECASE)
+_CHOICE_DENIAL_RE = re.compile(_DENIAL_RE.pattern + r"|\bout\b|\beliminat\w*|\brule[sd]?\s+out|\bcontradict\w*"
+                               r"|\bfalse\b|\bfails?\b|不|错|排除|否", re.IGNORECASE)
+
+
+def _chosen_letter(text):
+    """The one option letter a completion chooses in prose, for a multiple-choice reference: in the
+    sentence of its last box (`the answer is option C: \\boxed{12}`), else near its end (`it cannot
+    be A or C, so B`; `A、C 都不对，所以选 B`). A letter counts when a cue (so, answer, option, 选, 故,
+    ...) comes shortly before it, or it stands in brackets, and its clause does not reject it.
+    None unless exactly one letter is chosen."""
+    text = text[-2000:]
+    boxes = _boxes(text)
+    if boxes:
+        begin = max(text.rfind(c, 0, boxes[-1][0]) for c in (". ", "! ", "? ", "。", "\n")) + 1
+        ends = [i for i in (text.find(c, boxes[-1][1]) for c in (". ", "! ", "? ", "。", "\n")) if i >= 0]
+        begin, end = begin, min(ends + [len(text)])
+    else:
+        begin, end = max(0, len(text) - 300), len(text)
+    chosen = set()
+    for m in _LETTER_MENTION_RE.finditer(text, begin, end):
+        if m.group(1) == "A" and re.match(r"\s+[a-z]+", text[m.end():]) and not re.match(
+                r"\s+(?:and|or|nor|is|are|was|were|cannot|can|must|gives?|seems?)\b", text[m.end():]):
+            continue  # the article `A`, not the option
+        sentence = max(text.rfind(c, 0, m.start()) for c in (". ", "! ", "? ", "。", "\n")) + 1
+        cued = m.group(0).startswith("(") or _CHOICE_CUE_RE.search(text, max(sentence, m.start() - 40), m.start())
+        if cued and not _sentence_denies(text, m.start(), _CHOICE_DENIAL_RE) and not _justifies(text, m.start()):
+            chosen.add(m.group(1))
+    return chosen.pop() if len(chosen) == 1 else None
+
+
 def _last_line_a(text):
     lines = [line for line in text.strip().split("\n") if line.strip()]
     m = _LAST_LINE_A_RE.match(lines[-1]) if lines and len(lines[-1]) <= 400 else None
     return _answer_in_segment(m.group(1)) if m else None
-
-
-def _all_boxed_answers(completion):
-    """The contents of every box in the completion, for a reference that lists several answers."""
-    try:
-        return [b[2] for b in _boxes(_clean_completion(completion))]
-    except Exception:
-        return []
 
 
 def reference_answer(gold):
@@ -436,7 +567,10 @@ _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|textup|tex
                           r"mathsf|mathtt|mbox|hbox|operatorname|emph|num)\s*\{([^{}]*)\}")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
 _THOUSANDS_RE = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])|(?<![\d.])[1-9]\d{0,2}(?:\\? \d{3})+(?![\d.])")
-_UNIT_WORD = r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+[a-zA-Z]{2,}\.?|\s+[a-zA-Z]+/[a-zA-Z]+)(?:\s*\^\s*\{?\d\}?)?"
+_UNIT_WORD = (r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+[^\W\d_]{2,}\.?|\s+[a-zA-Z]+/[a-zA-Z]+"
+              r"|\s*[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]+|\s+m(?=\s*\^)|\s*[€£¥₹₩]"  # `12 元`, `3,50 €`
+              r"|\s*(?:kg|mg|km|cm|mm|ml|mL|min|mins|hrs?|secs?|mph|kph|km/h|m/s|ft|yd|lbs?|oz|kcal|kW|kWh)(?![a-zA-Z]))"
+              r"(?:\s*\^\s*\{?\d\}?)?")
 _UNIT_TAIL_RE = re.compile(r"^(.*?\d)\s*(?:" + _UNIT_WORD + r")+\s*$")
 _TEXT_TAIL_RE = re.compile(r"^(.+?[\d})])\s*\\(?:text\w*|mbox|mathrm)\s*\{\s*[a-zA-Z][^{}]*\}(?:\s*\^\s*\{?\d\}?)?\s*$")
 _MOD_RE = re.compile(r"\\[pb]?mod ?\{? ?\w+ ?\}? ?\)? ?")
@@ -456,6 +590,38 @@ def _repeating_to_fraction(m):
 _SCIENTIFIC_RE = re.compile(r"(?<![a-zA-Z\\\d.])(\d+(?:\.\d+)?)[eE]([-+]?\d{1,4})(?![\d.])")
 
 
+_FULL_WIDTH = str.maketrans({"（": "(", "）": ")", "：": ":", "；": ";", "，": ", ", "、": ", ", "＝": "=",
+                             "²": "^2", "³": "^3", "π": "\\pi ", "∞": "\\infty ", "∈": "\\in ", "ℤ": "\\mathbb{Z}",
+                             "÷": "\\div ", "⋅": "\\cdot ", "€": " €"})
+_INTEGER_PARAMETER_RE = re.compile(  # `, k \in \mathbb{Z}`, `(n \in \mathbb Z)`, `where k is an integer`
+    r"\(?\s?(?:(?:\\text\{\s?)?(?:where|for|with)\b\s?\}?\s?)?(?<![a-zA-Z\\])([a-zA-Z])\s?"
+    r"(?:\\in\s?(?:\\mathbb|\\Bbb|\\mathbf)?\s?\{?\s?Z\s?\}?|(?:\\text\{\s?)?(?:is\s)?(?:an?\s|any\s)?integers?\s?\}?)"
+    r"\s?\)?\s?\.?\s?$")
+_GLUED_UNIT_RE = re.compile(r"(-?\d[\d,]*(?:\.\d+)?)(?:kg|mg|km|cm|mm|ml|mL|min|hrs?|secs?|mph|kph|ft|lbs?|oz)"
+                            r"(?:\^\{?[23]\}?)?")
+_MIXED_NUMBER_RE = re.compile(r"(-?)(\d+) (\d+)/(\d+)")
+
+
+def _general_solution(s):
+    """`x = \\frac{\\pi}{4} + n\\pi, n \\in \\mathbb{Z}` is `x = \\frac{\\pi}{4} + k\\pi`: the declaration of
+    the integer parameter is dropped and the parameter renamed k, so that both sides name it alike."""
+    m = _INTEGER_PARAMETER_RE.search(s) if "Z" in s or "integer" in s else None
+    if not m or m.group(1) in "ie":
+        return s
+    rest = s[:m.start()]
+    while True:  # the separators before the declaration (a loop: a regex would be quadratic here)
+        stripped = rest
+        for separator in ("\\ ", "\\,", "\\;", "\\:", "\\!", "\\quad", "\\qquad"):
+            stripped = stripped[:-len(separator)] if stripped.endswith(separator) else stripped
+        stripped = stripped.rstrip(" ,;~")
+        if stripped == rest:
+            break
+        rest = stripped
+    if not rest.strip():
+        return s
+    return re.sub(r"(?<![a-zA-Z\\])" + m.group(1) + r"(?![a-zA-Z])", "k", rest)
+
+
 def _normalize(s):
     """Canonical text of an answer string and whether it carried a percent sign."""
     s = "".join(c for c in s if c.isprintable() or c == " ")[:MAX_ANSWER_CHARS * 4].strip()
@@ -464,6 +630,12 @@ def _normalize(s):
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = s.replace("\\\\frac", "\\frac")
     s = s.replace("**", "^")  # Python's power, as code-minded models write it
+    s = s.translate(_FULL_WIDTH)  # full-width punctuation, π, ², √ as models write them in prose
+    s = re.sub(r"√\s*(\d+(?:\.\d+)?|[a-zA-Z])", r"\\sqrt{\1}", s).replace("√", "\\sqrt")
+    s = re.sub(r"(?<=[\w})])\s+times\s+(?=[-\d\\(])", r" \\cdot ", s)  # `7/3 times π`
+    s = _general_solution(s)
+    if s.count("=") >= 2:  # `a = 2 \quad b = 3`: the space separates two answers
+        s = re.sub(r"\s*,?\s*\\q?quad\s*", ", ", s)
     s = _BARE_FUNCTION_RE.sub(r"\\\1", s)  # sqrt(2), pi, sin(x) written without a backslash
     s = re.sub(r"(\d),\s*\\!\s*(?=\d{3}(?!\d))", r"\1,", s)  # `11,\! 111`: a thousands separator
     for token in _REMOVE:
@@ -501,6 +673,13 @@ def _normalize(s):
     while s.endswith(("\\", ".")) and len(s) > 1:
         s = s[:-1].rstrip()
     s = re.sub(r"\s+", " ", s)
+    glued = _GLUED_UNIT_RE.fullmatch(s)
+    s = glued.group(1) if glued else s  # `12kg` is 12 kg, never 12 k g
+    s = re.sub(r"^[€£¥₹₩]\s*(?=[-\d.])", "", s)  # `€15`
+    mixed = _MIXED_NUMBER_RE.fullmatch(s)
+    if mixed and int(mixed.group(3)) < int(mixed.group(4)):  # `2 3/4` is 11/4
+        value = int(mixed.group(2)) + Fraction(int(mixed.group(3)), int(mixed.group(4)))
+        s = f"{mixed.group(1)}\\frac{{{value.numerator}}}{{{value.denominator}}}"
     choice = re.fullmatch(r"\(?([A-E])\)?", s.replace(" ", ""))
     if choice:
         s = choice.group(1)
@@ -558,8 +737,15 @@ def _rounds_rational(text, value, other):
 
 
 _BASE_RE = re.compile(r"\(?([0-9A-Za-z]+)\)?_\{?\(?(\d{1,2})\)?\}?")
-_TIME_RE = re.compile(r"(\d{1,2}):(\d{2})(?:\s*([ap])\.?\s*m\.?)?", re.IGNORECASE)
+_TIME_RE = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?(?:\s*([ap])\.?\s*m\.?)?", re.IGNORECASE)
 _CHOICE_PREFIX_RE = re.compile(r"\(?([A-E])\)?(?:[.:)]\s*|\s+)(.+)")
+_CHOICE_REMARK_RE = re.compile(r"([A-E])\s*\((.+)\)")  # the letter with its value or a remark in brackets
+
+
+def _letters(s):
+    """The option letters an answer names, as a set (`A, C`, `A C`, `AC`, `A and C`), else None."""
+    t = re.sub(r"\band\b|[,;\s()]", "", s)
+    return frozenset(t) if re.fullmatch(r"[A-E]{1,5}", t) and len(set(t)) == len(t) else None
 _DECIMAL_COMMA_RE = re.compile(r"(-?\d+),(\d+)")
 _NUMBER_WORDS = {w: k for k, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -589,18 +775,24 @@ def _special_forms(p, g):
             a = str(_NUMBER_WORDS[a.lower()])  # `twelve` against 12
             p, g = (b, a) if swap else (a, b)
     tp, tg = _TIME_RE.fullmatch(p), _TIME_RE.fullmatch(g)
-    if tp and tg:
-        def minutes(m):
-            hours = int(m.group(1)) % 12 + (12 if (m.group(3) or "").lower() == "p" else 0)
-            return (hours if m.group(3) else int(m.group(1))) * 60 + int(m.group(2))
-        if tp.group(3) and tg.group(3):
-            return minutes(tp) == minutes(tg)
-        return minutes(tp) % 720 == minutes(tg) % 720
+    if tp and tg:  # clock times; seconds left out are :00
+        def seconds(m):
+            hours = int(m.group(1)) % 12 + (12 if (m.group(4) or "").lower() == "p" else 0)
+            return ((hours if m.group(4) else int(m.group(1))) * 60 + int(m.group(2))) * 60 + int(m.group(3) or 0)
+        if tp.group(4) and tg.group(4):
+            return seconds(tp) == seconds(tg)
+        return seconds(tp) % 43200 == seconds(tg) % 43200
+    letters_p, letters_g = _letters(p), _letters(g)
+    if letters_p and letters_g:  # multiple select: `A, C` == `AC` == `C、A`
+        return letters_p == letters_g
     for a, b, swap in ((p, g, False), (g, p, True)):
         m = _CHOICE_PREFIX_RE.fullmatch(a)
-        if m and len(b) > 0:
+        remark = _CHOICE_REMARK_RE.fullmatch(a)
+        if (m or remark) and len(b) > 0:
             if re.fullmatch(r"[A-E]", b):
-                a = m.group(1)   # `A. because ...` against the letter A
+                a = (m or remark).group(1)   # `A. because ...`, `B (12)` against the letter
+            elif remark and not re.fullmatch(r"[A-E]", a):
+                a = remark.group(2)  # `B (12)` against 12
             elif not re.fullmatch(r"[A-E]", a) and re.match(r"\(?[A-E](?:\)|[.:]\s)", a):
                 a = m.group(2)   # `(B) 12` against 12
             p, g = (b, a) if swap else (a, b)
@@ -860,8 +1052,9 @@ _LABEL = (r"(?:[a-zA-Z](?:_\{?\w+\}?)?'?(?:\^\{?-1\}?)?(?:\([^()=,]{1,12}\))?|\\
           r"|[A-Z]{2,3}|\\overline\{[A-Z]{1,3}\}|m?\s*\\angle\s*[A-Z]{1,3})")
 _LABEL_RE = re.compile(r"\s*(" + _LABEL + r"|\(\s*" + _LABEL + r"(?:\s*,\s*" + _LABEL + r")+\s*\))\s*")
 _RELATION_SPLIT_RE = re.compile(r"(<=|>=|!=|<|>)")
-_CONNECTIVE_RE = re.compile(r"\\text\{ ?(?:or|and) ?\}|\bor\b|\band\b")
-_OR_RE = re.compile(r"\\text\{\s*or\s*\}|\bor\b")
+_CONNECTIVE_RE = re.compile(r"\\text\{ ?(?:or|and|且|或|和|与) ?\}|\bor\b|\band\b|且|或|和|与")
+_OR_RE = re.compile(r"\\text\{\s*or\s*\}|\bor\b|或")
+_AND_RE = re.compile(r"\\text\{\s*and\s*\}|\band\b|和|与")
 
 
 def _structure(s):
@@ -890,7 +1083,7 @@ def _structure(s):
         if all(item[0] == "labelled" for item in items):
             keys = [item[1] for item in items]
             return ("labels", items, has_or or len(set(keys)) < len(keys))
-        return ("set" if has_or else "list", items)
+        return ("set" if has_or or _AND_RE.search(s) else "list", items)  # `3 and -2`: solutions, any order
     if s.count("\\pm") == 1 and "\\mp" not in s:  # `\pm 2021` is the set {-2021, 2021}
         return ("set", [_structure(s.replace("\\pm", "+")), _structure(s.replace("\\pm", "-"))])
     if _RELATION_SPLIT_RE.search(s):
@@ -1108,6 +1301,10 @@ def _structures_equal(p, g, percent):
             return all(_structures_equal(item[2], by_key[item[1]], percent) for item in p[1])
     if "labels" in (kind_p, kind_g):
         return _structures_equal(_values(p), _values(g), percent)
+    if kind_p == "equation" and kind_g == "expr" and not g[1].free_symbols:  # `y^2 = 49` against 49
+        lhs, rhs = p[1]
+        return lhs[0] == rhs[0] == "expr" and bool(lhs[1].free_symbols) and not rhs[1].free_symbols \
+            and _structures_equal(rhs, g, percent)
     if kind_p == "text" or kind_g == "text" or kind_p == "choice" or kind_g == "choice":
         return kind_p == kind_g and p[1] == g[1]
     if kind_p == "expr" and kind_g == "expr":
@@ -1152,7 +1349,7 @@ def _compare_normalized(pred, gold, percent):
 
 
 def _serve(conn, parent_ends, parent_pid):
-    # No orphans (issue 16): a worker must exit when the process that started it dies, even by
+    # No orphans: a worker must exit when the process that started it dies, even by
     # kill -9. It inherits, through fork, the parent's end of its own pipe and of every other
     # worker's pipe; while any process holds a parent end open, recv() never sees EOF. So close
     # them all here, and also watch the parent in case some other path leaked a copy.
@@ -1167,7 +1364,23 @@ def _serve(conn, parent_ends, parent_pid):
             job = conn.recv()
         except (EOFError, OSError):
             return
-        conn.send(job() if callable(job) else _compare_normalized(*job))   # a callable job: call_in_worker
+        if callable(job):                     # call_in_worker: a user's --reward
+            conn.send(job())
+        else:                                 # (None, completion, gold): math-verify's second opinion
+            conn.send(_math_verify_reward(*job[1:]) if job[0] is None else _compare_normalized(*job))
+
+
+def _math_verify_reward(completion, gold):
+    """math-verify's reward (its documented use), inside a worker: its own signal-based timeouts are
+    off, the worker's kill is the bound. None when it raises."""
+    try:
+        import logging
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warnings: we bound it
+        from math_verify import parse, verify as math_verify
+        return 1.0 if math_verify(parse(f"${gold}$", parsing_timeout=None), parse(completion, parsing_timeout=None),
+                                  timeout_seconds=None) else 0.0
+    except Exception:
+        return None
 
 
 def _watch_parent(parent_pid):
@@ -1277,33 +1490,115 @@ def _top_level_parts(answer):
     return len([p for p in _split_top_level(s, ";" if ";" in s else ",") if p])
 
 
-def reward(completion, gold, timeout=DEFAULT_TIMEOUT):
-    """1.0 when the completion's extracted answer is equivalent to the reference answer, else 0.0.
-    A reference listing k answers also matches the last k boxes of a completion that boxes each
-    answer separately (`\\boxed{2} and \\boxed{3}` for `2, 3`)."""
+class Verdict(NamedTuple):
+    """What grade() found: the reward, the final answer it read (None when there was none) and why:
+    `correct`, `wrong` (an answer, not equivalent), `no_answer` (none found) or `unfinished` (the
+    reasoning never ended, or the trace was cut at the token limit: never rewarded)."""
+    reward: float
+    answer: Optional[str]
+    status: str
+
+
+def grade(completion, gold, timeout=DEFAULT_TIMEOUT, truncated=False):
+    """reward() with its reasons, as a Verdict. truncated=True says the completion hit the token limit
+    before its end-of-sequence token: it scores 0, whatever answer it holds mid-thought."""
     try:
-        pred = extract_answer(completion)
-        if pred is None:
-            return 0.0
+        final = _strip_turn(completion) if isinstance(completion, str) else ""
+        if truncated or final is None:
+            return Verdict(0.0, None, "unfinished")
+        pred = _extract(final) if final else None
         gold = reference_answer(gold)
-        if is_equiv(pred, gold, timeout):
-            return 1.0
-        boxes = _all_boxed_answers(completion)
+        if pred is not None and is_equiv(pred, gold, timeout):
+            return Verdict(1.0, pred, "correct")
+        text = _BOLD_RE.sub(r"\1", final)
+        boxes = [b[2] for b in _boxes(text)]
         parts = _top_level_parts(gold) if len(boxes) > 1 else 1
         if 1 < parts <= len(boxes) and all(_top_level_parts(b) == 1 for b in boxes[-parts:]):
-            return 1.0 if is_equiv(", ".join(boxes[-parts:]), gold, timeout) else 0.0
-        return 0.0
+            joined = ", ".join(boxes[-parts:])  # one box per blank: `\\boxed{2} and \\boxed{3}` for `2, 3`
+            return Verdict(1.0, joined, "correct") if is_equiv(joined, gold, timeout) else Verdict(0.0, pred, "wrong")
+        if re.fullmatch(r"\(?[A-E]\)?", _normalize(gold)[0]) and (pred is None or not _letters(_normalize(pred)[0])):
+            letter = _chosen_letter(text)  # a choice named in prose
+            if letter:
+                return Verdict(1.0 if is_equiv(letter, gold, timeout) else 0.0, letter,
+                               "correct" if is_equiv(letter, gold, timeout) else "wrong")
+        return Verdict(0.0, pred, "no_answer" if pred is None else "wrong")
     except Exception:
-        return 0.0
+        return Verdict(0.0, None, "no_answer")
 
 
-def rewards(completions, golds, timeout=DEFAULT_TIMEOUT, workers=None):
-    """reward() for a batch, spread over one worker process per core."""
+def reward(completion, gold, timeout=DEFAULT_TIMEOUT, truncated=False):
+    """1.0 when the completion's extracted answer is equivalent to the reference answer, else 0.0.
+    A reference listing k answers also matches the last k boxes of a completion that boxes each
+    answer separately (`\\boxed{2} and \\boxed{3}` for `2, 3`); a multiple-choice reference also
+    matches the one letter the completion chooses in prose. Unfinished reasoning (an unclosed
+    `<think>`, or truncated=True: cut at the token limit) scores 0."""
+    return grade(completion, gold, timeout, truncated).reward
+
+
+def grades(completions, golds, timeout=DEFAULT_TIMEOUT, workers=None, truncated=None):
+    """grade() for a batch, spread over one worker process per core; truncated: one bool per
+    completion (True: it hit the token limit without its end-of-sequence token), or None."""
     if len(completions) != len(golds):
         raise ValueError(f"rewards: {len(completions)} completions but {len(golds)} reference answers")
+    truncated = [False] * len(completions) if truncated is None else list(truncated)
+    if len(truncated) != len(completions):
+        raise ValueError(f"rewards: {len(completions)} completions but {len(truncated)} truncated flags")
     workers = workers or max(2, os.cpu_count() or 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda pair: reward(pair[0], pair[1], timeout), zip(completions, golds)))
+        return list(pool.map(lambda job: grade(job[0], job[1], timeout, job[2]), zip(completions, golds, truncated)))
+
+
+def rewards(completions, golds, timeout=DEFAULT_TIMEOUT, workers=None, truncated=None):
+    """reward() for a batch, spread over one worker process per core."""
+    return [v.reward for v in grades(completions, golds, timeout, workers, truncated)]
+
+
+# ---------------------------------------------------------------------------
+# Audit: is the model's format failing, or its math? And a second opinion on the reward.
+
+
+class Audit(NamedTuple):
+    metrics: dict        # no_answer_rate, wrong_answer_rate; math_verify_agreement with math-verify installed
+    disagreements: list  # the sampled cases where math-verify and verify.py disagree (second_opinion)
+
+
+def audit(verdicts, completions=None, golds=None, sample=16, seed=0):
+    """A step's verifier audit. The share of responses with no final answer (none found, or
+    unfinished) and the share whose answer was found and wrong: a rising no_answer_rate says the
+    format fails, not the math. With completions, golds and math-verify installed, also
+    math-verify's agreement on a sample of them (second_opinion) and the cases it disagrees on."""
+    n = max(1, len(verdicts))
+    metrics = {"no_answer_rate": sum(v.status in ("no_answer", "unfinished") for v in verdicts) / n,
+               "wrong_answer_rate": sum(v.status == "wrong" for v in verdicts) / n}
+    opinion = second_opinion(completions, golds, verdicts, sample, seed=seed) if completions is not None else None
+    if opinion and opinion[0] is not None:
+        metrics["math_verify_agreement"] = opinion[0]
+    return Audit(metrics, opinion[1] if opinion else [])
+
+
+def second_opinion(completions, golds, verdicts, sample=16, timeout=5.0, seed=0):
+    """Grade a random sample of the responses with math-verify as well (when it is installed), each
+    call in a verifier worker under a hard time bound (math-verify can be slow or hang). Returns None
+    without math-verify, else (agreement rate over the sample, or None when math-verify gave no
+    verdict on any; the disagreeing cases as dicts: completion, gold, answer, verify, math_verify).
+    Unfinished traces are not sampled (verify.py scores them 0 by rule, not by grading), and cases
+    math-verify could not grade in time are left out of the rate."""
+    try:
+        import math_verify  # noqa: F401  (imported here so that the workers forked from now on have it)
+    except ImportError:
+        return None
+    finished = [i for i, v in enumerate(verdicts) if v.status != "unfinished"]  # math-verify cannot see a cut trace
+    picked = random.Random(seed).sample(finished, min(sample, len(finished)))
+
+    def check(i):
+        return _run_in_worker((None, str(completions[i]), str(reference_answer(golds[i]))), timeout)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        theirs = list(pool.map(check, picked))
+    graded = [(i, r) for i, r in zip(picked, theirs) if type(r) is float]  # False: the time bound passed
+    disagreements = [{"completion": completions[i], "gold": golds[i], "answer": verdicts[i].answer,
+                      "verify": verdicts[i].reward, "math_verify": r} for i, r in graded if r != verdicts[i].reward]
+    return (1 - len(disagreements) / len(graded) if graded else None), disagreements
+
 
 
 # ---------------------------------------------------------------------------
