@@ -32,6 +32,7 @@ Parts, in the order prerl.py reaches them:
 import copy
 import ctypes
 import functools
+import inspect
 import math
 import os
 import sys
@@ -387,10 +388,11 @@ def cpu_has_amx_bf16():
 
 def probe_step_parts(model, optimizer, prompt, batch):
     """Seconds of (one decode step after the prompt's cache, forward+backward of batch, optimizer update)."""
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5
     with torch.no_grad():
         cache = model(prompt[:, :-1], use_cache=True).past_key_values
         start = time.perf_counter()
-        model(prompt[:, -1:], past_key_values=cache, use_cache=True)
+        model(prompt[:, -1:], use_cache=True, **{cache_name: cache})
         decode = time.perf_counter() - start
     start = time.perf_counter()
     model(batch, labels=batch).loss.backward()
