@@ -390,7 +390,7 @@ def probe_step_parts(model, optimizer, prompt, batch):
     """Seconds of (one decode step after the prompt's cache, forward+backward of batch, optimizer update)."""
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5
     with torch.no_grad():
-        cache = model(prompt[:, :-1], use_cache=True).past_key_values
+        cache = getattr(model(prompt[:, :-1], use_cache=True), cache_name)
         start = time.perf_counter()
         model(prompt[:, -1:], use_cache=True, **{cache_name: cache})
         decode = time.perf_counter() - start
@@ -407,7 +407,7 @@ def probe_step_parts(model, optimizer, prompt, batch):
 def step_probe(config, rounds=3):
     """{precision: [decode step, forward+backward, optimizer update] seconds} on a slice of the model's
     shape (random weights; its embedding and LM head, PROBE_LAYERS decoder layers) on the CPU: 16 rows
-    decoding one token after 47, a micro-batch of 4 x 64 tokens, fused fp32 AdamW against
+    decoding one token after 47, a micro-batch of 2 x 64 tokens, fused fp32 AdamW against
     StochasticRoundingAdamW. Rounds alternate fp32 and bf16 (a busy spell slows both) and each figure is
     the fastest of `rounds` (round 0 warms up and builds the compiled update, uncounted)."""
     from transformers import AutoModelForCausalLM
@@ -416,7 +416,7 @@ def step_probe(config, rounds=3):
     with torch.random.fork_rng():                 # the run's own random stream is left as it was
         torch.manual_seed(0)
         fp32 = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-        prompt, batch = torch.randint(config.vocab_size, (16, 48)), torch.randint(config.vocab_size, (4, 64))
+        prompt, batch = torch.randint(config.vocab_size, (16, 48)), torch.randint(config.vocab_size, (2, 64))
     models = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
     optimizers = {"fp32": torch.optim.AdamW(fp32.parameters(), lr=1e-5, fused=True),
                   "bf16": StochasticRoundingAdamW(models["bf16"].parameters(), lr=1e-5)}
@@ -572,7 +572,10 @@ def memory_plan(config, precision, device_type, rows, new_tokens, micro_batch_to
         activations = tokens * (layers * act * h + layer + scratch)
     else:
         activations = tokens * (layers * layer + scratch)
-    optimizer_temporaries = 7 * 4 * min(OPTIMIZER_CHUNK, trainable) if precision == "bf16" and not lora_rank else 0
+    # bf16 on the CPU: the one-pass kernel keeps nothing; elsewhere the op-by-op update of one chunk holds
+    # ~14 fp32-sized temporaries (fp32 copies, the int64 rounding bits and their hash's intermediates)
+    optimizer_temporaries = (14 * 4 * min(OPTIMIZER_CHUNK, trainable)
+                             if precision == "bf16" and not lora_rank and device_type != "cpu" else 0)
     # a [vocab, width] gradient arrives per LM-head chunk and from the embedding, and autograd sums them
     # into a buffer before .grad: with tied embeddings three such tensors live at once (measured), else one
     tied = model.get_input_embeddings().weight is output_layer.weight
