@@ -242,8 +242,8 @@ def bench_precision(model, tokenizer, problems, rows, repeat):
             start = time.perf_counter()
             batch = prerl.sample(m, tokenizer, problems, cfg, cfg.group_size, [f"bench-{round}-{i}" for i in range(len(problems))])
             seconds["sample"] = time.perf_counter() - start
-            for name, optimizer in (("optimizer step", optimizers[precision]),
-                                    ("optimizer step, op by op", reference if precision == "bf16" else None)):
+            for name, optimizer in (("optimizer step", optimizers[precision]),     # the reference: last round only
+                                    ("optimizer step, op by op", reference if precision == "bf16" and round == repeat else None)):
                 if optimizer is None:
                     continue
                 start = time.perf_counter()

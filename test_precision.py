@@ -243,6 +243,7 @@ def test_resume_of_a_checkpoint_that_recorded_auto_reads_its_weights_dtype(tmp_p
 
 def test_compare_decides_the_precision_once_for_the_whole_study(tmp_path, monkeypatch, fresh_choice):
     calls = []
+    monkeypatch.setattr(prerl, "PLAIN", False)                  # the plain path would be fp32 without asking
     monkeypatch.setattr(machinery, "choose_precision", lambda *a, **k: calls.append(a) or ("bf16", "probe"))
     argv = ["compare", "--out-dir", str(tmp_path), "--model", str(tmp_path)]       # a shape no one reads here
     args, cfg = analyze.parse_args([*argv, "--precision", "auto"])
@@ -251,6 +252,9 @@ def test_compare_decides_the_precision_once_for_the_whole_study(tmp_path, monkey
     (tmp_path / "study.json").write_text(json.dumps({"precision": "fp32"}))   # a study under way keeps its own
     assert analyze.study_precision(args, analyze.parse_args(argv)[1]).precision == "fp32"
     assert len(calls) == 1
+    monkeypatch.setattr(prerl, "PLAIN", True)
+    assert analyze.study_precision(*analyze.parse_args([*argv, "--out-dir", str(tmp_path / "new")])).precision == "fp32"
+    assert len(calls) == 1                                       # the plain path trains fp32: nothing to decide
 
 
 # ---------------------------------------------------------------------------
