@@ -216,16 +216,23 @@ def mix64(z):
 
 
 def rounding_key(seed, step, index):
-    """The int64 key of one parameter tensor's update: seed, optimizer step and the tensor's index hashed
-    in turn (each mix64 a bijection, so another step or tensor gives another key)."""
-    z = mix64(torch.tensor(seed, dtype=torch.int64))
-    return mix64(mix64(z + step) + index)
+    """The key (an int64 value, as a Python int) of one parameter tensor's update: seed, optimizer step and
+    the tensor's index hashed in turn, in Python integers (no tensor ops per parameter); each mix64 is a
+    bijection, so another step or tensor gives another key."""
+    wrap = (1 << 64) - 1
+
+    def mix(z):                                   # mix64 on unsigned Python integers
+        z = ((z ^ (z >> 30)) * (MIX[0] & wrap)) & wrap
+        z = ((z ^ (z >> 27)) * (MIX[1] & wrap)) & wrap
+        return z ^ (z >> 31)
+    z = mix(mix(mix(seed & wrap) + step & wrap) + index & wrap)
+    return z - (1 << 64) if z >= 1 << 63 else z
 
 
-def element_bits(key, offset, count):
+def element_bits(key, offset, count, device="cpu"):
     """64 random bits (int64) for elements offset .. offset+count-1 of the tensor keyed `key`: splitmix64's
     output at those positions of the stream that starts at key. Any chunking gives the same bits."""
-    return mix64(key + (torch.arange(count, dtype=torch.int64, device=key.device) + offset) * WEYL)
+    return mix64((torch.arange(count, dtype=torch.int64, device=device) + offset) * WEYL + key)
 
 
 def stochastic_round_to_bf16(x, bits):
@@ -246,7 +253,7 @@ def adamw_update(weight, grad, exp_avg, exp_avg_sq, key, offset, decay, step_siz
     m = exp_avg.float() * beta1 + g * (1 - beta1)       # op by op, no fused multiply-adds (lerp, addcmul):
     v = exp_avg_sq.float() * beta2 + (g * g) * (1 - beta2)   # the C++ kernel then rounds as these ops do
     w = weight.float() * decay - step_size * (m / ((v.sqrt() / root_correction2) + eps))
-    bits = None if key is None else element_bits(key, offset, weight.numel())
+    bits = None if key is None else element_bits(key, offset, weight.numel(), weight.device)
     for target, value, shift in ((weight, w, 0), (exp_avg, m, 16), (exp_avg_sq, v, 32)):
         if target.dtype == torch.bfloat16 and bits is not None:
             value = stochastic_round_to_bf16(value, (bits >> shift) & 0xFFFF)
@@ -348,12 +355,12 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 step = int(state["step"].item())
                 key = rounding_key(group["rounding_seed"], step, index) if self.rounding == "stochastic" else None
-                scalars = [torch.tensor(s, dtype=torch.float32) for s in
-                           (1 - lr * decay, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step))]
+                scalars = (1 - lr * decay, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step))
                 flat = [t.detach().view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
                 if kernel and p.device.type == "cpu" and all(t.dtype == torch.bfloat16 for t in flat):
-                    kernel(*flat, int(key), *(float(x) for x in scalars), beta1, beta2, eps)
+                    kernel(*flat, key, *scalars, beta1, beta2, eps)   # it rounds the scalars to fp32, as below
                     continue
+                scalars = [torch.tensor(x, dtype=torch.float32, device=p.device) for x in scalars]
                 for offset in range(0, p.numel(), self.chunk):
                     adamw_update(*(t[offset:offset + self.chunk] for t in flat), key, offset, *scalars, beta1, beta2, eps)
 
@@ -471,7 +478,7 @@ def run_precision(requested, device_type, distributed, shape, checkpoint=None):
     """(precision, why) for a run, decided once: resuming (checkpoint: the checkpoint's path), auto takes
     the precision the checkpoint trained in and never probes again (an explicit --precision that differs
     is refused when the weights load); otherwise choose_precision."""
-    if requested == "auto" and checkpoint and os.path.exists(checkpoint):
+    if requested == "auto" and checkpoint and not distributed and os.path.exists(checkpoint):
         try:
             state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
         except Exception:                         # unreadable: loading it says so, with the file's name

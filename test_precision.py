@@ -32,6 +32,9 @@ def test_mix64_is_splitmix64_on_known_values():
     got = [int(v) & ((1 << 64) - 1) for v in machinery.mix64(signed)]
     assert got == [reference(x) for x in inputs]
     assert reference(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF   # splitmix64(seed 0)'s first output
+    for seed, step, index in ((0, 1, 0), (7, 123456, 271), (2 ** 40, 3, 9)):     # the key, in Python integers
+        z = machinery.mix64(machinery.mix64(machinery.mix64(torch.tensor(seed)) + step) + index)
+        assert machinery.rounding_key(seed, step, index) == int(z)
 
 
 def test_rounding_bits_are_uniform_and_independent_across_bits_and_neighbours():
