@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 
+import machinery
 import prerl
 import verify
 
@@ -291,6 +292,23 @@ def study_data(cfg, out_dir):
 NOT_IN_THE_RESULT = {"device", "plain", "micro_batch_tokens", "gradient_checkpointing", "save_every", "report_to"}
 
 
+def study_precision(args, cfg):
+    """cfg with --precision decided once for every run of the study (runs deciding for themselves could
+    train in different precisions when the machine is busier for some): a study under way keeps the one
+    in its study.json; a new one takes prerl's choice for this machine and model, said in one line."""
+    path = os.path.join(args.out_dir, "study.json")
+    saved = json.load(open(path)).get("precision") if os.path.exists(path) else None
+    if cfg.precision != "auto" or saved == "auto":    # given, or a study begun when each run decided
+        return cfg
+    if saved in ("fp32", "bf16"):
+        return dataclasses.replace(cfg, precision=saved)
+    if prerl.PLAIN:
+        return dataclasses.replace(cfg, precision="fp32")
+    precision, why = machinery.choose_precision("auto", prerl.pick_device(cfg).type, shape=prerl.model_shape(cfg))
+    print(f"precision {precision} for every run of the study: {why}", flush=True)
+    return dataclasses.replace(cfg, precision=precision)
+
+
 def check_study_options(args, cfg):
     """A study folder holds the runs of one set of options: resuming it with others (more seeds or modes
     aside) would mix runs that are not comparable, so that is refused."""
@@ -541,6 +559,7 @@ def command_compare(args, cfg):
     if grid and (len(set(grid)) != len(grid) or min(grid) <= 0):
         raise SystemExit(f"error: --lr-sweep {args.lr_sweep!r}: give distinct positive learning rates")
     start = time.perf_counter()
+    cfg = study_precision(args, cfg)
     check_study_options(args, cfg)
     data = study_data(cfg, args.out_dir)
     if grid and os.path.getsize(data["validation"]) == 0:

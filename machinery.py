@@ -30,8 +30,10 @@ Parts, in the order prerl.py reaches them:
 """
 
 import contextlib
+import copy
 import ctypes
 import functools
+import inspect
 import math
 import os
 import sys
@@ -186,44 +188,163 @@ def reuse_freed_memory(device):
 # bf16 too (4 bytes/param of state), rounded the same way so their running averages stay unbiased
 # (beta2 = 0.999 moves v by 0.1% a step, below half a bf16 step, so nearest rounding would freeze it).
 # Weights 2 + gradients 2 + moments 4 = 8 bytes per parameter, against 16 for fp32 AdamW.
-# The rounding's random numbers come from the optimizer's own generator, seeded by --seed and saved
-# in its state_dict: a resumed run rounds exactly as an uninterrupted one.
+# The rounding's random bits are counter-based: a hash (splitmix64's finaliser) of the run's seed, the
+# parameter's step, its index in the optimizer and each element's index. Nothing is drawn from a
+# generator, so there is no generator state to save and a resumed run rounds exactly as an
+# uninterrupted one by construction; and the bits are a pure function of the element, so they are
+# computed beside the arithmetic, on every core. On the CPU the update is one pass over each tensor
+# in C++ (ADAMW_BF16_CPP, built once): it reads 8 bytes per parameter (bf16 weight, gradient and
+# moments) and writes 6, where the generator-based version drew 3 x 16 random bits per element on one
+# thread and streamed fp32 temporaries through memory op by op (23x the fused fp32 AdamW on
+# SmolLM2-135M). torch.compile fuses the loop too, but scalarises the float <-> int bit casts the
+# rounding needs and measured 3-4x slower than this kernel (docs/precision.md). The op-by-op torch
+# form (adamw_update) is the reference the tests hold the kernel to, bit for bit, and the path
+# wherever the kernel cannot build or run (no compiler, CUDA).
 # The plain path of prerl.py trains in fp32 only (plain torch AdamW on bf16 weights is the silent
 # failure above); the tests hold this optimizer against fp32 torch AdamW.
 
+WEYL = -7046029254386353131                        # 0x9E3779B97F4A7C15 as int64: splitmix64's increment
+MIX = (-4658895280553007687, -7723592293110705685)  # 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
-def stochastic_round_to_bf16(x, generator):
+
+def mix64(z):
+    """splitmix64's finaliser (Steele, Lea & Flood 2014), a bijection of 64-bit integers whose outputs on
+    consecutive inputs pass BigCrush, on int64 tensors: torch's >> is arithmetic, so each logical shift
+    is masked; products wrap modulo 2^64 as unsigned ones do."""
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * MIX[0]
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * MIX[1]
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def rounding_key(seed, step, index):
+    """The key (an int64 value, as a Python int) of one parameter tensor's update: seed, optimizer step and
+    the tensor's index hashed in turn, in Python integers (no tensor ops per parameter); each mix64 is a
+    bijection, so another step or tensor gives another key."""
+    wrap = (1 << 64) - 1
+
+    def mix(z):                                   # mix64 on unsigned Python integers
+        z = ((z ^ (z >> 30)) * (MIX[0] & wrap)) & wrap
+        z = ((z ^ (z >> 27)) * (MIX[1] & wrap)) & wrap
+        return z ^ (z >> 31)
+    z = mix(mix(mix(seed & wrap) + step & wrap) + index & wrap)
+    return z - (1 << 64) if z >= 1 << 63 else z
+
+
+def element_bits(key, offset, count, device="cpu"):
+    """64 random bits (int64) for elements offset .. offset+count-1 of the tensor keyed `key`: splitmix64's
+    output at those positions of the stream that starts at key. Any chunking gives the same bits."""
+    return mix64((torch.arange(count, dtype=torch.int64, device=device) + offset) * WEYL + key)
+
+
+def stochastic_round_to_bf16(x, bits):
     """fp32 -> bf16, rounding the magnitude up with probability equal to the dropped fraction of a bf16
-    step. On the int32 view of the fp32 value: add 16 random low bits (a carry rounds up), truncate."""
-    bits = x.float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
-    return bits.add(noise).bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000
+    step. On the int32 view of the fp32 value: add 16 random low bits (a carry rounds up), truncate.
+    bits: an integer tensor of x's shape holding the 16 bits in 0..65535, or a torch.Generator to draw them."""
+    if isinstance(bits, torch.Generator):
+        bits = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=bits)
+    as_int = x.float().contiguous().view(torch.int32)
+    return as_int.add(bits.to(torch.int32)).bitwise_and(-65536).view(torch.float32).to(torch.bfloat16)  # 0xFFFF0000
+
+
+def adamw_update(weight, grad, exp_avg, exp_avg_sq, key, offset, decay, step_size, root_correction2, beta1, beta2, eps):
+    """One AdamW update (torch.optim.AdamW's formula) of flat tensors, in fp32, written back in each
+    tensor's dtype. bf16 ones are rounded stochastically with bits 0-15 (weight), 16-31 (first moment)
+    and 32-47 (second moment) of element_bits; key None rounds them to nearest (the control that fails)."""
+    g = grad.float()
+    m = exp_avg.float() * beta1 + g * (1 - beta1)       # op by op, no fused multiply-adds (lerp, addcmul):
+    v = exp_avg_sq.float() * beta2 + (g * g) * (1 - beta2)   # the C++ kernel then rounds as these ops do
+    w = weight.float() * decay - step_size * (m / ((v.sqrt() / root_correction2) + eps))
+    bits = None if key is None else element_bits(key, offset, weight.numel(), weight.device)
+    for target, value, shift in ((weight, w, 0), (exp_avg, m, 16), (exp_avg_sq, v, 32)):
+        if target.dtype == torch.bfloat16 and bits is not None:
+            value = stochastic_round_to_bf16(value, (bits >> shift) & 0xFFFF)
+        target.copy_(value)
+
+
+ADAMW_BF16_CPP = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+// adamw_update in one pass for CPU bf16 tensors: the same fp32 operations in the same order (built with
+// -ffp-contract=off, so no fused multiply-adds), the same splitmix64 bits. gcc vectorises the loop.
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static inline float widen(uint16_t bf16) { uint32_t i = (uint32_t)bf16 << 16; float f; std::memcpy(&f, &i, 4); return f; }
+static inline uint16_t round_up_if_carry(float x, uint32_t bits16) {        // stochastic_round_to_bf16
+    uint32_t i; std::memcpy(&i, &x, 4); return (uint16_t)((i + bits16) >> 16);
+}
+void adamw_bf16(torch::Tensor weight, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                int64_t key, double decay, double step_size, double root_correction2, double beta1, double beta2, double eps) {
+    uint16_t* w = (uint16_t*)weight.data_ptr(); const uint16_t* g = (const uint16_t*)grad.data_ptr();
+    uint16_t* m = (uint16_t*)exp_avg.data_ptr(); uint16_t* v = (uint16_t*)exp_avg_sq.data_ptr();
+    const float d = decay, s = step_size, r = root_correction2, b1 = beta1, b2 = beta2, e = eps;
+    const float c1 = 1 - beta1, c2 = 1 - beta2;
+    const uint64_t k = (uint64_t)key;
+    at::parallel_for(0, weight.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+        #pragma omp simd
+        for (int64_t i = begin; i < end; i++) {
+            float gi = widen(g[i]);
+            float mi = widen(m[i]) * b1 + gi * c1;
+            float vi = widen(v[i]) * b2 + (gi * gi) * c2;
+            float wi = widen(w[i]) * d - s * (mi / ((std::sqrt(vi) / r) + e));
+            uint64_t bits = mix64(k + (uint64_t)i * 0x9E3779B97F4A7C15ull);
+            w[i] = round_up_if_carry(wi, bits & 0xFFFF);
+            m[i] = round_up_if_carry(mi, (bits >> 16) & 0xFFFF);
+            v[i] = round_up_if_carry(vi, (bits >> 32) & 0xFFFF);
+        }
+    });
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def adamw_bf16_kernel():
+    """ADAMW_BF16_CPP built once (torch.utils.cpp_extension; cached on disk per CPU, ~1 min the first time),
+    or None where it cannot be built here (no C++ compiler or ninja), with a note: the op-by-op path then."""
+    import hashlib
+    try:
+        from torch.utils.cpp_extension import load_inline
+        with open("/proc/cpuinfo") as f:                  # -march=native: one build per kind of CPU
+            cpu = hashlib.sha256(f.read().split("\nflags")[1].split("\n")[0].encode()).hexdigest()[:10]
+    except (OSError, IndexError, ImportError):
+        cpu = "generic"
+    try:
+        return load_inline(f"prerl_adamw_bf16_{cpu}", cpp_sources=ADAMW_BF16_CPP, functions=["adamw_bf16"],
+                           extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+                           + (["-march=native"] if cpu != "generic" else [])).adamw_bf16
+    except Exception as e:
+        print(f"note: bf16 AdamW op by op, slower (its one-pass C++ kernel did not build: {type(e).__name__}: "
+              f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})", file=sys.stderr)
+        return None
 
 
 class StochasticRoundingAdamW(torch.optim.Optimizer):
     """AdamW (torch.optim.AdamW's formula) for bf16 parameters: fp32 arithmetic, bf16 weights and moments
     written back with stochastic rounding (rounding="nearest" is the control that fails at small lr).
-    fp32 parameters (LoRA adapters) get plain fp32 AdamW with fp32 moments. Works through each tensor
-    in chunks so that the fp32 temporaries stay small next to a [vocab, width] embedding."""
+    fp32 parameters (LoRA adapters) get plain fp32 AdamW with fp32 moments. fused=True: the compiled
+    update, one pass over each tensor; fused=False: the same formula op by op (the reference), in chunks
+    so that its fp32 temporaries stay small next to a [vocab, width] embedding. Both round with the same
+    counter-based bits; the seed is saved with the param groups."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, seed=0,
-                 rounding="stochastic", chunk=1 << 22):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        device = self.param_groups[0]["params"][0].device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.rounding, self.chunk = rounding, chunk
-
-    def write(self, target, value):
-        """Store fp32 `value` into `target` in target's dtype."""
-        if target.dtype == torch.bfloat16 and self.rounding == "stochastic":
-            value = stochastic_round_to_bf16(value, self.generator)
-        target.copy_(value)
+                 rounding="stochastic", chunk=1 << 22, fused=True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rounding_seed=seed))
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"StochasticRoundingAdamW: rounding {rounding!r}: choose stochastic or nearest")
+        self.rounding, self.chunk, self.fused = rounding, chunk, fused and rounding == "stochastic"
 
     @torch.no_grad()
     def step(self):
+        kernel = adamw_bf16_kernel() if self.fused else None
+        index = -1
         for group in self.param_groups:
             lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
+                index += 1                             # the tensor's place in the optimizer: part of its key
                 if p.grad is None:
                     continue
                 if not p.is_contiguous():
@@ -233,67 +354,141 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
                 state["step"] += 1
-                step = state["step"].item()
-                step_size, root_correction2 = lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)
-                views = [t.view(-1).split(self.chunk) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
-                grads = p.grad.reshape(-1).split(self.chunk)
-                for weight, exp_avg, exp_avg_sq, grad in zip(*views, grads):
-                    g = grad.float()
-                    m = exp_avg.float().lerp_(g, 1 - beta1)
-                    v = exp_avg_sq.float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    w = weight.float().mul_(1 - lr * decay)
-                    w.addcdiv_(m, (v.sqrt() / root_correction2).add_(eps), value=-step_size)
-                    self.write(weight, w)
-                    self.write(exp_avg, m)
-                    self.write(exp_avg_sq, v)
-
-    def state_dict(self):
-        return {**super().state_dict(), "rounding_rng": self.generator.get_state()}
+                step = int(state["step"].item())
+                key = rounding_key(group["rounding_seed"], step, index) if self.rounding == "stochastic" else None
+                scalars = (1 - lr * decay, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step))
+                flat = [t.detach().view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                if kernel and p.device.type == "cpu" and all(t.dtype == torch.bfloat16 for t in flat):
+                    kernel(*flat, key, *scalars, beta1, beta2, eps)   # it rounds the scalars to fp32, as below
+                    continue
+                scalars = [torch.tensor(x, dtype=torch.float32, device=p.device) for x in scalars]
+                for offset in range(0, p.numel(), self.chunk):
+                    adamw_update(*(t[offset:offset + self.chunk] for t in flat), key, offset, *scalars, beta1, beta2, eps)
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
-        rng = state_dict.pop("rounding_rng")
+        state_dict.pop("rounding_rng", None)          # checkpoints of the generator-based rounding
+        seeds = [group["rounding_seed"] for group in self.param_groups]
         super().load_state_dict(state_dict)
-        self.generator.set_state(rng)
+        for group, seed in zip(self.param_groups, seeds):
+            group.setdefault("rounding_seed", seed)
 
 
-def matmul_rates(device, size=1024, rounds=3):
-    """(fp32, bf16) matmul GFLOP/s on this device: best of interleaved rounds (a busy spell hits both)."""
-    operands = {dtype: (torch.randn(size, size, device=device, dtype=dtype),
-                        torch.randn(size, size, device=device, dtype=dtype)) for dtype in (torch.float32, torch.bfloat16)}
-    best = {dtype: float("inf") for dtype in operands}
-    for round in range(rounds + 1):                             # round 0 warms up and is not counted
-        for dtype, (a, b) in operands.items():
-            start = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if round:
-                best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return tuple(2 * size ** 3 / best[dtype] / 1e9 for dtype in (torch.float32, torch.bfloat16))
+# --precision auto: bf16 where the hardware has bf16 matmuls and a probe of the model's own step shows it
+# clearly faster. A square-matmul probe is not what a step does (and its ratio swung from 3x quiet to
+# 33x under load, flipping the choice); here the probe times a decode step, the forward+backward of a
+# micro-batch and an optimizer update on a slice of the run's model shape, fp32 and bf16 interleaved.
+# Without AMX (or CUDA) bf16 is not chosen at all: the decision then cannot depend on load.
+PROBE_LAYERS = 2              # decoder layers in the probe's slice (its embedding and LM head are whole)
+PROBE_DECODE_STEPS = 32       # decode steps per update in the probe's step estimate (tens of tokens per response)
+BF16_STEP_MARGIN = 1.3        # bf16's estimated step must be this much faster; AMX measures ~2x or more
 
 
-# AMX-BF16 (Xeon): ~5.5x fp32 on a matmul. This AMD EPYC (avx512_bf16, no AMX): 1.9-2.8x on the probe,
-# and a SmolLM2-135M training step 1.6-1.9x faster in bf16 -- kept on fp32 by this threshold until the
-# demo's accuracy in bf16 is checked there (docs/scaling.md, "bf16 training").
-BF16_CLEARLY_FASTER = 4.0
+def cpu_has_amx_bf16():
+    """True on a CPU with AMX-BF16 tiles that the OS has enabled (Xeon Sapphire Rapids and later)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags and getattr(torch.cpu, "_is_amx_tile_supported", lambda: True)()
+
+
+def probe_step_parts(model, optimizer, prompt, batch):
+    """Seconds of (one decode step after the prompt's cache, forward+backward of batch, optimizer update)."""
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5
+    with torch.no_grad():
+        cache = getattr(model(prompt[:, :-1], use_cache=True), cache_name)
+        start = time.perf_counter()
+        model(prompt[:, -1:], use_cache=True, **{cache_name: cache})
+        decode = time.perf_counter() - start
+    start = time.perf_counter()
+    model(batch, labels=batch).loss.backward()
+    backward = time.perf_counter() - start
+    start = time.perf_counter()
+    optimizer.step()
+    update = time.perf_counter() - start
+    optimizer.zero_grad(set_to_none=True)
+    return decode, backward, update
+
+
+def step_probe(config, rounds=3):
+    """{precision: [decode step, forward+backward, optimizer update] seconds} on a slice of the model's
+    shape (random weights; its embedding and LM head, PROBE_LAYERS decoder layers) on the CPU: 16 rows
+    decoding one token after 47, a micro-batch of 2 x 64 tokens, fused fp32 AdamW against
+    StochasticRoundingAdamW. Rounds alternate fp32 and bf16 (a busy spell slows both) and each figure is
+    the fastest of `rounds` (round 0 warms up and builds the compiled update, uncounted)."""
+    from transformers import AutoModelForCausalLM
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = min(PROBE_LAYERS, config.num_hidden_layers)
+    with torch.random.fork_rng():                 # the run's own random stream is left as it was
+        torch.manual_seed(0)
+        fp32 = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        prompt, batch = torch.randint(config.vocab_size, (16, 48)), torch.randint(config.vocab_size, (2, 64))
+    models = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
+    optimizers = {"fp32": torch.optim.AdamW(fp32.parameters(), lr=1e-5, fused=True),
+                  "bf16": StochasticRoundingAdamW(models["bf16"].parameters(), lr=1e-5)}
+    best = {precision: [math.inf] * 3 for precision in models}
+    adamw_bf16_kernel()                           # built (once) before anything is timed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for round in range(rounds + 1):
+            for precision, model in models.items():
+                parts = probe_step_parts(model, optimizers[precision], prompt, batch)
+                if round:
+                    best[precision] = [min(b, p) for b, p in zip(best[precision], parts)]
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def probe_step_seconds(parts):
+    """The probe's estimate of one RL step: PROBE_DECODE_STEPS decode steps, a forward+backward, an update."""
+    decode, backward, update = parts
+    return PROBE_DECODE_STEPS * decode + backward + update
 
 
 @functools.lru_cache(maxsize=None)
-def choose_precision(requested, device_type, distributed=False):
-    """(precision, why) for --precision. auto: bf16 on CUDA; on CPU bf16 only where a short matmul probe
-    shows it clearly faster than fp32 (AMX), else fp32. Probed once per process. Under torchrun auto stays
-    fp32: the stochastic-rounding optimizer has not been tried on FSDP2's sharded parameters."""
+def choose_precision(requested, device_type, distributed=False, shape="smollm2-135m"):
+    """(precision, why) for --precision. auto: bf16 on CUDA; on a CPU with AMX-BF16, bf16 if a probe of
+    the model's step (shape: a MODEL_SHAPES name or a config folder) has it >= BF16_STEP_MARGIN faster;
+    else fp32. Probed once per process. Under torchrun auto stays fp32: the stochastic-rounding optimizer
+    has not been tried on FSDP2's sharded parameters."""
     if requested != "auto":
         return requested, "--precision " + requested
     if distributed:
         return "fp32", "auto: fp32 under torchrun (bf16 with stochastic rounding is not yet tried on FSDP2)"
     if device_type == "cuda":
         return "bf16", "auto: CUDA (bf16 tensor cores)"
-    fp32, bf16 = matmul_rates(torch.device(device_type))
-    choice = "bf16" if bf16 >= BF16_CLEARLY_FASTER * fp32 else "fp32"
-    return choice, (f"auto: CPU matmul probe fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s "
-                    f"({bf16 / fp32:.1f}x; bf16 needs >= {BF16_CLEARLY_FASTER:.0f}x, as AMX gives)")
+    if device_type != "cpu" or not cpu_has_amx_bf16():
+        return "fp32", f"auto: fp32 ({device_type} without AMX-BF16: bf16 matmuls are not in hardware tiles here)"
+    config = model_config(shape)
+    parts = step_probe(config)
+    step = {precision: probe_step_seconds(p) for precision, p in parts.items()}
+    ratio = step["fp32"] / step["bf16"]
+    ms = lambda i: f"{1000 * parts['fp32'][i]:.1f} / {1000 * parts['bf16'][i]:.1f} ms"
+    return ("bf16" if ratio >= BF16_STEP_MARGIN else "fp32",
+            f"auto: AMX-BF16; step probe fp32 / bf16 on {min(PROBE_LAYERS, config.num_hidden_layers)} of "
+            f"{config.num_hidden_layers} layers: decode {ms(0)}, forward+backward {ms(1)}, update {ms(2)}; "
+            f"step of {PROBE_DECODE_STEPS} tokens {step['fp32']:.2f} / {step['bf16']:.2f} s = {ratio:.2f}x "
+            f"(bf16 needs >= {BF16_STEP_MARGIN}x)")
+
+
+def run_precision(requested, device_type, distributed, shape, checkpoint=None):
+    """(precision, why) for a run, decided once: resuming (checkpoint: the checkpoint's path), auto takes
+    the precision the checkpoint trained in and never probes again (an explicit --precision that differs
+    is refused when the weights load); otherwise choose_precision."""
+    if requested == "auto" and checkpoint and not distributed and os.path.exists(checkpoint):
+        try:
+            state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+        except Exception:                         # unreadable: loading it says so, with the file's name
+            return choose_precision(requested, device_type, distributed, shape)
+        saved = state["config"].get("precision")
+        if saved not in ("fp32", "bf16"):         # checkpoints that recorded "auto": their weights say
+            saved = "bf16" if next(iter(state["model"].values())).dtype == torch.bfloat16 else "fp32"
+        return saved, f"the checkpoint's ({checkpoint}; --resume never decides again)"
+    return choose_precision(requested, device_type, distributed, shape)
 
 
 # -----------------------------------------------------------------------------
@@ -385,7 +580,10 @@ def memory_plan(config, precision, device_type, rows, new_tokens, micro_batch_to
         activations = tokens * (layers * act * h + layer + scratch)
     else:
         activations = tokens * (layers * layer + scratch)
-    optimizer_temporaries = 7 * 4 * min(OPTIMIZER_CHUNK, trainable) if precision == "bf16" and not lora_rank else 0
+    # bf16 on the CPU: the one-pass kernel keeps nothing; elsewhere the op-by-op update of one chunk holds
+    # ~14 fp32-sized temporaries (fp32 copies, the int64 rounding bits and their hash's intermediates)
+    optimizer_temporaries = (14 * 4 * min(OPTIMIZER_CHUNK, trainable)
+                             if precision == "bf16" and not lora_rank and device_type != "cpu" else 0)
     # a [vocab, width] gradient arrives per LM-head chunk and from the embedding, and autograd sums them
     # into a buffer before .grad: with tied embeddings three such tensors live at once (measured), else one
     tied = model.get_input_embeddings().weight is output_layer.weight
@@ -619,8 +817,8 @@ class StaticDecoder:
         self.responses[:, 0] = first_token
         self.done.copy_(torch.isin(first_token, self.eos))
         named = dict(model.named_parameters(remove_duplicate=False))
-        for name, copy in self.shadow.items():
-            copy.copy_(named[name])                   # the values autocast's cast would give, once per rollout
+        for name, shadow in self.shadow.items():
+            shadow.copy_(named[name])                   # the values autocast's cast would give, once per rollout
 
     def forward(self, model):
         inputs = {"input_ids": self.token[:, None], "attention_mask": self.mask, "position_ids": self.position,

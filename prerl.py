@@ -142,8 +142,9 @@ class Config:
     device: str = opt("auto", "auto | cpu | cuda")
     plain: bool = opt(False, "run the method exactly as written in prerl.py, without machinery.py (slower)")
     precision: str = opt("auto", "auto | fp32 | bf16: bf16 weights, gradients and AdamW moments with stochastic "
-                                 "rounding (8 bytes/param); auto = bf16 on CUDA, on CPU where a matmul probe "
-                                 "shows bf16 clearly faster (AMX)")
+                                 "rounding (8 bytes/param); auto = bf16 on CUDA, and on a CPU with AMX-BF16 "
+                                 "where a probe of the model's step has it >= 1.3x faster; --resume keeps the "
+                                 "checkpoint's")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30%% slower)")
     micro_batch_tokens: int = opt(0, "tokens (rows x longest row) per forward/backward: bounds memory, "
                                      "not the result; 0 = 256 on CPU, 4096 on a GPU")
@@ -670,7 +671,7 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
               "response_length": lengths.float().mean().item(),
               "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
               "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
-              "train_s": round(t3 - t2, 3), "reward_timeouts": scored["timeouts"], **scored["audit"], **diagnostics,
+              "train_s": round(t3 - t2, 3), "reward_timeouts": scored["timeouts"], "precision": cfg.precision, **scored["audit"], **diagnostics,
               "samples": logged_samples(step, problems, batch, rewards, scored, cfg)}  # popped into samples.jsonl
     if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
         record["skipped"] = nonfinite_reason(loss, grad_norm)
@@ -1813,7 +1814,9 @@ def start_machinery(cfg):
         device = dist.device
         if dist.rank > 0:
             cfg = dataclasses.replace(cfg, report_to="none")
-    precision, why = ("fp32", "the plain path trains in fp32") if PLAIN else machinery.choose_precision(cfg.precision, device.type, dist is not None)
+    precision, why = ("fp32", "the plain path trains in fp32") if PLAIN else machinery.run_precision(  # decided once
+        cfg.precision, device.type, dist is not None, model_shape(cfg), cfg.resume and os.path.join(cfg.out_dir, "checkpoint.pt"))
+    cfg = dataclasses.replace(cfg, precision=precision)  # the choice goes into the checkpoint and the metrics
     print(f"precision {precision}: {why}")        # the run's first line
     if not PLAIN:
         machinery.reuse_freed_memory(device)      # CPU malloc keeps freed blocks, no page faults
@@ -1823,10 +1826,15 @@ def start_machinery(cfg):
     return cfg, device, dist, torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def model_shape(cfg):
+    """What machinery.model_config reads this run's model shape from: a named shape or a folder (or hub id)."""
+    return cfg.model_config or (embedded_model_folder() if cfg.model == EMBEDDED_MODEL else cfg.model)
+
+
 def memory_plan(cfg, device):
     """machinery.memory_plan for this run's flags, from the model's config (no weights loaded)."""
-    name = cfg.model_config or (embedded_model_folder() if cfg.model == EMBEDDED_MODEL else cfg.model)
-    precision = cfg.precision if cfg.precision != "auto" else machinery.choose_precision("auto", device.type)[0]
+    name = model_shape(cfg)
+    precision = machinery.choose_precision(cfg.precision, device.type, shape=name)[0]
     return machinery.memory_plan(machinery.model_config(name), precision, device.type, cfg.prompts_per_step * cfg.group_size,
                                  cfg.max_new_tokens, micro_batch_budget(cfg, device), cfg.gradient_checkpointing,
                                  cfg.lora, cfg.lora_targets, reference_model=cfg.kl_coef > 0)
@@ -1835,7 +1843,7 @@ def memory_plan(cfg, device):
 def print_memory_plan(cfg):
     """--plan-memory: the table, then exit. Offline: a named shape or a config folder is enough."""
     device = pick_device(cfg)
-    precision = machinery.choose_precision(cfg.precision, device.type)[0]
+    precision = machinery.choose_precision(cfg.precision, device.type, shape=model_shape(cfg))[0]
     cfg = dataclasses.replace(cfg, precision=precision)
     plan = memory_plan(cfg, device)
     print(f"{cfg.model_config or cfg.model} | {precision} on {device.type} | {cfg.prompts_per_step} prompts x G = "

@@ -529,9 +529,7 @@ def test_bf16_resume_is_exact_weights_optimizer_and_rounding_rng(tiny_model_fold
     for index, slot in full["optimizer"]["state"].items():
         for key, tensor in slot.items():
             assert torch.equal(tensor, part["optimizer"]["state"][index][key]), (index, key)
-    assert torch.equal(full["optimizer"]["rounding_rng"], part["optimizer"]["rounding_rng"])
-    # the rounding RNG really advanced (it is state, not a constant), and a fp32 resume is refused
-    assert not torch.equal(full["optimizer"]["rounding_rng"], torch.Generator().manual_seed(0).get_state())
+    # a fp32 resume is refused
     with pytest.raises(SystemExit, match="bfloat16 weights.*--precision"):
         prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "part", "--steps", "4", "--resume",
                                                 "--prompts-per-step", "8", "--switch-step", "1")))  # fp32, else the same
@@ -544,20 +542,6 @@ def test_bf16_scoring_stays_fp32_and_close_to_the_fp32_model():
     lp16 = prerl.pretrain_logprobs(model.to(torch.bfloat16), 1, batch["response_ids"], batch["response_mask"])
     assert lp16.dtype == torch.float32
     torch.testing.assert_close(lp16, lp32, rtol=0, atol=0.05)   # bf16 weights and activations, fp32 log-softmax
-
-
-def test_precision_auto_follows_the_probe_and_says_why(monkeypatch):
-    probe = machinery.matmul_rates
-    for rates, expected in (((100.0, 190.0), "fp32"), ((100.0, 550.0), "bf16")):
-        machinery.choose_precision.cache_clear()
-        monkeypatch.setattr(machinery, "matmul_rates", lambda device, rates=rates: rates)
-        precision, why = machinery.choose_precision("auto", "cpu")
-        assert precision == expected and f"{rates[0]:.0f} GFLOP/s" in why and f"{rates[1]:.0f} GFLOP/s" in why
-    assert machinery.choose_precision("auto", "cuda")[0] == "bf16"
-    assert machinery.choose_precision("fp32", "cuda") == ("fp32", "--precision fp32")
-    machinery.choose_precision.cache_clear()                     # no made-up figures for later tests
-    fp32, bf16 = probe(torch.device("cpu"), size=256, rounds=1)  # the real probe runs
-    assert fp32 > 0 and bf16 > 0
 
 
 def test_run_first_line_names_the_precision_and_plain_refuses_bf16(tiny_model_folder, tmp_path, capsys):
