@@ -32,8 +32,12 @@ SCORED = {
         # advantages, the DSRL switch, losses
         "grpo_advantages", "centered_advantages", "stage_for_step", "advantages_for",
         "clipped_surrogate", "k3_kl", "loss_denominator", "policy_loss", "accumulate_gradients", "optimizer_step",
-        # data order, checkpoints, evaluation
-        "batch_for_step", "save_checkpoint", "load_checkpoint", "evaluate",
+        # data: the train / held-out split, the held-out set, the data order
+        "is_held_out", "make_problems", "eval_problems", "batch_for_step",
+        # prompts and the sampling keys' random numbers
+        "format_prompt", "encode_prompts", "sampling_uniforms",
+        # checkpoints, evaluation, run safety (what --resume may change, the non-finite guard)
+        "save_checkpoint", "load_checkpoint", "evaluate", "resume_problem", "count_nonfinite_steps",
     ],
     "verify.py": ["_close", "_numbers_equal", "_expressions_equal", "_structures_equal", "_compare_normalized"],
 }

@@ -18,7 +18,7 @@ import machinery
 import prerl
 import verify
 from conftest import (flat_grad, hand_loss, real_prompt, reference_logprobs, run_args, state_of, tiny_model,
-                      tiny_tokenizer, toy_batch)
+                      tiny_tokenizer, toy_batch, write_sums)
 
 # ---------------------------------------------------------------------------
 # Scoring in both spaces, sampling
@@ -816,8 +816,45 @@ def test_built_in_held_out_problems_come_from_the_held_out_side_of_the_split(tas
     assert not any(prerl.is_held_out(p["problem"]) for p in train)
     assert not {p["problem"] for p in held} & {p["problem"] for p in train}
     # the split is a fixed quarter of all problems, whichever side asks
-    texts = [f"What is {a} + {b}?" for a in range(40) for b in range(40)]
-    assert 0.2 < sum(map(prerl.is_held_out, texts)) / len(texts) < 0.3
+    texts = [f"What is {a} + {b}?" for a in range(100) for b in range(100)]
+    assert 0.23 < sum(map(prerl.is_held_out, texts)) / len(texts) < 0.27
+    # the same problems on every call (a resumed run and every mode of a study see the same sets); a seed's own
+    assert prerl.eval_problems(cfg) == held and prerl.make_problems(4096, cfg.tasks, cfg.difficulty, 0, held_out=False) == train
+    assert prerl.make_problems(4096, cfg.tasks, cfg.difficulty, 1, held_out=False) != train
+
+
+def test_held_out_problems_from_a_file_are_its_first_eval_size(tmp_path):
+    write_sums(tmp_path / "eval.jsonl", 4)
+    cfg = prerl.Config(eval_data=str(tmp_path / "eval.jsonl"), eval_size=5)
+    assert prerl.eval_problems(cfg) == prerl.load_problems(str(tmp_path / "eval.jsonl"))[:5]
+    assert [p["problem"] for p in prerl.eval_problems(cfg)] == [f"what is 0+{b}?" for b in range(4)] + ["what is 1+0?"]
+
+
+def test_prompts_are_encoded_without_added_special_tokens():
+    """The prompt is exactly format_prompt's text: a chat template writes its own start tokens, and a
+    tokenizer that adds BOS on its own (Llama's) would add a second one."""
+    from tokenizers import processors
+    tokenizer = tiny_tokenizer()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tokenizer("1+1")["input_ids"] == [1, 5, 4 + prerl_chars_index("+"), 5]      # this tokenizer adds BOS
+    problems = [{"problem": "what is 1+1?", "answer": "2"}]
+    ids = prerl.encode_prompts(tokenizer, problems, torch.device("cpu"))["input_ids"][0].tolist()
+    text = prerl.format_prompt(tokenizer, "what is 1+1?")
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"] and ids[0] != tokenizer.bos_token_id   # none added
+
+
+def prerl_chars_index(char):
+    from conftest import CHARS
+    return CHARS.index(char)
+
+
+def test_sampling_uniforms_are_float64_rows_per_key():
+    """G rows per key, T columns, in [0, 1), float64: a float32 draw could not reach tokens whose
+    probability is below 2**-24 in a 150k-token vocabulary."""
+    uniforms = prerl.sampling_uniforms(["a", "b", "c"], 4, 9)
+    assert uniforms.shape == (12, 9) and uniforms.dtype == torch.float64
+    assert 0 <= uniforms.min() and uniforms.max() < 1 and len(set(uniforms.flatten().tolist())) == 12 * 9
+    assert torch.equal(prerl.sampling_uniforms(["b"], 4, 9), uniforms[4:8])
 
 
 def test_data_order_differs_for_every_seed_and_step():

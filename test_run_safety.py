@@ -160,6 +160,19 @@ def test_resume_refuses_every_setting_that_changes_what_is_trained(field, value,
     problem = prerl.resume_problem(dataclasses_replace(cfg, **{field: value}))
     assert problem is not None and f"--{field.replace('_', '-')} {getattr(cfg, field)} (now {value})" in problem, problem
 
+def test_resume_checks_only_a_resumed_run_and_steps_may_equal_the_checkpoints(tmp_path):
+    """Without --resume, or with no checkpoint yet, there is nothing to compare; --steps may equal the
+    checkpoint's step (nothing left to train) but not fall below it."""
+    cfg = prerl.Config(out_dir=str(tmp_path), resume=True, steps=2, temperature=0.9)
+    assert prerl.resume_problem(cfg) is None                                  # no checkpoint yet
+    model = tiny_model(torch.float32)
+    prerl.save_checkpoint(str(tmp_path / "checkpoint.pt"), model, prerl.make_optimizer(model, cfg), 2, cfg)
+    assert prerl.resume_problem(cfg) is None                                  # --steps 2 at step 2
+    assert prerl.resume_problem(dataclasses_replace(cfg, resume=False, temperature=0.5)) is None
+    assert prerl.resume_problem(dataclasses_replace(cfg, steps=1)).startswith("--steps 1: ")
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    assert "is unreadable" in prerl.resume_problem(cfg)
+
 def test_a_held_lock_refuses_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
     """A child process holds run.lock as a live run does (lockf + its PID); while it lives, a run into the
     folder is refused naming it; once it is killed with -9 the lock is free and taken over."""
