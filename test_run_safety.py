@@ -170,8 +170,13 @@ def test_resume_checks_only_a_resumed_run_and_steps_may_equal_the_checkpoints(tm
     assert prerl.resume_problem(cfg) is None                                  # --steps 2 at step 2
     assert prerl.resume_problem(dataclasses_replace(cfg, resume=False, temperature=0.5)) is None
     assert prerl.resume_problem(dataclasses_replace(cfg, steps=1)).startswith("--steps 1: ")
+    assert prerl.resume_problem(dataclasses_replace(cfg, temperature=0.5, top_p=0.9)) == (
+        f"--resume: the checkpoint in {tmp_path} was trained with --temperature 0.9 (now 0.5), --top-p 1.0 (now 0.9); "
+        "pass the checkpoint's values, or choose a new --out-dir for a new run")   # every changed field, in one line
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
-    assert "is unreadable" in prerl.resume_problem(cfg)
+    unreadable = prerl.resume_problem(cfg)        # names the error torch raised (mmap's, or pickle's without mmap)
+    assert unreadable.startswith(f"--resume: checkpoint {tmp_path / 'checkpoint.pt'} is unreadable (")
+    assert unreadable.split(" is unreadable (")[1].split(":")[0] in ("RuntimeError", "UnpicklingError"), unreadable
 
 def test_a_held_lock_refuses_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
     """A child process holds run.lock as a live run does (lockf + its PID); while it lives, a run into the
