@@ -100,6 +100,7 @@ EQUIVALENT = {
     "prerl.x_resume_problem__mutmut_20": "no weights_only: as mutmut_16",
     "prerl.x_resume_problem__mutmut_23": "mmap=False: as mutmut_15",
     "prerl.x_resume_problem__mutmut_24": "weights_only=True: as mutmut_16",
+    "prerl.x_eval_problems__mutmut_12": "seed - 1 for seed + 1: another draw from the held-out side, still disjoint from training and the same on every call",
     # prerl.py: checkpoints (CPU-only test machine)
     "prerl.x_load_checkpoint__mutmut_3": "map_location None for 'cpu': the same on a machine without a GPU, where the tests run",
     "prerl.x_load_checkpoint__mutmut_6": "no map_location: as above",
