@@ -797,11 +797,11 @@ def test_a_chat_prompt_ends_with_the_assistants_header():
     would go on writing the user's message instead of answering it."""
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHATML
-    text = prerl.format_prompt(tokenizer, "what is 1+1?")
+    text = prerl.format_prompt(tokenizer, {"problem": "what is 1+1?", "answer": "2"})
     assert text == (f"<|im_start|>system\n{prerl.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nwhat is 1+1?<|im_end|>\n"
                     "<|im_start|>assistant\n")
     tokenizer.chat_template = None                     # a base model: the plain completion prompt
-    assert prerl.format_prompt(tokenizer, "what is 1+1?") == f"{prerl.SYSTEM_PROMPT}\n\nProblem: what is 1+1?\nSolution:"
+    assert prerl.format_prompt(tokenizer, {"problem": "what is 1+1?", "answer": "2"}) == f"{prerl.SYSTEM_PROMPT}\n\nProblem: what is 1+1?\nSolution:"
 
 
 @pytest.mark.parametrize("tasks,difficulty", [("add,mul", 1), (",".join(prerl.TASK_FAMILIES), 2)])
@@ -839,7 +839,7 @@ def test_prompts_are_encoded_without_added_special_tokens():
     assert tokenizer("1+1")["input_ids"] == [1, 5, 4 + prerl_chars_index("+"), 5]      # this tokenizer adds BOS
     problems = [{"problem": "what is 1+1?", "answer": "2"}]
     ids = prerl.encode_prompts(tokenizer, problems, torch.device("cpu"))["input_ids"][0].tolist()
-    text = prerl.format_prompt(tokenizer, "what is 1+1?")
+    text = prerl.format_prompt(tokenizer, {"problem": "what is 1+1?", "answer": "2"})
     assert ids == tokenizer(text, add_special_tokens=False)["input_ids"] and ids[0] != tokenizer.bos_token_id   # none added
 
 
