@@ -7,10 +7,11 @@ Mutation testing of the method and of the verifier's comparison core (developmen
     mutmut show prerl.x_trim__mutmut_3  # what one mutant changed
 
 mutmut (configured in pyproject.toml) mutates whole files; the functions below are the ones scored:
-the method (advantages, masks, losses, scoring in both spaces, the DSRL switch, sampling, checkpoints)
-and verify.py's comparison core. Each mutant runs only the tests that reach its function. A surviving
-mutant is either a missing test (write it) or equivalent to the original (list it in EQUIVALENT with
-the reason). The score counts killed mutants among the non-equivalent ones; the target is 95%.
+the method (advantages, masks, losses, scoring in both spaces, the DSRL switch, sampling, checkpoints), the
+data split, the prompts and the sampling keys' random numbers, two run-safety rules (what --resume may
+change, the non-finite guard) and verify.py's comparison core. Each mutant runs only the tests that
+reach its function. A surviving mutant is either a missing test (write it) or equivalent to the original
+(list it in EQUIVALENT with the reason). The score counts killed mutants among the non-equivalent ones; the target is 95%.
 Not mutated: generate() (mutmut 3 leaves decorated functions alone: @torch.no_grad()); machinery.py
 (speed only, checked against the plain path by the tests). Not scored: train() and rl_step(), whose many
 print, timing and run-safety lines would drown the method; their rules are tested end to end.
@@ -32,8 +33,12 @@ SCORED = {
         # advantages, the DSRL switch, losses
         "grpo_advantages", "centered_advantages", "stage_for_step", "advantages_for",
         "clipped_surrogate", "k3_kl", "loss_denominator", "policy_loss", "accumulate_gradients", "optimizer_step",
-        # data order, checkpoints, evaluation
-        "batch_for_step", "save_checkpoint", "load_checkpoint", "evaluate",
+        # data: the train / held-out split, the held-out set, the data order
+        "is_held_out", "make_problems", "eval_problems", "batch_for_step",
+        # prompts and the sampling keys' random numbers
+        "format_prompt", "encode_prompts", "sampling_uniforms",
+        # checkpoints, evaluation, run safety (what --resume may change, the non-finite guard)
+        "save_checkpoint", "load_checkpoint", "evaluate", "resume_problem", "count_nonfinite_steps",
     ],
     "verify.py": ["_close", "_numbers_equal", "_expressions_equal", "_structures_equal", "_compare_normalized"],
 }
@@ -81,6 +86,21 @@ EQUIVALENT = {
     "prerl.x_response_mask_from_positions__mutmut_9": "EOS ids made without device: as above",
     "prerl.x_response_mask_from_positions__mutmut_32": "positions made with device None: as above",
     "prerl.x_response_mask_from_positions__mutmut_34": "positions made without device: as above",
+    # prerl.py: the train / held-out split is a fixed quarter by hash; which quarter is no rule of the method
+    "prerl.x_is_held_out__mutmut_7": "hash read in base 17: another fixed quarter (24.6% of 10k problems), disjoint and deterministic alike",
+    "prerl.x_is_held_out__mutmut_10": "remainder 1 for 0: another fixed quarter of the problems, disjoint and deterministic alike",
+    "prerl.x_make_problems__mutmut_8": "201 * n draws for 200 * n: a bound on attempts; differs only when that side holds fewer than n problems and one shows up in the extra draws",
+    "prerl.x_encode_prompts__mutmut_8": "prompts moved to device None: they stay on the CPU, where the tests run",
+    "prerl.x_format_prompt__mutmut_15": "apply_chat_template(tokenize=None) for False: transformers reads None as no, the same text",
+    "prerl.x_resume_problem__mutmut_14": "map_location None for 'cpu': the same on a machine without a GPU, where the tests run",
+    "prerl.x_resume_problem__mutmut_15": "mmap=None: the checkpoint read whole instead of memory-mapped, the same config and step (memory only)",
+    "prerl.x_resume_problem__mutmut_16": "weights_only=None (torch's default, True): the checkpoint holds only allowed types, as for load_checkpoint",
+    "prerl.x_resume_problem__mutmut_18": "no map_location: as mutmut_14",
+    "prerl.x_resume_problem__mutmut_19": "no mmap: as mutmut_15",
+    "prerl.x_resume_problem__mutmut_20": "no weights_only: as mutmut_16",
+    "prerl.x_resume_problem__mutmut_23": "mmap=False: as mutmut_15",
+    "prerl.x_resume_problem__mutmut_24": "weights_only=True: as mutmut_16",
+    "prerl.x_eval_problems__mutmut_12": "seed - 1 for seed + 1: another draw from the held-out side, still disjoint from training and the same on every call",
     # prerl.py: checkpoints (CPU-only test machine)
     "prerl.x_load_checkpoint__mutmut_3": "map_location None for 'cpu': the same on a machine without a GPU, where the tests run",
     "prerl.x_load_checkpoint__mutmut_6": "no map_location: as above",

@@ -258,6 +258,31 @@ def test_study_resumes_per_mode_and_seed_to_the_same_table(tiny_model_folder, tm
     assert calls == []
 
 
+def test_a_studys_held_out_curve_puts_each_evaluation_at_the_steps_trained_before_it(tiny_model_folder, tmp_path, monkeypatch):
+    """A curve point (s, accuracy) is an evaluation of the model after s optimizer steps: the start model
+    at 0, the evaluation after record step s (0-based) at s + 1, the final one at --steps. Here every step
+    trains (mixed rewards) and the evaluation returns how many steps the weights it sees were trained
+    (/ 100), so every point must read (s, s / 100)."""
+    from transformers import AutoModelForCausalLM
+    args, cfg = analyze.parse_args(study_argv(tiny_model_folder, tmp_path, "--steps", "3", "--eval-every", "1",
+                                                         "--precision", "fp32"))
+    data = analyze.study_data(cfg, args.out_dir)
+    weights = lambda model: tuple(round(p.double().sum().item(), 9) for p in model.parameters())  # noqa: E731
+    steps_of = {weights(AutoModelForCausalLM.from_pretrained(tiny_model_folder)): 0}
+    rl_step = prerl.rl_step
+
+    def counting_rl_step(model, *a, **k):
+        record = rl_step(model, *a, **k)
+        steps_of[weights(model)] = len(steps_of)
+        return record
+    monkeypatch.setattr(prerl, "rl_step", counting_rl_step)
+    monkeypatch.setattr(prerl.verify, "rewards", lambda texts, golds, **k: [float(i % 2) for i in range(len(texts))])
+    monkeypatch.setattr(prerl, "evaluate", lambda model, *a, **k: steps_of[weights(model)] / 100)
+    result = analyze.study_run(cfg, args, "grpo", cfg.lr, 0, data, False, 0)
+    assert sorted(steps_of.values()) == [0, 1, 2, 3]                       # each step changed the weights
+    assert [tuple(point) for point in result["curve"]] == [(s, s / 100) for s in range(4)]
+    assert analyze.steps_to_threshold(result["curve"], 0.02) == 2
+
 def test_study_splits_train_validation_and_held_out_apart(tiny_model_folder, tmp_path):
     args, cfg = analyze.parse_args(study_argv(tiny_model_folder, tmp_path, "--data", str(tmp_path / "big.jsonl"),
                                               "--eval-size", "8"))

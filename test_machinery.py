@@ -582,6 +582,18 @@ def test_memory_plan_targets_and_command(capsys):
     assert bf16["weights"] + bf16["gradients"] + bf16["optimizer state"] == 8 * full["parameters"]
 
 
+def test_memory_plan_kv_cache_is_the_keys_and_values_a_rollout_holds():
+    """The plan's KV cache against the bytes of a real one: the tiny model prefilled with rows x prompt
+    tokens, its cache given room for the response as sampling does (keys and values, every layer)."""
+    model, rows, prompt, response = tiny_model(torch.float32), 3, 5, 7
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(4, 40, (rows, prompt)), use_cache=True)
+    cache = getattr(out, prerl.cache_keyword(model))
+    machinery.preallocate(cache, response)
+    held = sum(layer.key_buffer.nbytes + layer.value_buffer.nbytes for layer in cache.layers)
+    plan = machinery.memory_plan(model.config, "fp32", "cpu", rows, response, 0, False, prompt_tokens=prompt)
+    assert dict(plan["parts"])["KV cache"] == held
+
 def test_memory_plan_refuses_on_cuda_naming_the_flags(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2 ** 30, 24 * 2 ** 30))
     plan = {"peak": 3 * 2 ** 30}
@@ -696,6 +708,49 @@ def test_lora_merged_export_scores_like_the_adapted_model(tmp_path):
     torch.testing.assert_close(merged, adapted, rtol=1e-6, atol=1e-6)
     assert (adapted - base).abs().max() > 1e-3                    # the adapter really changed the scores
 
+
+def test_lora_merge_is_w_plus_alpha_over_rank_b_a_written_out():
+    """The merged weights against the formula by hand, at alpha 16 != rank 4 (scale 4): W + (alpha/r) B A
+    for every adapted Linear, the other weights unchanged."""
+    pytest.importorskip("peft")
+    model = machinery.add_lora(tiny_model(), 4, 16.0, "all-linear", seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    merged, base = machinery.merged_state_dict(model), tiny_model().state_dict()
+    assert set(merged) == set(base)
+    adapted = {name: (m.lora_A["default"].weight, m.lora_B["default"].weight) for name, m in model.named_modules()
+               if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert len(adapted) == 2 * 7                      # q, k, v, o, gate, up, down in each of the 2 layers
+    for name, tensor in base.items():
+        layer = name[:-len(".weight")]
+        expected = tensor + 4.0 * adapted[layer][1] @ adapted[layer][0] if layer in adapted else tensor
+        torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)   # the merge adds in fp32
+
+
+def test_lora_run_exports_the_model_it_trained_at_alpha_other_than_rank(tiny_model_folder, tmp_path, monkeypatch):
+    """--lora 4 --lora-alpha 16: the run's exported model/ scores every response as the base model with the
+    checkpoint's adapter does (the export folds in the alpha/rank scale 4, not 1)."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    monkeypatch.setattr(prerl, "PLAIN", False)                  # --lora is machinery
+    monkeypatch.setattr(prerl.verify, "rewards", lambda texts, golds, **k: [float(i % 2) for i in range(len(texts))])
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path, "--steps", "1", "--switch-step", "0",
+                                            "--lora", "4", "--lora-alpha", "16", "--prompts-per-step", "4")))
+    adapter = state_of(tmp_path / "checkpoint.pt")["model"]
+    assert any("lora_B" in name and tensor.abs().max() > 0 for name, tensor in adapter.items())   # the adapter trained
+    trained = machinery.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_folder, dtype=torch.float32), 4, 16.0,
+                                 "all-linear", seed=0)
+    machinery.load_adapter_state(trained, adapter)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_folder, dtype=torch.float32)
+    batch = toy_batch()
+    with torch.no_grad():
+        scores = [prerl.conditional_logprobs(m, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                                             batch["response_mask"]) for m in (trained, exported, base)]
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-5, atol=1e-5)
+    assert (scores[0] - scores[2]).abs().max() > 1e-4          # the adapter really changed the scores
 
 def test_lora_run_checkpoints_only_the_adapter_and_resumes(tiny_model_folder, tmp_path, monkeypatch):
     pytest.importorskip("peft")

@@ -17,7 +17,8 @@ import torch
 import machinery
 import prerl
 import verify
-from conftest import (flat_grad, hand_loss, real_prompt, reference_logprobs, run_args, state_of, tiny_model, toy_batch)
+from conftest import (flat_grad, hand_loss, real_prompt, reference_logprobs, run_args, state_of, tiny_model,
+                      tiny_tokenizer, toy_batch, write_sums)
 
 # ---------------------------------------------------------------------------
 # Scoring in both spaces, sampling
@@ -757,3 +758,133 @@ def test_trim_keeps_a_single_real_column():
     assert got_ids.tolist() == [[5], [7]] and got_mask.tolist() == [[1], [1]]
     got_ids, got_mask = prerl.trim(torch.tensor([[3, 3, 9]]), torch.tensor([[0, 0, 1]]), left=True)
     assert got_ids.tolist() == [[9]] and got_mask.tolist() == [[1]]
+
+
+# ---------------------------------------------------------------------------
+# Prompts, the data split, the data order and the sampling keys: bugs that ruin a study without a crash
+# (each test below fails with its bug applied by hand)
+
+# A ChatML template like SmolLM2's and Qwen's: the assistant's header is written only when asked for.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_prompts_are_left_padded_whatever_side_the_tokenizer_was_saved_with(tmp_path):
+    """Generation appends to the right end of every prompt, so prompts must be padded on the left: with
+    right padding a shorter prompt's response would follow its padding. Many tokenizers are saved with
+    padding_side 'right'; load_model's tokenizer pads prompts on the left anyway."""
+    saved = tiny_tokenizer()
+    saved.padding_side = "right"
+    tiny_model(torch.float32).save_pretrained(tmp_path)
+    saved.save_pretrained(tmp_path)
+    model, tokenizer = prerl.load_model(str(tmp_path), torch.device("cpu"))
+    problems = [{"problem": "what is 1+1?", "answer": "2"}, {"problem": "what is 12+34, and then 5 more?", "answer": "51"}]
+    both = prerl.encode_prompts(tokenizer, problems, torch.device("cpu"))
+    alone = prerl.encode_prompts(tokenizer, problems[:1], torch.device("cpu"))
+    n = alone["input_ids"].shape[1]
+    assert both["input_ids"].shape[1] > n and both["attention_mask"][:, -1].all()      # every prompt ends in the last column
+    assert torch.equal(both["input_ids"][0, -n:], alone["input_ids"][0])                # the short one's tokens at the right end
+    assert (both["input_ids"][0, :-n] == tokenizer.pad_token_id).all() and not both["attention_mask"][0, :-n].any()
+    # what it is for: a prompt's greedy response is the same beside a longer prompt as alone
+    cfg = prerl.Config(max_new_tokens=8)
+    beside = prerl.sample(model, tokenizer, problems, cfg, 1, ["a", "b"], temperature=0)
+    single = prerl.sample(model, tokenizer, problems[:1], cfg, 1, ["a"], temperature=0)
+    assert beside["texts"][0] == single["texts"][0]
+
+
+def test_a_chat_prompt_ends_with_the_assistants_header():
+    """With a chat template the prompt must open the assistant's turn; without its header the model
+    would go on writing the user's message instead of answering it."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHATML
+    text = prerl.format_prompt(tokenizer, {"problem": "what is 1+1?", "answer": "2"})
+    assert text == (f"<|im_start|>system\n{prerl.SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nwhat is 1+1?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    tokenizer.chat_template = None                     # a base model: the plain completion prompt
+    assert prerl.format_prompt(tokenizer, {"problem": "what is 1+1?", "answer": "2"}) == f"{prerl.SYSTEM_PROMPT}\n\nProblem: what is 1+1?\nSolution:"
+
+
+@pytest.mark.parametrize("tasks,difficulty", [("add,mul", 1), (",".join(prerl.TASK_FAMILIES), 2)])
+def test_built_in_held_out_problems_come_from_the_held_out_side_of_the_split(tasks, difficulty):
+    """Without --eval-data the held-out set is built-in problems from the held-out quarter, never a problem
+    the run trains on (train() draws its training problems from the other side with the same seed)."""
+    cfg = prerl.Config(tasks=tasks, difficulty=difficulty, eval_size=24, seed=0)  # add,mul at 1 digit: 31 held out
+    held = prerl.eval_problems(cfg)
+    train = prerl.make_problems(4096, cfg.tasks, cfg.difficulty, cfg.seed, held_out=False)
+    assert len(held) == 24 and len({p["problem"] for p in held}) == 24
+    assert all(prerl.is_held_out(p["problem"]) for p in held)
+    assert not any(prerl.is_held_out(p["problem"]) for p in train)
+    assert not {p["problem"] for p in held} & {p["problem"] for p in train}
+    # the split is a fixed quarter of all problems, whichever side asks
+    texts = [f"What is {a} + {b}?" for a in range(100) for b in range(100)]
+    assert 0.23 < sum(map(prerl.is_held_out, texts)) / len(texts) < 0.27
+    # the same problems on every call (a resumed run and every mode of a study see the same sets); a seed's own
+    assert prerl.eval_problems(cfg) == held and prerl.make_problems(4096, cfg.tasks, cfg.difficulty, 0, held_out=False) == train
+    assert prerl.make_problems(4096, cfg.tasks, cfg.difficulty, 1, held_out=False) != train
+
+
+def test_held_out_problems_from_a_file_are_its_first_eval_size(tmp_path):
+    write_sums(tmp_path / "eval.jsonl", 4)
+    cfg = prerl.Config(eval_data=str(tmp_path / "eval.jsonl"), eval_size=5)
+    assert prerl.eval_problems(cfg) == prerl.load_problems(str(tmp_path / "eval.jsonl"))[:5]
+    assert [p["problem"] for p in prerl.eval_problems(cfg)] == [f"what is 0+{b}?" for b in range(4)] + ["what is 1+0?"]
+
+
+def test_prompts_are_encoded_without_added_special_tokens():
+    """The prompt is exactly format_prompt's text: a chat template writes its own start tokens, and a
+    tokenizer that adds BOS on its own (Llama's) would add a second one."""
+    from tokenizers import processors
+    tokenizer = tiny_tokenizer()
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tokenizer("1+1")["input_ids"] == [1, 5, 4 + prerl_chars_index("+"), 5]      # this tokenizer adds BOS
+    problems = [{"problem": "what is 1+1?", "answer": "2"}]
+    ids = prerl.encode_prompts(tokenizer, problems, torch.device("cpu"))["input_ids"][0].tolist()
+    text = prerl.format_prompt(tokenizer, {"problem": "what is 1+1?", "answer": "2"})
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"] and ids[0] != tokenizer.bos_token_id   # none added
+
+
+def prerl_chars_index(char):
+    from conftest import CHARS
+    return CHARS.index(char)
+
+
+def test_sampling_uniforms_are_float64_rows_per_key():
+    """G rows per key, T columns, in [0, 1), float64: a float32 draw could not reach tokens whose
+    probability is below 2**-24 in a 150k-token vocabulary."""
+    uniforms = prerl.sampling_uniforms(["a", "b", "c"], 4, 9)
+    assert uniforms.shape == (12, 9) and uniforms.dtype == torch.float64
+    assert 0 <= uniforms.min() and uniforms.max() < 1 and len(set(uniforms.flatten().tolist())) == 12 * 9
+    assert torch.equal(prerl.sampling_uniforms(["b"], 4, 9), uniforms[4:8])
+
+
+def test_data_order_differs_for_every_seed_and_step():
+    """Each (seed, step) draws its own batch: no seed replays another seed's batches one step shifted
+    (seed 1 at step 0 is not seed 0 at step 1), so a study's seeds are independent runs."""
+    problems = [{"problem": f"p{i}", "answer": str(i)} for i in range(200)]
+    batches = {(seed, step): tuple(p["problem"] for p in prerl.batch_for_step(problems, step, prerl.Config(seed=seed, prompts_per_step=8)))
+               for seed in range(4) for step in range(4)}
+    assert batches[(0, 1)] != batches[(1, 0)] and batches[(1, 2)] != batches[(2, 1)]
+    assert len(set(batches.values())) == len(batches)
+    assert all(len(set(b)) == 8 for b in batches.values())
+    assert batches[(0, 1)] == tuple(p["problem"] for p in prerl.batch_for_step(problems, 1, prerl.Config(seed=0, prompts_per_step=8)))
+
+
+def test_every_step_samples_with_new_random_numbers(tiny_model_folder, tmp_path, monkeypatch):
+    """The same batch index gets other random numbers at step 1 than at step 0 (and in another seed's
+    run): keys that left out the step would replay step 0's draws at every step."""
+    sampling_uniforms, drawn = prerl.sampling_uniforms, []
+
+    def recording(keys, group_size, max_new_tokens):
+        uniforms = sampling_uniforms(keys, group_size, max_new_tokens)
+        drawn.append(uniforms)
+        return uniforms
+    monkeypatch.setattr(prerl, "sampling_uniforms", recording)
+    for seed in ("0", "1"):
+        prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / seed, "--steps", "2", "--eval-size", "0",
+                                                "--seed", seed)))
+    assert len(drawn) == 4 and all(u.shape == drawn[0].shape for u in drawn)   # seed 0: steps 0, 1; seed 1: steps 0, 1
+    group = 8
+    for i in range(drawn[0].shape[0] // group):    # each batch index: its group's numbers at each (seed, step)
+        rows = slice(i * group, (i + 1) * group)
+        numbers = [u[rows] for u in drawn]
+        assert all(not torch.equal(numbers[a], numbers[b]) for a in range(4) for b in range(a)), i

@@ -137,6 +137,47 @@ def test_resume_with_other_settings_names_the_fields_and_steps_may_only_grow(tin
     prerl.parse_config(run_args(tiny_model_folder, out, "--steps", "5", "--resume", "--eval-every", "2"))  # allowed
 
 
+# A changed value for each setting that changes what a run trains: its model, data, method, sampling or
+# optimisation. A resumed run continuing with any of them would mix two runs under one name.
+CHANGES_WHAT_IS_TRAINED = {
+    "model": "other/model", "data": "other.jsonl", "tasks": "add", "difficulty": 2, "seed": 1,
+    "mode": "grpo", "switch_step": 3, "prerl_coef": 0.02, "w_reinforce_lambda": 0.2, "clip_eps_low": 0.1,
+    "clip_eps_high": 0.3, "kl_coef": 0.1,
+    "prompts_per_step": 4, "group_size": 8, "max_new_tokens": 7, "temperature": 0.9, "top_p": 0.9,
+    "lr": 1e-4, "weight_decay": 0.0, "grad_clip": 0.5, "lora": 4, "lora_alpha": 8.0, "lora_targets": "q_proj",
+}
+
+
+@pytest.mark.parametrize("field,value", CHANGES_WHAT_IS_TRAINED.items(), ids=list(CHANGES_WHAT_IS_TRAINED))
+def test_resume_refuses_every_setting_that_changes_what_is_trained(field, value, tmp_path):
+    """--resume with another sampling temperature (or any setting in the table) is refused, naming the
+    checkpoint's value and the new one; the same settings resume."""
+    cfg = prerl.Config(out_dir=str(tmp_path), resume=True, steps=4)
+    model = tiny_model(torch.float32)
+    prerl.save_checkpoint(str(tmp_path / "checkpoint.pt"), model, prerl.make_optimizer(model, cfg), 2, cfg)
+    assert prerl.resume_problem(cfg) is None
+    assert getattr(cfg, field) != value
+    problem = prerl.resume_problem(dataclasses_replace(cfg, **{field: value}))
+    assert problem is not None and f"--{field.replace('_', '-')} {getattr(cfg, field)} (now {value})" in problem, problem
+
+def test_resume_checks_only_a_resumed_run_and_steps_may_equal_the_checkpoints(tmp_path):
+    """Without --resume, or with no checkpoint yet, there is nothing to compare; --steps may equal the
+    checkpoint's step (nothing left to train) but not fall below it."""
+    cfg = prerl.Config(out_dir=str(tmp_path), resume=True, steps=2, temperature=0.9)
+    assert prerl.resume_problem(cfg) is None                                  # no checkpoint yet
+    model = tiny_model(torch.float32)
+    prerl.save_checkpoint(str(tmp_path / "checkpoint.pt"), model, prerl.make_optimizer(model, cfg), 2, cfg)
+    assert prerl.resume_problem(cfg) is None                                  # --steps 2 at step 2
+    assert prerl.resume_problem(dataclasses_replace(cfg, resume=False, temperature=0.5)) is None
+    assert prerl.resume_problem(dataclasses_replace(cfg, steps=1)).startswith("--steps 1: ")
+    assert prerl.resume_problem(dataclasses_replace(cfg, temperature=0.5, top_p=0.9)) == (
+        f"--resume: the checkpoint in {tmp_path} was trained with --temperature 0.9 (now 0.5), --top-p 1.0 (now 0.9); "
+        "pass the checkpoint's values, or choose a new --out-dir for a new run")   # every changed field, in one line
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    unreadable = prerl.resume_problem(cfg)        # names the error torch raised (mmap's, or pickle's without mmap)
+    assert unreadable.startswith(f"--resume: checkpoint {tmp_path / 'checkpoint.pt'} is unreadable (")
+    assert unreadable.split(" is unreadable (")[1].split(":")[0] in ("RuntimeError", "UnpicklingError"), unreadable
+
 def test_a_held_lock_refuses_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
     """A child process holds run.lock as a live run does (lockf + its PID); while it lives, a run into the
     folder is refused naming it; once it is killed with -9 the lock is free and taken over."""
@@ -197,6 +238,23 @@ def test_non_finite_steps_are_logged_and_three_in_a_row_stop_the_run(tiny_model_
     assert "not measured (--eval-size 0)" in capsys.readouterr().out  # no evaluation is said, not 0.000
     assert not (tmp_path / "checkpoint.pt").exists() and (tmp_path / "run.lock").read_text() == ""
 
+
+def test_the_non_finite_guard_stops_only_at_skipped_steps_in_a_row():
+    """Skipped steps scattered through a run never stop it; NONFINITE_LIMIT of them in a row do, and the
+    error names the first and last of them. A good step starts the count again."""
+    cfg, limit = prerl.Config(out_dir="runs/x"), prerl.NONFINITE_LIMIT
+    skipped = {"skipped": "non-finite loss nan"}
+    pattern = ([True] * (limit - 1) + [False]) * 4            # 4 * (limit - 1) skipped steps, never limit in a row
+    in_a_row, counts = 0, []
+    for step, skip in enumerate(pattern):
+        in_a_row = prerl.count_nonfinite_steps({"step": step, **(skipped if skip else {})}, in_a_row, cfg)
+        counts.append(in_a_row)
+    assert counts == ([*range(1, limit), 0]) * 4
+    first = len(pattern)
+    for step in range(first, first + limit - 1):
+        in_a_row = prerl.count_nonfinite_steps({"step": step, **skipped}, in_a_row, cfg)
+    with pytest.raises(SystemExit, match=rf"steps {first}\.\.{first + limit - 1} all had a non-finite"):
+        prerl.count_nonfinite_steps({"step": first + limit - 1, **skipped}, in_a_row, cfg)
 
 def test_exported_model_loads_anywhere_with_the_checkpoints_log_probs(tiny_model_folder, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -620,3 +620,61 @@ CORE_CASES = [
 def test_verifier_core_cases(pred, gold, expected):
     assert verify.is_equiv(pred, gold) is expected
     assert verify.is_equiv(gold, pred) is expected
+
+
+# --- silent wrong rewards: each case below once judged a wrong answer right (or a right one wrong)
+# with no crash. A reward that says "right" for the wrong sign trains the model toward wrong answers.
+
+SIGNED_FRACTIONS = ["-\\frac{3}{4}", "-3/4", "-\\frac34", "-\\dfrac{3}{4}", "-\\tfrac{3}{4}"]
+
+
+@pytest.mark.parametrize("negative", SIGNED_FRACTIONS)
+def test_a_fraction_keeps_its_sign(negative):
+    """A negative fraction is never its positive counterpart, either way round; the same sign is."""
+    positive = negative[1:]
+    assert verify.is_equiv(negative, positive) is False
+    assert verify.is_equiv(positive, negative) is False
+    assert verify.is_equiv(negative, "-0.75") is True and verify.is_equiv(positive, "0.75") is True
+    assert verify.is_equiv(negative, "-\\frac{6}{8}") is True
+    assert verify.reward(f"So the slope is $\\boxed{{{negative}}}$.", "\\frac{3}{4}") == 0.0
+    assert verify.reward(f"So the slope is $\\boxed{{{negative}}}$.", "-\\frac{3}{4}") == 1.0
+
+
+@pytest.mark.parametrize("completion", [
+    "It starts at 3 and drops 15 degrees, ending at -12",
+    "The balance goes 8, then 8 - 20, so it ends at -12",
+    "Subtracting: 5 - 17 = -12",
+])
+def test_the_last_number_of_an_unboxed_completion_keeps_its_minus_sign(completion):
+    assert verify.extract_answer(completion) == "-12"
+    assert verify.reward(completion, "-12") == 1.0
+    assert verify.reward(completion, "12") == 0.0
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("10\\%", "1000\\%", False), ("1000\\%", "10\\%", False), ("10%", "1000%", False), ("50\\%", "0.5\\%", False),
+    ("10\\%", "10\\%", True), ("10\\%", "10%", True),                         # both carry it: compared as they stand
+    ("10\\%", "0.1", True), ("0.1", "10\\%", True), ("10\\%", "10", True),      # one side carries it: either reading
+    ("\\frac{1}{4}\\%", "25\\%", False),                                        # both sides, not a fast number
+])
+def test_percent_is_scaled_only_when_one_side_carries_it(pred, gold, expected):
+    assert verify.is_equiv(pred, gold) is expected
+
+
+def test_a_gsm8k_completion_is_read_at_its_last_answer_line():
+    """A completion that corrects itself: the last `####` line is its answer, not the first."""
+    completion = "3 + 4 = 8\n#### 8\nWait, that is wrong: 3 + 4 = 7.\n#### 7"
+    assert verify.extract_answer(completion) == "7"
+    assert verify.reward(completion, "7") == 1.0 and verify.reward(completion, "8") == 0.0
+    assert verify.extract_answer("#### 1\n#### 2\n#### 3") == "3"
+
+
+@pytest.mark.parametrize("end", ["", "\n", "  \n\n", "<|im_end|>"])
+def test_a_completion_that_ends_right_after_its_reasoning_is_read_inside_it(end):
+    """A model that stops right after </think> has its answer only inside the reasoning: that answer
+    counts (nothing follows the reasoning to take its place)."""
+    completion = "<think>Add them: 3 + 4 = 7, so the answer is \\boxed{7}</think>" + end
+    assert verify.extract_answer(completion) == "7"
+    assert verify.reward(completion, "7") == 1.0 and verify.reward(completion, "8") == 0.0
+    # text after the reasoning still wins over a guess inside it
+    assert verify.extract_answer("<think>maybe \\boxed{5}</think>\nSo the answer is \\boxed{7}." + end) == "7"
