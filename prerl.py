@@ -704,7 +704,7 @@ def make_optimizer(model, cfg):
 
 
 def evaluate(model, tokenizer, problems, cfg, batch_size=32, ended=None):
-    """Held-out accuracy: one response per problem (greedy by default), scored by verify.rewards (or
+    """Held-out accuracy: one response per problem (greedy by default), scored by verify.grades (or
     --reward). None with no problems (--eval-size 0): nothing was measured."""
     if not problems:
         return None

@@ -276,7 +276,7 @@ def test_a_studys_held_out_curve_puts_each_evaluation_at_the_steps_trained_befor
         steps_of[weights(model)] = len(steps_of)
         return record
     monkeypatch.setattr(prerl, "rl_step", counting_rl_step)
-    monkeypatch.setattr(prerl.verify, "rewards", lambda texts, golds, **k: [float(i % 2) for i in range(len(texts))])
+    monkeypatch.setattr(prerl.verify, "grades", lambda texts, golds, **k: [prerl.verify.Verdict(float(i % 2), None, "wrong") for i in range(len(texts))])
     monkeypatch.setattr(prerl, "evaluate", lambda model, *a, **k: steps_of[weights(model)] / 100)
     result = analyze.study_run(cfg, args, "grpo", cfg.lr, 0, data, False, 0)
     assert sorted(steps_of.values()) == [0, 1, 2, 3]                       # each step changed the weights

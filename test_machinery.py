@@ -735,7 +735,7 @@ def test_lora_run_exports_the_model_it_trained_at_alpha_other_than_rank(tiny_mod
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
     monkeypatch.setattr(prerl, "PLAIN", False)                  # --lora is machinery
-    monkeypatch.setattr(prerl.verify, "rewards", lambda texts, golds, **k: [float(i % 2) for i in range(len(texts))])
+    monkeypatch.setattr(prerl.verify, "grades", lambda texts, golds, **k: [prerl.verify.Verdict(float(i % 2), None, "wrong") for i in range(len(texts))])
     prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path, "--steps", "1", "--switch-step", "0",
                                             "--lora", "4", "--lora-alpha", "16", "--prompts-per-step", "4")))
     adapter = state_of(tmp_path / "checkpoint.pt")["model"]

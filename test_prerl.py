@@ -616,7 +616,7 @@ def test_evaluation_is_greedy_by_default_and_averages_over_batches(tiny_model_fo
         calls[-1] += (out["texts"],)
         return out
     monkeypatch.setattr(prerl, "sample", sample_spy)
-    monkeypatch.setattr(verify, "rewards", lambda texts, golds: [float(g == "right") for g in golds])
+    monkeypatch.setattr(verify, "grades", lambda texts, golds, **k: [verify.Verdict(float(g == "right"), None, "wrong") for g in golds])
     assert prerl.Config().eval_temperature == 0.0
     for seed in (0, 1):   # greedy: the texts do not depend on the random state
         torch.manual_seed(seed)

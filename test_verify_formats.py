@@ -54,7 +54,8 @@ FORMAT_CASES = {
         ("<think>6 * 7 = 42.</think>\nThe answer is \\boxed{42}.", "42", True),
         ("<think>6 * 7 = 42.</think>\nThe answer is \\boxed{41}.", "42", False),
         ("6 * 7 = 42.</think>\n\nSo the product is $\\boxed{42}$.", "42", True),
-        ("<think>6 * 7 = 42, so \\boxed{42}</think>", "42", False),
+        ("<think>6 * 7 = 42, so \\boxed{42}</think>", "42", True),    # reasoning closed, answer only inside it
+        ("<think>6 * 7 = 42, so \\boxed{41}</think>", "42", False),
         ("<think>first try</think>The answer is 5.<think>hmm, but 6?", "5", False),
         ("<thinking>12 + 30 = 42</thinking>\nAnswer: 42", "42", True),
         ("<thinking>12 + 30 = 42, answer 42", "42", False),
@@ -249,7 +250,6 @@ FINISHED = "<think>6 * 7 = 42.</think>\nThe answer is \\boxed{42}."
 @pytest.mark.parametrize("completion", [
     "<think>20 + 21 = 41. So it is 41 ... wait, no",
     "<think>6 * 7 = 42, so the answer is \\boxed{42}. Hmm, let me double check",
-    "<think>6 * 7 = 42, so \\boxed{42}</think>",
     "<think>first</think>The answer is 42.<think>hmm, but",
     "<think>so \\boxed{42}<|im_end|>",
     "<|channel|>analysis<|message|>6*7=42, \\boxed{42}<|end|>",

@@ -206,8 +206,9 @@ _THINKING = [("<think>", "</think>"), ("<thinking>", "</thinking>"), ("<reasonin
 
 def _final_part(text):
     """The text after the model's reasoning, or None when its reasoning never ended: an opened
-    `<think>` never closed (nor re-closed after a later `<think>`), or closed with nothing after it.
-    A trace cut inside its thinking has no final answer, whatever numbers the thinking holds."""
+    `<think>` never closed (nor re-closed after a later `<think>`). A trace cut inside its thinking has
+    no final answer, whatever numbers the thinking holds. A model that stops right after closing its
+    reasoning wrote its answer only inside it: then the whole text is read."""
     start = 0
     for opener, closer in _THINKING:
         opened, closed = text.rfind(opener), text.rfind(closer)
@@ -215,7 +216,7 @@ def _final_part(text):
             return None  # still thinking: `... so it is 41 ... wait, no`
         if closed >= 0:
             start = max(start, closed + len(closer))
-    return text[start:] if start == 0 or text[start:].strip() else None
+    return text[start:] if start == 0 or text[start:].strip() else text
 
 
 def _strip_turn(text):
