@@ -657,7 +657,7 @@ def aggregation(agg, lengths, counted, max_new_tokens):
         # DAPO (arXiv 2503.14476, eq. 12): every token of the batch weighs the same, long answers are not diluted
         "token-mean":              (None,                               tokens),
         # GRPO (DeepSeekMath, arXiv 2402.03300, eq. 3): the mean of each response, then the mean over responses
-        "seq-mean-token-mean":     (1.0 / lengths.clamp(min=1),         rows),
+        "seq-mean-token-mean":     (1.0 / lengths.clamp(min=1).double(), rows),
         # the token sum of each response, mean over responses (verl's seq-mean-token-sum)
         "seq-mean-token-sum":      (None,                               rows),
         # Dr. GRPO (arXiv 2503.20783, eq. 4): token sum over a constant, rows x max length: no length bias
@@ -787,7 +787,8 @@ def accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model=
                 ref_lp, _ = scored_logprobs(ref_model, space, batch, chunk, start_id)
         if old_lp is not None:
             old = old_lp[chunk, :mask.shape[1]]
-            counts["clipped"] = counts.get("clipped", 0) + clipped_tokens(token_lp.detach(), old, advantages[chunk], mask, cfg)
+            if counts is not None:
+                counts["clipped"] = counts.get("clipped", 0) + clipped_tokens(token_lp.detach(), old, advantages[chunk], mask, cfg)
         loss = policy_loss(token_lp, mask.float(), advantages[chunk], denominator, cfg, coef, ref_lp, old,
                            None if row_scale is None else row_scale[chunk])
         loss.backward()
@@ -852,7 +853,7 @@ def draw_mixed_groups(model, tokenizer, pool, batch, rewards, step, cfg):
         problems = batch_for_step(pool, step, cfg, draw=draws)
         batches.append(rollout(model, tokenizer, problems, cfg, [f"{cfg.seed}-{step}-draw{draws}-{i}" for i in range(len(problems))]))
         draws += 1
-    kept = [(b, int(g)) for b, r in batches for g in mixed_groups(r).nonzero().squeeze(1)][:cfg.prompts_per_step]
+    kept = [(b, int(g)) for b, (_, r) in enumerate(batches) for g in mixed_groups(r).nonzero().squeeze(1)][:cfg.prompts_per_step]
     if len(kept) < cfg.prompts_per_step:
         tqdm.write(f"dynamic sampling, step {step}: {len(kept)} of {cfg.prompts_per_step} groups with mixed rewards "
                    f"after {draws} draws (--dynamic-sampling-draws); training on " +
