@@ -745,15 +745,16 @@ def micro_batch_budget(cfg, device):
 
 
 def rows_that_count(space, advantages, batch, cfg, rows=None):
-    """Which rows enter the loss and its denominators: every response in the conditional space, only the
-    kept ones (A != 0) in the pre-train space (PAPER.md); with --mask-truncated not those cut at
-    --max-new-tokens (DAPO's overlong filtering); with rows (a mini-batch) only those."""
-    counted = advantages != 0 if space == "pretrain" else torch.ones_like(advantages, dtype=torch.bool)
+    """(present, counted): the rows of this update -- all, or a mini-batch's, less those cut at
+    --max-new-tokens with --mask-truncated (DAPO's overlong filtering) -- and of those the ones that count
+    in the loss's denominators: every one in the conditional space, the kept ones (A != 0) in the
+    pre-train space (PAPER.md)."""
+    present = torch.ones_like(advantages, dtype=torch.bool)
     if cfg.mask_truncated:
-        counted = counted & ~batch["truncated"].to(counted.device)
+        present = present & ~batch["truncated"].to(present.device)
     if rows is not None:
-        counted = counted & torch.isin(torch.arange(len(counted), device=counted.device), torch.tensor(rows, device=counted.device))
-    return counted
+        present = present & torch.isin(torch.arange(len(present), device=present.device), torch.tensor(rows, device=present.device))
+    return present, (present & (advantages != 0) if space == "pretrain" else present)
 
 
 def loss_plan(batch, rewards, stage, cfg, use_kl, rows=None):
@@ -761,8 +762,8 @@ def loss_plan(batch, rewards, stage, cfg, use_kl, rows=None):
     A = 0 (all-equal groups, zero weights) carries no gradient and is not scored -- unless the KL term is on."""
     advantages, space, coef = advantages_for(stage, shaped_rewards(rewards, batch, cfg), cfg)
     advantages = advantages.reshape(-1).to(batch["response_ids"].device)
-    counted = rows_that_count(space, advantages, batch, cfg, rows)
-    scored = (counted if use_kl else counted & (advantages != 0)).nonzero().squeeze(1).tolist()
+    present, counted = rows_that_count(space, advantages, batch, cfg, rows)
+    scored = (present if use_kl else counted & (advantages != 0)).nonzero().squeeze(1).tolist()
     lengths = batch["response_mask"].sum(1) + (batch["prompt_mask"].sum(1) if space == "conditional" else 1)
     chunks = micro_batches(scored, lengths.tolist(), micro_batch_budget(cfg, batch["response_ids"].device))
     return advantages, space, coef, counted, chunks

@@ -93,11 +93,12 @@ def hand_variant_loss(model, batch, rewards, stage, cfg, old=None, reference=Non
     coef = cfg.prerl_coef if pretrain else 1.0
     lengths = [int(n) for n in batch["response_mask"].sum(1)]
     advantages = hand_variant_advantages(stage, rewards, [lengths[i:i + rewards.shape[1]] for i in range(0, len(lengths), rewards.shape[1])], cfg)
-    counted = [i for i, a in enumerate(advantages) if not (pretrain and a == 0)
-               and not (cfg.mask_truncated and bool(batch["truncated"][i]))]
+    present = [i for i in range(len(advantages)) if not (cfg.mask_truncated and bool(batch["truncated"][i]))]
+    counted = [i for i in present if not (pretrain and advantages[i] == 0)]    # the rows of the denominators
+    with_kl = reference is not None and cfg.kl_coef > 0                        # the KL term covers every response
     low, high = (cfg.seq_clip_eps_low, cfg.seq_clip_eps_high) if cfg.ratio == "sequence" else (cfg.clip_eps_low, cfg.clip_eps_high)
     row_sums = {}
-    for i in counted:
+    for i in present if with_kl else counted:
         n, a = lengths[i], advantages[i]
         context = [1] if pretrain else real_prompt(batch, i)
         response = batch["response_ids"][i, :n].tolist()
@@ -111,7 +112,7 @@ def hand_variant_loss(model, batch, rewards, stage, cfg, old=None, reference=Non
             for t in range(n):
                 rho = torch.exp(lp[t] - pi_old[t])
                 terms.append(-torch.min(rho * a, rho.clamp(1 - low, 1 + high) * a))
-        if reference is not None and cfg.kl_coef > 0:
+        if with_kl:
             with torch.no_grad():
                 ref = row_logprobs(reference, context, response)
             terms = [term + cfg.kl_coef * (torch.exp(ref[t] - lp[t]) - (ref[t] - lp[t]) - 1) for t, term in enumerate(terms)]
@@ -120,7 +121,7 @@ def hand_variant_loss(model, batch, rewards, stage, cfg, old=None, reference=Non
     if cfg.loss_agg == "token-mean":
         total = sum(row_sums.values()) / tokens
     elif cfg.loss_agg == "seq-mean-token-mean":
-        total = sum(row_sums[i] / lengths[i] for i in counted) / rows
+        total = sum(row_sums[i] / lengths[i] for i in row_sums) / rows
     elif cfg.loss_agg == "seq-mean-token-sum":
         total = sum(row_sums.values()) / rows
     else:
@@ -170,10 +171,12 @@ def test_masked_truncation_and_overlong_penalty_equal_hand_formula(stage, agg):
     check_against_hand(stage, variant_cfg(loss_agg=agg, overlong_buffer=3, overlong_penalty=0.5))
 
 
-@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
-def test_kl_term_with_a_variant_equals_hand_formula(agg):
-    """grpo-original's combination: per-response mean of the surrogate plus beta k3, with rho != 1."""
-    check_against_hand("grpo", variant_cfg(loss_agg=agg, kl_coef=0.04, clip_eps_high=0.2), reference=tiny_model(seed=1))
+@pytest.mark.parametrize("stage,agg", [("grpo", "seq-mean-token-mean"), ("nsr-prerl", "token-mean"), ("prerl", "seq-mean-token-mean")])
+def test_kl_term_with_a_variant_equals_hand_formula(stage, agg):
+    """grpo-original's combination (per-response mean of the surrogate plus beta k3, rho != 1), and the KL
+    term in the pre-train space: it covers every response, while only kept ones count in the denominator."""
+    check_against_hand(stage, variant_cfg(loss_agg=agg, kl_coef=0.04, clip_eps_high=0.2, mask_truncated=stage == "prerl"),
+                       reference=tiny_model(seed=1))
 
 
 def test_negative_control_a_per_micro_batch_mean_fails_the_hand_formula(monkeypatch):
@@ -254,12 +257,13 @@ def variant_step(flags, stage, dist=None):
     cfg = variant_cfg(micro_batch_tokens=25, lr=1e-2, **flags)
     if dist is not None:
         machinery.shard_model(model, dist)
+    optimizer = prerl.make_optimizer(model, cfg)
+    if dist is not None:
         groups, _ = machinery.rank_share(list(range(len(rewards))), dist)
         rows = [g * 4 + j for g in groups for j in range(4)]
         batch, rewards, old = {name: value[rows] for name, value in batch.items()}, rewards[groups], old[rows]
         machinery.gather_weights(model)    # as rl_step leaves the model after a rollout
         machinery.shard_layers(model)
-    optimizer = prerl.make_optimizer(model, cfg)
     loss, kept = prerl.accumulate_gradients(model, batch, rewards, stage, cfg, start_id=1, old_lp=old, counts={})
     grad_norm = prerl.optimizer_step(model, optimizer, cfg)
     if dist is None:
