@@ -21,8 +21,8 @@ How to read this file. Top to bottom is the method, in the order a step runs: Co
 flag), Data (problems and reference answers), Model (loading, the pre-train-space start token),
 Sampling (G responses per prompt: a plain decode loop, random numbers keyed per prompt), Scoring
 (per-token log-probs in the two spaces, log P(y|x) and log P(y)), Advantages (the table of every mode:
-which responses, which space, which weight), Losses (PPO-clip surrogate, token-mean), the RL step (DSRL's
-switch is one line in stage_for_step), Evaluation, Checkpoints, and the loop, train(): the method ends there.
+which responses, which space, which weight), Losses (PPO-clip surrogate; the ratio and aggregation
+variants are rows of a table), the RL step (DSRL's switch is one line in stage_for_step), Evaluation, Checkpoints, and the loop, train(): the method ends there.
 After train(), not the method: Loading (the JSONL reader's row checks, the embedded model's GGUF
 conversion), Diagnostics (measured on each step's samples, never trained on) and Run
 safety (every flag checked before anything loads, one run per out-dir, Ctrl-C with a checkpoint, a
@@ -704,7 +704,8 @@ def clipped_tokens(token_lp, old_lp, advantages, response_mask, cfg):
 
 # -----------------------------------------------------------------------------
 # The RL step: sample G responses per prompt, reward them, compute the stage's advantages, accumulate
-# the loss's gradient over micro-batches (memory follows tokens, the result does not), one AdamW update.
+# the loss's gradient over micro-batches (memory follows tokens, the result does not), one AdamW update
+# (or K passes of M updates, --ppo-epochs / --mini-batches, against pi_old scored once).
 # DSRL's two stages share this step, the optimizer and its state: nothing is reset at the switch.
 
 
@@ -864,20 +865,6 @@ def draw_mixed_groups(model, tokenizer, pool, batch, rewards, step, cfg):
     rows = [(b, g * cfg.group_size + j) for b, g in kept for j in range(cfg.group_size)]
     joined = join_rows([(batches[b][0], row) for b, row in rows], tokenizer.pad_token_id)
     return joined, torch.stack([batches[b][1][g] for b, g in kept]), draws
-
-
-def join_rows(rows, pad_id):
-    """One batch from (batch, row index) pairs of batches padded to different widths: prompts stay
-    left-padded, responses right-padded."""
-    def padded(name, left):
-        width = max(batch[name].shape[1] for batch, _ in rows)
-        pad = 0 if name.endswith("mask") else pad_id
-        return torch.stack([torch.nn.functional.pad(batch[name][i], (width - batch[name].shape[1], 0) if left else
-                                                    (0, width - batch[name].shape[1]), value=pad) for batch, i in rows])
-    return {"prompt_ids": padded("prompt_ids", True), "prompt_mask": padded("prompt_mask", True),
-            "response_ids": padded("response_ids", False), "response_mask": padded("response_mask", False),
-            "truncated": torch.stack([batch["truncated"][i] for batch, i in rows]),
-            "texts": [batch["texts"][i] for batch, i in rows]}
 
 
 def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_model=None, pool=None):
@@ -1112,6 +1099,24 @@ def train(cfg):
           f"({len(eval_set)} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
     print(f"metrics: {metrics_path}   checkpoint: {checkpoint_path}   model: {os.path.join(cfg.out_dir, 'model')}")
     return {"before": accuracy_before, "after": accuracy_after}
+
+
+# -----------------------------------------------------------------------------
+# Joining batches, after the method: --dynamic-sampling's draws, padded to different widths, as one batch.
+
+
+def join_rows(rows, pad_id):
+    """One batch from (batch, row index) pairs of batches padded to different widths: prompts stay
+    left-padded, responses right-padded."""
+    def padded(name, left):
+        width = max(batch[name].shape[1] for batch, _ in rows)
+        pad = 0 if name.endswith("mask") else pad_id
+        return torch.stack([torch.nn.functional.pad(batch[name][i], (width - batch[name].shape[1], 0) if left else
+                                                    (0, width - batch[name].shape[1]), value=pad) for batch, i in rows])
+    return {"prompt_ids": padded("prompt_ids", True), "prompt_mask": padded("prompt_mask", True),
+            "response_ids": padded("response_ids", False), "response_mask": padded("response_mask", False),
+            "truncated": torch.stack([batch["truncated"][i] for batch, i in rows]),
+            "texts": [batch["texts"][i] for batch, i in rows]}
 
 
 # -----------------------------------------------------------------------------
