@@ -804,6 +804,7 @@ def sampling_policy_logprobs(model, batch, rewards, stage, cfg, start_id, mini_b
     """pi_old: the log-probs of the policy that sampled, [rows, response length], scored once before the first
     update, in the same micro-batches the updates use (so rho is exactly 1 until the weights move)."""
     old_lp = None
+    model.train()                          # as the updates score (same modules, same numbers)
     for rows in mini_batches:
         _, space, _, _, chunks = loss_plan(batch, rewards, stage, cfg, has_reference and cfg.kl_coef > 0, rows)
         for chunk in chunks:

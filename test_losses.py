@@ -395,7 +395,7 @@ def test_one_epoch_one_mini_batch_reproduces_the_one_update_step_bit_for_bit(tin
     new, before = state_of(tmp_path / "new" / "checkpoint.pt")["model"], state_of(tmp_path / "before" / "checkpoint.pt")["model"]
     assert all(torch.equal(new[name], before[name]) for name in new)
     assert any(not torch.equal(new[name], tiny_model(torch.float32).state_dict()[name]) for name in new)  # it trained
-    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "two", *args, "--mini-batches", "2")))
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "two", *args, "--ppo-epochs", "2")))
     two = state_of(tmp_path / "two" / "checkpoint.pt")["model"]
     assert not all(torch.equal(two[name], before[name]) for name in two)   # negative control: 2 updates differ
 
