@@ -29,6 +29,7 @@ Parts, in the order prerl.py reaches them:
                                                              as one process (only when WORLD_SIZE > 1)
 """
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -454,6 +455,16 @@ def add_lora(model, rank, alpha, targets, seed):
     return model
 
 
+def prepare_model(model, lora_rank, lora_alpha, lora_targets, seed, dist):
+    """The trained model's machinery, once loaded: LoRA adapters when lora_rank > 0 (add_lora), then
+    under torchrun FSDP2 shards (shard_model, dist not None). Returns the model to train."""
+    if lora_rank:
+        model = add_lora(model, lora_rank, lora_alpha, lora_targets, seed)
+    if dist is not None:
+        shard_model(model, dist)
+    return model
+
+
 def has_lora(model):
     return any("lora_" in name for name, _ in model.named_parameters())
 
@@ -828,13 +839,47 @@ def release_root(model):
 
 def rank_share(items, dist, may_be_empty=False):
     """This rank's contiguous share of a list and the index of its first item in the whole list:
-    sizes differ by at most one, earlier ranks take the extra items."""
+    sizes differ by at most one, earlier ranks take the extra items. One process (dist None): all, 0."""
+    if dist is None:
+        return items, 0
     base, extra = divmod(len(items), dist.world_size)
     first = dist.rank * base + min(dist.rank, extra)
     if base == 0 and not may_be_empty:
         raise SystemExit(f"error: torchrun: {len(items)} prompts per step leave some of the {dist.world_size} "
                          f"ranks without a prompt; use --prompts-per-step {dist.world_size} or more")
     return items[first:first + base + (dist.rank < extra)], first
+
+
+@contextlib.contextmanager
+def rollout_share(model, items, dist, may_be_empty=False, release=False):
+    """Around a rollout (sampling or evaluation): yields this rank's share of the items and the index of
+    its first one (rank_share), with every layer gathered once (gather_weights); on leaving, the layers
+    are freed again (shard_layers) and, with release, the root too (release_root). One process (dist
+    None): yields (items, 0) and does nothing else."""
+    if dist is None:
+        yield items, 0
+        return
+    share = rank_share(items, dist, may_be_empty)
+    gather_weights(model)
+    yield share
+    shard_layers(model)
+    if release:
+        release_root(model)
+
+
+def sum_over_ranks(value, dist):
+    """A number summed over every rank; the value itself in one process (dist None)."""
+    return value if dist is None else all_reduce(value)
+
+
+def before_optimizer_step(model, loss, dist):
+    """Under torchrun, before clipping and the update: the optimizer updates the shards, so the gathered
+    root weights go (release_root), and the loss is summed over ranks so that every rank skips a
+    non-finite step, or none does. One process (dist None): the loss unchanged."""
+    if dist is None:
+        return loss
+    release_root(model)
+    return all_reduce(loss)
 
 
 def all_reduce(value, op="sum"):
@@ -859,7 +904,10 @@ def match_passes(model, passes, start_id, dist):
     """Run zero-loss forward/backward passes until this rank has run as many as the busiest one: each
     pass all-gathers and reduce-scatters every layer, and ranks must meet at each collective. A zero
     loss through every parameter gives every parameter a zero gradient, so the reduce-scatters line up
-    and the sum is unchanged. Called before the rank's own passes (the count is agreed up front)."""
+    and the sum is unchanged. Called before the rank's own passes (the count is agreed up front).
+    One process (dist None): nothing to match."""
+    if dist is None:
+        return
     most = int(all_reduce(float(passes), op="max"))
     for _ in range(most - passes):
         ids = torch.full((1, 1), start_id, dtype=torch.long, device=dist.device)
@@ -876,10 +924,12 @@ def gather_objects(value):
     return values
 
 
-def step_totals(rewards, lengths, loss, kept_tokens):
+def step_totals(rewards, lengths, loss, kept_tokens, dist):
     """A step's metrics over every rank: all rewards [groups, G] and response lengths in prompt order,
     the loss (each rank's share is its token sum over N / world size, so the mean over ranks is the
-    step's loss) and the kept tokens."""
+    step's loss) and the kept tokens. One process (dist None): unchanged."""
+    if dist is None:
+        return rewards, lengths, loss, kept_tokens
     parts = gather_objects((rewards.cpu(), lengths.cpu(), loss, kept_tokens))
     return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
             sum(p[2] for p in parts) / len(parts), sum(p[3] for p in parts))
@@ -942,6 +992,20 @@ def load_sharded(path, model, optimizer, dist):
     return int(extra["step"])
 
 
+def states_to_save(path, model, optimizer, step, rng, lora, dist):
+    """(model state, optimizer state) for checkpoint.pt: the state_dicts, LoRA's adapter alone in place of
+    the model's (lora). Under torchrun every rank first saves its shards and RNG next to `path`
+    (save_sharded), then rank 0 gets the whole states (full_state) and the other ranks (None, None)."""
+    model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    if lora:
+        model_state = adapter_state(model)
+    if dist is None:
+        return model_state, optimizer_state
+    save_sharded(path, model, optimizer, step, rng, dist)
+    model_state, optimizer_state = full_state(model, optimizer)
+    return (model_state, optimizer_state) if dist.rank == 0 else (None, None)
+
+
 def full_state(model, optimizer):
     """Whole weights and optimizer state in the single-process format (parameters numbered in
     model.parameters() order), so one process can load or --resume them. Every rank must call it;
@@ -973,9 +1037,12 @@ def whole_model(model):
     return state, empty
 
 
-def agree_on_stop(stop):
+def agree_on_stop(stop, dist):
     """A Ctrl-C or SIGTERM that reached any rank stops every rank at the same step (they would otherwise
-    part at the next collective): the signal number, largest over ranks, is set on every rank."""
+    part at the next collective): the signal number, largest over ranks, is set on every rank.
+    One process (dist None): nothing to agree on."""
+    if dist is None:
+        return
     signum = int(all_reduce(float(stop.signal or 0), op="max"))
     if signum and stop.signal is None:
         stop.signal = signum

@@ -21,18 +21,19 @@ How to read this file. Top to bottom is the method, in the order a step runs: Co
 flag), Data (problems and reference answers), Model (loading, the pre-train-space start token),
 Sampling (G responses per prompt: a plain decode loop, random numbers keyed per prompt), Scoring
 (per-token log-probs in the two spaces, log P(y|x) and log P(y)), Advantages (the table of every mode:
-which responses, which space, which weight), Losses (PPO-clip surrogate; the ratio and aggregation
-variants are rows of a table), the RL step (DSRL's switch is one line in stage_for_step), Evaluation, Checkpoints, and the loop, train(): the method ends there.
-After train(), not the method: Loading (the JSONL reader's row checks, the embedded model's GGUF
-conversion), Diagnostics (measured on each step's samples, never trained on) and Run
-safety (every flag checked before anything loads, one run per out-dir, Ctrl-C with a checkpoint, a
-crash-safe log, NaN steps skipped, a model/ folder other tools load).
+which responses, which space, which weight), Losses (PPO-clip surrogate; the ratio and aggregation variants
+are rows of a table), the RL step (DSRL's switch is one line in stage_for_step), Evaluation, Checkpoints,
+and the loop, train(): the method ends there.
+After train(), not the method: Joining batches (dynamic sampling's draws as one batch), Loading (the JSONL reader's row checks, gradient checkpointing, the embedded
+model's GGUF conversion), Diagnostics (measured on each step's samples, never trained on), Run safety
+(every flag checked before anything loads, one run per out-dir, Ctrl-C with a checkpoint, a crash-safe log,
+NaN steps skipped, a model/ folder other tools load; train() calls them at the loop's edges) and the command line.
 What only makes it faster, smaller or wider lives in machinery.py, reached from here through one call each
 (marked "machinery:"): a preallocated KV cache for sampling (on a GPU, a static KV cache with the decode
 step replayed as a CUDA graph), a chunked LM head with a hand-written backward for scoring, glibc's
 allocator kept from page-faulting on CPU, bf16 weights with a stochastic-rounding AdamW (--precision), a
-memory plan and LoRA adapters (--plan-memory, --lora), and FSDP2 under torchrun (the lines marked
-"if DIST is not None" split each step's prompts across ranks; the result equals one process). With
+memory plan and LoRA adapters (--plan-memory, --lora), and FSDP2 under torchrun (each step's prompts split
+across ranks by calls taking DIST, which do nothing in one process; the result equals one process). With
 --plain (or PRERL_PLAIN=1) none of the speed machinery runs, and the tests check that both paths agree.
 """
 
@@ -73,9 +74,10 @@ PLAIN = os.environ.get("PRERL_PLAIN", "0") not in ("", "0")
 DIST = None
 
 # -----------------------------------------------------------------------------
-# Config: every field is a command-line flag (--switch-step etc.). The method's own knobs are under
-# "method": which loss (--mode), DSRL's switch step S, the pre-train-space coefficient (0.01 in the
-# reference code) and the PPO clip range; the rest is the usual RL-with-verifiable-rewards setup.
+# Config: every field is a command-line flag (--switch-step etc.; parse_config is at the end of the file).
+# The method's own knobs come first: which loss (--mode), DSRL's switch step S, the pre-train-space
+# coefficient (0.01 in the reference code) and the PPO clip range; then the usual RL-with-verifiable-rewards
+# setup (sampling, optimisation, data); then the engineering flags: speed, memory and files, never the result.
 
 MODES = ("dsrl", "grpo", "psr", "nsr", "w-reinforce", "prerl", "psr-prerl", "nsr-prerl")
 TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand", "twostep")
@@ -107,17 +109,7 @@ def opt(default, help):
 
 @dataclass
 class Config:
-    # model
-    model: str = opt(EMBEDDED_MODEL, "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)")
-    device: str = opt("auto", "auto | cpu | cuda")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30%% slower)")
-    # data
-    data: str = opt("", "training JSONL (MATH or GSM8K style); empty = built-in generator")
-    eval_data: str = opt("", "held-out JSONL; empty = built-in held-out set")
-    tasks: str = opt("add,mul", "built-in families, comma-separated: " + ",".join(TASK_FAMILIES))
-    difficulty: int = opt(1, "built-in generator: digits per operand (1 = single digit)")
-    eval_size: int = opt(64, "held-out problems per evaluation (at most)")
-    # method
+    # --- the method: which loss, DSRL's switch, the pre-train-space coefficient, the PPO clip range
     mode: str = opt("dsrl", " | ".join(MODES))
     switch_step: int = opt(10, "DSRL: NSR-PreRL for steps 0..S-1, GRPO from step S on")
     prerl_coef: float = opt(0.01, "coefficient on the pre-train-space loss (reference code: 0.01)")
@@ -125,7 +117,7 @@ class Config:
     clip_eps_low: float = opt(0.2, "PPO clip range below 1 (inactive at one optimizer step per batch)")
     clip_eps_high: float = opt(0.28, "PPO clip range above 1 (reference baseline's clip-higher)")
     kl_coef: float = opt(0.0, "k3 KL penalty to a frozen copy of the start model; 0 = off, as in the paper")
-    # method: the loss variants researchers compare against (formulas in "Advantages" and "Losses")
+    # --- the method's loss variants, the ones researchers compare against (formulas: "Advantages", "Losses")
     preset: str = opt("none", "a published combination of the flags below: " + " | ".join(PRESETS) +
                               "; flags given explicitly win")
     loss_agg: str = opt("token-mean", " | ".join(LOSS_AGGREGATIONS) + ": how per-token losses become the batch's "
@@ -147,34 +139,39 @@ class Config:
     dynamic_sampling: bool = opt(False, "DAPO: keep only groups with mixed rewards and draw more prompts until the "
                                         "step has --prompts-per-step of them")
     dynamic_sampling_draws: int = opt(4, "--dynamic-sampling: most batches of prompts drawn in one step")
-    # sampling
+    # --- sampling: G responses per prompt, at temperature T
     prompts_per_step: int = opt(8, "prompts per step")
     group_size: int = opt(4, "G: responses sampled per prompt")
     max_new_tokens: int = opt(48, "longest response, in tokens")
     temperature: float = opt(0.7, "sampling temperature (the paper uses 1.0; a 135M model needs less)")
     top_p: float = opt(1.0, "nucleus sampling; 1.0 = off")
-    # optimisation
+    # --- optimisation
     steps: int = opt(30, "optimizer steps (one per batch of prompts_per_step x group_size responses)")
     lr: float = opt(2e-5, "AdamW learning rate, constant (the paper: 1e-6 for 4B-8B models)")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     grad_clip: float = opt(1.0, "gradient-norm clipping")
-    micro_batch_tokens: int = opt(0, "tokens (rows x longest row) per forward/backward: bounds memory, "
-                                     "not the result; 0 = 256 on CPU, 4096 on a GPU")
-    # evaluation, logging, checkpoints
+    # --- data and evaluation
+    data: str = opt("", "training JSONL (MATH or GSM8K style); empty = built-in generator")
+    eval_data: str = opt("", "held-out JSONL; empty = built-in held-out set")
+    tasks: str = opt("add,mul", "built-in families, comma-separated: " + ",".join(TASK_FAMILIES))
+    difficulty: int = opt(1, "built-in generator: digits per operand (1 = single digit)")
+    eval_size: int = opt(64, "held-out problems per evaluation (at most)")
     eval_every: int = opt(10, "held-out evaluation every N steps (0 = only at the start and end)")
     eval_temperature: float = opt(0.0, "evaluation temperature; 0 = greedy")
     diagnose_every: int = opt(10, "entropy and log P(y), log P(y|x) diagnostics every N steps (a no-grad forward "
                                   "per space); 0 = never")
-    out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
-    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
-    resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
-    report_to: str = opt("none", "also send the metrics to: none | tensorboard | wandb (offline) | trackio")
     seed: int = opt(0, "seed for data order, sampling and the built-in problems")
-    # machinery (machinery.py): speed and memory only, never the result
+    # --- the model
+    model: str = opt(EMBEDDED_MODEL, "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)")
+    # --- engineering: device, speed and memory (much of it machinery.py), never the result
+    device: str = opt("auto", "auto | cpu | cuda")
     plain: bool = opt(False, "run the method exactly as written in prerl.py, without machinery.py (slower)")
     precision: str = opt("auto", "auto | fp32 | bf16: bf16 weights, gradients and AdamW moments with stochastic "
                                  "rounding (8 bytes/param); auto = bf16 on CUDA, on CPU where a matmul probe "
                                  "shows bf16 clearly faster (AMX)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30%% slower)")
+    micro_batch_tokens: int = opt(0, "tokens (rows x longest row) per forward/backward: bounds memory, "
+                                     "not the result; 0 = 256 on CPU, 4096 on a GPU")
     lora: int = opt(0, "LoRA rank (needs peft); 0 = full fine-tuning. Only the adapters train")
     lora_alpha: float = opt(0.0, "LoRA alpha; 0 = the rank (scale alpha/rank = 1)")
     lora_targets: str = opt("all-linear", "LoRA target modules: all-linear (every Linear but the LM head) or "
@@ -182,35 +179,11 @@ class Config:
     plan_memory: bool = opt(False, "print the memory plan (from the model's config, no weights loaded) and exit")
     model_config: str = opt("", "--plan-memory: a shape (" + ", ".join(machinery.MODEL_SHAPES) + ") or a "
                                 "folder with config.json instead of --model's")
-
-
-def config_parser(defaults=True):
-    """Every Config field as a flag; with defaults=False only the flags given appear in the result."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        help = f"{field.metadata['help']} (default: {field.default!r})"
-        default = field.default if defaults else argparse.SUPPRESS
-        if isinstance(field.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
-        else:
-            parser.add_argument(flag, type=type(field.default), default=default, help=help)
-    return parser
-
-
-def with_preset(values, given):
-    """The config's values with --preset's combination applied under the flags given explicitly."""
-    preset = PRESETS.get(values["preset"], {})
-    chosen = {**values, **{name: value for name, value in preset.items() if name not in given}}
-    return {name: value(chosen) if callable(value) else value for name, value in chosen.items()}
-
-
-def parse_config(argv=None):
-    values = vars(config_parser().parse_args(argv))
-    given = vars(config_parser(defaults=False).parse_args(argv))
-    cfg = Config(**with_preset(values, given))
-    refuse_bad_run(cfg)  # run safety: every flag's range, the out-dir, --resume's checkpoint; exit 2
-    return cfg
+    # --- the run's files: out-dir, checkpoints, resume, trackers
+    out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
+    report_to: str = opt("none", "also send the metrics to: none | tensorboard | wandb (offline) | trackio")
 
 
 # -----------------------------------------------------------------------------
@@ -304,7 +277,8 @@ def batch_for_step(problems, step, cfg, draw=0):
 # (the reference code uses <|im_start|>; BOS is the natural general choice).
 
 
-# embedded_model_folder(), the GGUF conversion of the default model, is after the method, in "Loading".
+# embedded_model_folder(), the GGUF conversion of the default model, and enable_gradient_checkpointing()
+# (less memory, same result) are after the method, in "Loading".
 
 
 def pick_device(cfg):
@@ -333,15 +307,6 @@ def load_model(name, device, gradient_checkpointing=False, dtype=torch.float32):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
-
-
-def enable_gradient_checkpointing(model):
-    """Keep only each decoder layer's input for the backward pass and recompute the rest:
-    activation memory drops about 20x for about a third more compute."""
-    if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.x; the old name warns
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def start_token_id(tokenizer):
@@ -779,8 +744,7 @@ def accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model=
     row_scale, denominator = aggregation(cfg.loss_agg, batch["response_mask"].sum(1), counted, cfg.max_new_tokens)
     total_loss, kept_tokens = 0.0, 0
     model.train()
-    if DIST is not None:  # machinery: as many forward/backward passes as the busiest rank (FSDP's collectives)
-        machinery.match_passes(model, len(chunks), start_id, DIST)
+    machinery.match_passes(model, len(chunks), start_id, DIST)  # machinery: torchrun ranks run equally many passes
     for chunk in chunks:
         token_lp, mask = scored_logprobs(model, space, batch, chunk, start_id)
         ref_lp = old = None
@@ -835,11 +799,16 @@ def policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_m
     return loss, grad_norm, updates[0][2], counts["clipped"] / max(scored, 1)
 
 
+def rewards_of(batch, problems, cfg):
+    """r(x, y) of every sampled response (verify.py), [prompts, G]."""
+    golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
+    return torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
+
+
 def rollout(model, tokenizer, problems, cfg, keys):
     """G responses per prompt and their rewards [prompts, G]."""
     batch = sample(model, tokenizer, problems, cfg, cfg.group_size, keys)
-    golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
-    return batch, torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
+    return batch, rewards_of(batch, problems, cfg)
 
 
 def mixed_groups(rewards):
@@ -873,24 +842,18 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
     pool: where --dynamic-sampling draws more prompts from (the training set)."""
     stage = stage_for_step(cfg.mode, step, cfg.switch_step)
     t0 = time.perf_counter()
-    first = 0
-    if DIST is not None:  # machinery: this rank's prompts (whole groups) and the index of its first one
-        problems, first = machinery.rank_share(problems, DIST)
-        machinery.gather_weights(model)        # machinery: the rollout runs on whole weights, gathered once
-    batch, rewards = rollout(model, tokenizer, problems, cfg, [f"{cfg.seed}-{step}-{first + i}" for i in range(len(problems))])
-    draws = 1
+    with machinery.rollout_share(model, problems, DIST) as (problems, first):  # machinery: torchrun: this rank's prompts
+        batch = sample(model, tokenizer, problems, cfg, cfg.group_size, [f"{cfg.seed}-{step}-{first + i}" for i in range(len(problems))])
+    t1 = time.perf_counter()
+    rewards, draws = rewards_of(batch, problems, cfg), 1
     if cfg.dynamic_sampling:                   # DAPO: more prompts until the step has its mixed groups (bounded)
         batch, rewards, draws = draw_mixed_groups(model, tokenizer, pool or problems, batch, rewards, step, cfg)
-    if DIST is not None:
-        machinery.shard_layers(model)          # machinery: training gathers one layer at a time again
-    t1 = time.perf_counter()
     diagnostics = step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id)  # measured, never trained on
     t2 = time.perf_counter()
     loss, grad_norm, kept_tokens, clip_fraction = policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_model)
     t3 = time.perf_counter()
     lengths = batch["response_mask"].sum(1)
-    if DIST is not None:  # machinery: the metrics cover every rank's responses
-        rewards, lengths, loss, kept_tokens = machinery.step_totals(rewards, lengths, loss, kept_tokens)
+    rewards, lengths, loss, kept_tokens = machinery.step_totals(rewards, lengths, loss, kept_tokens, DIST)  # machinery: all ranks
     record = {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
               "accuracy": (rewards > 0.5).float().mean().item(),
               "mixed_groups": int(mixed_groups(rewards).sum()),
@@ -906,9 +869,7 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
 def optimizer_step(model, optimizer, cfg, loss=0.0):
     """Clip the gradient norm, one AdamW update. Not when the loss or the norm is NaN/inf (run safety):
     that update would poison every weight, so the gradients are dropped and the weights stay."""
-    if DIST is not None:  # machinery: the optimizer updates the shards, so the gathered root weights go
-        machinery.release_root(model)
-        loss = machinery.all_reduce(loss)        # machinery: every rank skips a non-finite step, or none
+    loss = machinery.before_optimizer_step(model, loss, DIST)  # machinery: torchrun: every rank skips, or none
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
     if not nonfinite_reason(loss, grad_norm):
         optimizer.step()
@@ -935,20 +896,14 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
     None with no problems (--eval-size 0): nothing was measured."""
     if not problems:
         return None
-    correct, first, total = 0.0, 0, len(problems)
-    if DIST is not None:  # machinery: every rank evaluates its share on whole weights; the counts are summed
-        problems, first = machinery.rank_share(problems, DIST, may_be_empty=True)
-        machinery.gather_weights(model)
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        keys = [f"{cfg.seed}-eval-{first + i + j}" for j in range(len(chunk))]
-        out = sample(model, tokenizer, chunk, cfg, 1, keys, temperature=cfg.eval_temperature)
-        correct += sum(verify.rewards(out["texts"], [p["answer"] for p in chunk]))
-    if DIST is not None:
-        correct = machinery.all_reduce(correct)
-        machinery.shard_layers(model)
-        machinery.release_root(model)
-    return correct / total
+    correct, total = 0.0, len(problems)
+    with machinery.rollout_share(model, problems, DIST, may_be_empty=True, release=True) as (problems, first):  # machinery: torchrun
+        for i in range(0, len(problems), batch_size):
+            chunk = problems[i:i + batch_size]
+            keys = [f"{cfg.seed}-eval-{first + i + j}" for j in range(len(chunk))]
+            out = sample(model, tokenizer, chunk, cfg, 1, keys, temperature=cfg.eval_temperature)
+            correct += sum(verify.rewards(out["texts"], [p["answer"] for p in chunk]))
+    return machinery.sum_over_ranks(correct, DIST) / total
 
 
 # -----------------------------------------------------------------------------
@@ -958,14 +913,9 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
 def save_checkpoint(path, model, optimizer, step, cfg):
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
-    if cfg.lora:
-        model_state = machinery.adapter_state(model)  # machinery: LoRA keeps its adapter only
-    if DIST is not None:  # machinery: every rank saves its shards and RNG; rank 0 writes the whole weights here
-        machinery.save_sharded(path, model, optimizer, step, rng, DIST)
-        model_state, optimizer_state = machinery.full_state(model, optimizer)
-        if DIST.rank > 0:
-            return
+    model_state, optimizer_state = machinery.states_to_save(path, model, optimizer, step, rng, cfg.lora > 0, DIST)  # machinery: LoRA, torchrun
+    if model_state is None:  # under torchrun every rank saved its shards; rank 0 alone writes the whole states here
+        return
     state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": dataclasses.asdict(cfg), "rng": rng}
     temporary = f"{path}.tmp{os.getpid()}"
     torch.save(state, temporary)
@@ -1009,34 +959,18 @@ def train(cfg):
     global PLAIN, DIST
     PLAIN = PLAIN or cfg.plain                    # --plain: the reading path only, for this whole process
     refuse_bad_run(cfg)                           # run safety: flags, out-dir, --resume's checkpoint; exit 2
-    device = pick_device(cfg)
-    DIST = machinery.init_distributed(device)     # machinery: one rank of a torchrun job; None otherwise
-    if DIST is not None:
-        device = DIST.device
-        if DIST.rank > 0:                         # machinery: rank 0 alone reports to a tracker
-            cfg = dataclasses.replace(cfg, report_to="none")
-    precision, why = ("fp32", "the plain path trains in fp32") if PLAIN else machinery.choose_precision(cfg.precision, device.type, DIST is not None)
-    print(f"precision {precision}: {why}")        # the run's first line
-    if not PLAIN:
-        machinery.reuse_freed_memory(device)      # machinery: CPU malloc keeps freed blocks, no page faults
-        plan = memory_plan(cfg, device)           # machinery: one line; on CUDA, refuse what cannot fit
-        print(machinery.plan_line(plan, precision))
-        machinery.refuse_if_it_cannot_fit(plan, device)
+    cfg, device, DIST, dtype = start_machinery(cfg)  # machinery: torchrun's rank, --precision, the memory plan
     if cfg.data:
         train_set = load_problems(cfg.data)
     else:
         train_set = make_problems(4096, cfg.tasks, cfg.difficulty, cfg.seed, held_out=False)
     eval_set = eval_problems(cfg)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model, tokenizer = load_model(cfg.model, device, cfg.gradient_checkpointing, dtype)
-    if cfg.lora:
-        model = machinery.add_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_targets, cfg.seed)  # machinery: adapters only train
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model, _ = load_model(cfg.model, device, dtype=dtype)
         ref_model.requires_grad_(False).eval()
-    if DIST is not None:
-        machinery.shard_model(model, DIST)        # machinery: FSDP2, each decoder layer and the root
+    model = machinery.prepare_model(model, cfg.lora, cfg.lora_alpha, cfg.lora_targets, cfg.seed, DIST)  # machinery: LoRA, FSDP2
     # Seed after loading (a resumed run then restores its own RNG): the one-time GGUF conversion builds a
     # model with random init, and seeding before it would shift every sample of the run that converts.
     torch.manual_seed(cfg.seed)
@@ -1060,28 +994,18 @@ def train(cfg):
         accuracy_before = evaluate(model, tokenizer, eval_set, cfg)
         print(f"held-out accuracy at step {first_step}: {accuracy_text(accuracy_before)}")
         report({"step": first_step, "eval_accuracy": accuracy_before})
-        if DIST is None or DIST.rank == 0:            # machinery: under torchrun rank 0 alone writes the metrics
-            log = open_metrics(metrics_path, first_step)  # run safety: on --resume, cut back to the checkpoint's step
-        else:
-            log = open(os.devnull, "w")
-        nonfinite_in_a_row = 0
+        log, nonfinite_in_a_row = open_run_log(metrics_path, first_step), 0  # run safety: cut back to the checkpoint
         progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl",
                         disable=DIST is not None and DIST.rank > 0)   # machinery: rank 0 alone shows progress
         for step in progress:
-            if DIST is not None:                      # machinery: a signal to any rank stops every rank here
-                machinery.agree_on_stop(stop)
-            if stop.signal:                           # run safety: Ctrl-C or SIGTERM -- checkpoint, then exit
+            if stop_asked(stop):                      # run safety: Ctrl-C or SIGTERM -- checkpoint, then exit
                 save_run(checkpoint_path, model, tokenizer, optimizer, step, cfg)
-                progress.close()
-                exit_after_signal(stop, cfg, step)
+                exit_after_signal(stop, cfg, step, progress)
             record = rl_step(model, tokenizer, optimizer, batch_for_step(train_set, step, cfg), step, cfg, start_id, ref_model,
                              train_set)
             if cfg.eval_every and eval_set and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 record["eval_accuracy"] = evaluate(model, tokenizer, eval_set, cfg)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            report(record)
-            nonfinite_in_a_row = count_nonfinite_steps(record, nonfinite_in_a_row, cfg)  # run safety: stop at 3
+            nonfinite_in_a_row = log_step(log, report, record, nonfinite_in_a_row, cfg)  # run safety: stop at 3 NaN steps
             progress.set_postfix(stage=record["stage"], reward=f"{record['reward_mean']:.2f}",
                                  acc=f"{record['accuracy']:.2f}", len=f"{record['response_length']:.0f}")
             if "eval_accuracy" in record:
@@ -1090,9 +1014,7 @@ def train(cfg):
                 save_run(checkpoint_path, model, tokenizer, optimizer, step + 1, cfg)
         log.close()
         save_run(checkpoint_path, model, tokenizer, optimizer, cfg.steps, cfg)
-        if DIST is not None:
-            machinery.agree_on_stop(stop)
-        if stop.signal:
+        if stop_asked(stop):
             exit_after_signal(stop, cfg, cfg.steps)
         accuracy_after = evaluate(model, tokenizer, eval_set, cfg)
         report({"step": cfg.steps, "eval_accuracy": accuracy_after})
@@ -1122,7 +1044,8 @@ def join_rows(rows, pad_id):
 
 # -----------------------------------------------------------------------------
 # Loading, after the method: reading MATH / GSM8K JSONL files (every bad row refused with its file and
-# line), and the embedded default model's one-time conversion from the GGUF file its package ships.
+# line), gradient checkpointing, and the embedded default model's one-time conversion from the GGUF file
+# its package ships.
 
 
 def load_problems(path):
@@ -1157,6 +1080,15 @@ def load_problems(path):
     if not problems:
         raise SystemExit(f"error: {path}: no problems in file")
     return problems
+
+
+def enable_gradient_checkpointing(model):
+    """Keep only each decoder layer's input for the backward pass and recompute the rest:
+    activation memory drops about 20x for about a third more compute."""
+    if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def embedded_model_folder():
@@ -1534,7 +1466,15 @@ def resume_command(cfg):
     return " ".join(words + ["--resume"])
 
 
-def exit_after_signal(stop, cfg, step):
+def stop_asked(stop):
+    """Whether a Ctrl-C or SIGTERM asked the run to stop; under torchrun, one that reached any rank."""
+    machinery.agree_on_stop(stop, DIST)
+    return stop.signal is not None
+
+
+def exit_after_signal(stop, cfg, step, progress=None):
+    if progress is not None:
+        progress.close()
     print(f"stopped by {signal.Signals(stop.signal).name} with a checkpoint at step {step} in {cfg.out_dir}; "
           f"continue with:\n    {resume_command(cfg)}", file=sys.stderr, flush=True)
     raise SystemExit(128 + stop.signal)
@@ -1565,6 +1505,20 @@ def metrics_lines(path):
 def read_metrics(path):
     """The records of a metrics.jsonl, tolerating a half-written last line."""
     return [record for record, _ in metrics_lines(path)]
+
+
+def open_run_log(path, first_step):
+    """open_metrics for this run; under torchrun rank 0 alone writes the metrics (the others, nowhere)."""
+    return open_metrics(path, first_step) if DIST is None or DIST.rank == 0 else open(os.devnull, "w")
+
+
+def log_step(log, report, record, nonfinite_in_a_row, cfg):
+    """A finished step's record: its metrics.jsonl line (flushed, so a crash loses no finished step), the
+    tracker, then the non-finite guard. Returns the non-finite steps in a row (count_nonfinite_steps)."""
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    report(record)
+    return count_nonfinite_steps(record, nonfinite_in_a_row, cfg)
 
 
 def open_metrics(path, first_step):
@@ -1699,6 +1653,27 @@ def open_reporter(cfg):
         close()
 
 
+def start_machinery(cfg):
+    """The run's device and machinery, before anything is loaded: under torchrun this rank's device (rank 0
+    alone reports to a tracker), the precision (the run's first line), and off the plain path CPU malloc
+    kept from page-faulting and the memory plan's line (on CUDA, a run that cannot fit is refused).
+    Returns (cfg, device, the torchrun rank or None, the weights' dtype)."""
+    device = pick_device(cfg)
+    dist = machinery.init_distributed(device)     # one rank of a torchrun job; None otherwise
+    if dist is not None:
+        device = dist.device
+        if dist.rank > 0:
+            cfg = dataclasses.replace(cfg, report_to="none")
+    precision, why = ("fp32", "the plain path trains in fp32") if PLAIN else machinery.choose_precision(cfg.precision, device.type, dist is not None)
+    print(f"precision {precision}: {why}")        # the run's first line
+    if not PLAIN:
+        machinery.reuse_freed_memory(device)      # CPU malloc keeps freed blocks, no page faults
+        plan = memory_plan(cfg, device)           # one line; on CUDA, refuse what cannot fit
+        print(machinery.plan_line(plan, precision))
+        machinery.refuse_if_it_cannot_fit(plan, device)
+    return cfg, device, dist, torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def memory_plan(cfg, device):
     """machinery.memory_plan for this run's flags, from the model's config (no weights loaded)."""
     name = cfg.model_config or (embedded_model_folder() if cfg.model == EMBEDDED_MODEL else cfg.model)
@@ -1721,6 +1696,38 @@ def print_memory_plan(cfg):
     print(machinery.plan_table(plan))
     print(machinery.plan_line(plan, precision))
     return plan
+
+
+# --- The command line: a flag per Config field, checked (refuse_bad_run) before anything loads.
+
+
+def config_parser(defaults=True):
+    """Every Config field as a flag; with defaults=False only the flags given appear in the result."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        help = f"{field.metadata['help']} (default: {field.default!r})"
+        default = field.default if defaults else argparse.SUPPRESS
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=default, help=help)
+    return parser
+
+
+def with_preset(values, given):
+    """The config's values with --preset's combination applied under the flags given explicitly."""
+    preset = PRESETS.get(values["preset"], {})
+    chosen = {**values, **{name: value for name, value in preset.items() if name not in given}}
+    return {name: value(chosen) if callable(value) else value for name, value in chosen.items()}
+
+
+def parse_config(argv=None):
+    values = vars(config_parser().parse_args(argv))
+    given = vars(config_parser(defaults=False).parse_args(argv))   # --preset fills in only what was not given
+    cfg = Config(**with_preset(values, given))
+    refuse_bad_run(cfg)  # run safety: every flag's range, the out-dir, --resume's checkpoint; exit 2
+    return cfg
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def fixed_batch_step(stage):
     grad_norm = prerl.optimizer_step(model, optimizer, cfg)
     if dist is None:
         return loss, grad_norm, model.state_dict(), passes
-    _, _, loss, _ = machinery.step_totals(rewards, torch.zeros(1), loss, kept)
+    _, _, loss, _ = machinery.step_totals(rewards, torch.zeros(1), loss, kept, dist)
     return loss, grad_norm, machinery.full_state(model, optimizer)[0], machinery.gather_objects(passes[0])
 
 

@@ -268,7 +268,7 @@ def variant_step(flags, stage, dist=None):
     grad_norm = prerl.optimizer_step(model, optimizer, cfg)
     if dist is None:
         return loss, grad_norm, model.state_dict()
-    _, _, loss, _ = machinery.step_totals(rewards, torch.zeros(1), loss, kept)
+    _, _, loss, _ = machinery.step_totals(rewards, torch.zeros(1), loss, kept, dist)
     return loss, grad_norm, machinery.full_state(model, optimizer)[0]
 
 

@@ -379,7 +379,8 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(tiny_
     step = int(state_of(out / "checkpoint.pt")["step"])
     assert f"stopped by SIGINT with a checkpoint at step {step} in {out}; continue with:" in printed
     command = printed.split("continue with:\n")[1].splitlines()[0]
-    assert command.startswith("    python prerl.py --model ") and command.endswith(" --resume") and "--steps 500" in command
+    assert command.startswith("    python prerl.py --") and command.endswith(" --resume") and "--steps 500" in command
+    assert f" --model {tiny_model_folder} " in command
     assert lines_of(out / "metrics.jsonl") == step and (out / "run.lock").read_text() == ""  # log = checkpoint
     model, _ = prerl.load_model(str(out / "model"), torch.device("cpu"))  # the export loads too
     assert prerl.load_checkpoint(str(out / "checkpoint.pt"), model) == step
