@@ -24,10 +24,11 @@ Sampling (G responses per prompt: a plain decode loop, random numbers keyed per 
 which responses, which space, which weight), Losses (PPO-clip surrogate; the ratio and aggregation variants
 are rows of a table), the RL step (DSRL's switch is one line in stage_for_step), Evaluation, Checkpoints,
 and the loop, train(): the method ends there.
-After train(), not the method: Joining batches (dynamic sampling's draws as one batch), Loading (the JSONL reader's row checks, gradient checkpointing, the embedded
-model's GGUF conversion), Diagnostics (measured on each step's samples, never trained on), Run safety
-(every flag checked before anything loads, one run per out-dir, Ctrl-C with a checkpoint, a crash-safe log,
-NaN steps skipped, a model/ folder other tools load; train() calls them at the loop's edges) and the command line.
+After train(), not the method: Several updates and dynamic sampling (pi_old's pass, DAPO's draws), Loading
+(the JSONL reader's row checks, gradient checkpointing, the embedded model's GGUF conversion), Diagnostics
+(measured on each step's samples, never trained on), Run safety (every flag checked before anything loads,
+one run per out-dir, Ctrl-C with a checkpoint, a crash-safe log, NaN steps skipped, a model/ folder other
+tools load; train() calls them at the loop's edges) and the command line.
 What only makes it faster, smaller or wider lives in machinery.py, reached from here through one call each
 (marked "machinery:"): a preallocated KV cache for sampling (on a GPU, a static KV cache with the decode
 step replayed as a CUDA graph), a chunked LM head with a hand-written backward for scoring, glibc's
@@ -763,22 +764,6 @@ def accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model=
     return total_loss, kept_tokens
 
 
-@torch.no_grad()
-def sampling_policy_logprobs(model, batch, rewards, stage, cfg, start_id, mini_batches, has_reference=False):
-    """pi_old: the log-probs of the policy that sampled, [rows, response length], scored once before the first
-    update, in the same micro-batches the updates use (so rho is exactly 1 until the weights move)."""
-    old_lp = None
-    model.train()                          # as the updates score (same modules, same numbers)
-    for rows in mini_batches:
-        _, space, _, _, chunks = loss_plan(batch, rewards, stage, cfg, has_reference and cfg.kl_coef > 0, rows)
-        for chunk in chunks:
-            token_lp, mask = scored_logprobs(model, space, batch, chunk, start_id)
-            if old_lp is None:
-                old_lp = torch.zeros(batch["response_ids"].shape, dtype=token_lp.dtype, device=token_lp.device)
-            old_lp[chunk, :mask.shape[1]] = token_lp
-    return old_lp
-
-
 def policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_model=None):
     """--ppo-epochs K passes over --mini-batches M shares of the groups, one AdamW update each. K = M = 1:
     one update at rho = 1, no pi_old pass. Returns (loss, grad norm, kept tokens, clip fraction) of the
@@ -805,36 +790,9 @@ def rewards_of(batch, problems, cfg):
     return torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
 
 
-def rollout(model, tokenizer, problems, cfg, keys):
-    """G responses per prompt and their rewards [prompts, G]."""
-    batch = sample(model, tokenizer, problems, cfg, cfg.group_size, keys)
-    return batch, rewards_of(batch, problems, cfg)
-
-
 def mixed_groups(rewards):
     """Groups with both right and wrong responses: the only ones with a nonzero GRPO / PreRL advantage."""
     return (rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)
-
-
-def draw_mixed_groups(model, tokenizer, pool, batch, rewards, step, cfg):
-    """DAPO's dynamic sampling (arXiv 2503.14476, sec. 3.2): an all-equal group has A = 0 and no gradient, so
-    draw more prompts until the step has --prompts-per-step mixed groups, at most --dynamic-sampling-draws
-    batches (a model that answers everything right would draw forever). Returns (batch, rewards, draws)."""
-    batches, draws = [(batch, rewards)], 1
-    while sum(int(mixed_groups(r).sum()) for _, r in batches) < cfg.prompts_per_step and draws < cfg.dynamic_sampling_draws:
-        problems = batch_for_step(pool, step, cfg, draw=draws)
-        batches.append(rollout(model, tokenizer, problems, cfg, [f"{cfg.seed}-{step}-draw{draws}-{i}" for i in range(len(problems))]))
-        draws += 1
-    kept = [(b, int(g)) for b, (_, r) in enumerate(batches) for g in mixed_groups(r).nonzero().squeeze(1)][:cfg.prompts_per_step]
-    if len(kept) < cfg.prompts_per_step:
-        tqdm.write(f"dynamic sampling, step {step}: {len(kept)} of {cfg.prompts_per_step} groups with mixed rewards "
-                   f"after {draws} draws (--dynamic-sampling-draws); training on " +
-                   ("those" if kept else "the first draw as it is (no group carries a gradient)"))
-    if not kept:
-        return batch, rewards, draws
-    rows = [(b, g * cfg.group_size + j) for b, g in kept for j in range(cfg.group_size)]
-    joined = join_rows([(batches[b][0], row) for b, row in rows], tokenizer.pad_token_id)
-    return joined, torch.stack([batches[b][1][g] for b, g in kept]), draws
 
 
 def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_model=None, pool=None):
@@ -1025,7 +983,51 @@ def train(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Joining batches, after the method: --dynamic-sampling's draws, padded to different widths, as one batch.
+# Several updates and dynamic sampling, after the method: pi_old's scoring pass (--ppo-epochs, --mini-batches)
+# and DAPO's further draws (--dynamic-sampling), each reached from the RL step through one call.
+
+
+@torch.no_grad()
+def sampling_policy_logprobs(model, batch, rewards, stage, cfg, start_id, mini_batches, has_reference=False):
+    """pi_old: the log-probs of the policy that sampled, [rows, response length], scored once before the first
+    update, in the same micro-batches the updates use (so rho is exactly 1 until the weights move)."""
+    old_lp = None
+    model.train()                          # as the updates score (same modules, same numbers)
+    for rows in mini_batches:
+        _, space, _, _, chunks = loss_plan(batch, rewards, stage, cfg, has_reference and cfg.kl_coef > 0, rows)
+        for chunk in chunks:
+            token_lp, mask = scored_logprobs(model, space, batch, chunk, start_id)
+            if old_lp is None:
+                old_lp = torch.zeros(batch["response_ids"].shape, dtype=token_lp.dtype, device=token_lp.device)
+            old_lp[chunk, :mask.shape[1]] = token_lp
+    return old_lp
+
+
+def rollout(model, tokenizer, problems, cfg, keys):
+    """G responses per prompt and their rewards [prompts, G]."""
+    batch = sample(model, tokenizer, problems, cfg, cfg.group_size, keys)
+    return batch, rewards_of(batch, problems, cfg)
+
+
+def draw_mixed_groups(model, tokenizer, pool, batch, rewards, step, cfg):
+    """DAPO's dynamic sampling (arXiv 2503.14476, sec. 3.2): an all-equal group has A = 0 and no gradient, so
+    draw more prompts until the step has --prompts-per-step mixed groups, at most --dynamic-sampling-draws
+    batches (a model that answers everything right would draw forever). Returns (batch, rewards, draws)."""
+    batches, draws = [(batch, rewards)], 1
+    while sum(int(mixed_groups(r).sum()) for _, r in batches) < cfg.prompts_per_step and draws < cfg.dynamic_sampling_draws:
+        problems = batch_for_step(pool, step, cfg, draw=draws)
+        batches.append(rollout(model, tokenizer, problems, cfg, [f"{cfg.seed}-{step}-draw{draws}-{i}" for i in range(len(problems))]))
+        draws += 1
+    kept = [(b, int(g)) for b, (_, r) in enumerate(batches) for g in mixed_groups(r).nonzero().squeeze(1)][:cfg.prompts_per_step]
+    if len(kept) < cfg.prompts_per_step:
+        tqdm.write(f"dynamic sampling, step {step}: {len(kept)} of {cfg.prompts_per_step} groups with mixed rewards "
+                   f"after {draws} draws (--dynamic-sampling-draws); training on " +
+                   ("those" if kept else "the first draw as it is (no group carries a gradient)"))
+    if not kept:
+        return batch, rewards, draws
+    rows = [(b, g * cfg.group_size + j) for b, g in kept for j in range(cfg.group_size)]
+    joined = join_rows([(batches[b][0], row) for b, row in rows], tokenizer.pad_token_id)
+    return joined, torch.stack([batches[b][1][g] for b, g in kept]), draws
 
 
 def join_rows(rows, pad_id):
