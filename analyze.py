@@ -10,6 +10,7 @@ alignment between P(y) and P(y|x), and a side-by-side comparison of training mod
     python analyze.py compare --modes grpo,nsr-prerl,dsrl --seeds 3 --lr-sweep 5e-6,2e-5,5e-5 --jobs 2   # means, 95% CIs
     python analyze.py eval --model runs/prerl/model              # the folder a run exports (any tool loads it)
     python analyze.py plot runs/prerl                            # a run's curves -> runs/prerl/metrics.png
+    python analyze.py samples runs/prerl --step 12               # what the model wrote at step 12, and its rewards
 
 Every command also takes the model and data options of prerl.py that make sense for it (--model,
 --data, --eval-size, --tasks, --difficulty, --max-new-tokens, --seed, ...); --help lists them.
@@ -55,12 +56,16 @@ def load_for_analysis(model_name, checkpoint_path, device):
     """A model by hub id / folder / 'embedded', optionally with the weights of one of our checkpoints."""
     model, tokenizer = prerl.load_model(model_name, device)
     if checkpoint_path:
+        lora = {}
         try:  # a run with --precision bf16 saved bf16 weights: evaluate them as it trained them, in bf16
-            saved = next(iter(prerl.torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=False)["model"].values()))
-            model.to(saved.dtype)
+            state = prerl.load_saved(checkpoint_path, mmap=True)
+            model.to(next(iter(state["model"].values())).dtype)
+            lora = {k: state["config"][k] for k in ("lora", "lora_alpha", "lora_targets", "seed")} if state["config"].get("lora") else {}
         except Exception:
             pass  # an unreadable file: load_checkpoint says so in one line
-        prerl.load_checkpoint(checkpoint_path, model)
+        if lora:  # a LoRA run saved its adapter only: the same adapters on the start model, then its weights
+            model = prerl.machinery.add_lora(model, lora["lora"], lora["lora_alpha"], lora["lora_targets"], lora["seed"])
+        prerl.load_checkpoint(checkpoint_path, model, adapter_only=bool(lora))
     return model, tokenizer
 
 
@@ -643,6 +648,42 @@ def plot_curves(runs, path, switch_step=None):
 
 
 # -----------------------------------------------------------------------------
+# What the model wrote: python analyze.py samples OUT_DIR --step S (from OUT_DIR/samples.jsonl)
+
+
+def format_samples(groups, width=400):
+    """samples.jsonl groups as text: the problem and gold, then each response with its extracted
+    answer, reward, length and whether it was cut at --max-new-tokens (long responses shortened)."""
+    lines = []
+    for group in groups:
+        lines.append(f"=== step {group['step']} | gold {group['gold']!r} | {group['problem']}")
+        for k, r in enumerate(group["responses"]):
+            text = r["text"] if len(r["text"]) <= width else r["text"][:width // 2] + " [...] " + r["text"][-width // 2:]
+            lines.append(f"--- response {k}: reward {r['reward']:g} | answer {r['answer']!r} | {r['length']} tokens"
+                         + (" | cut at --max-new-tokens" if r["cut"] else ""))
+            lines.append(text)
+        for case in group.get("audit") or []:
+            lines.append(f"--- audit: {case}")
+    return "\n".join(lines)
+
+
+def command_samples(args, cfg):
+    path = os.path.join(args.run_dir, "samples.jsonl")
+    if not args.run_dir or not os.path.isfile(path):
+        raise SystemExit(f"error: analyze.py samples OUT_DIR: no samples.jsonl in {args.run_dir!r}")
+    groups = prerl.read_metrics(path)
+    steps = sorted({g["step"] for g in groups})
+    if not steps:
+        raise SystemExit(f"error: {path} holds no samples (was the run's --log-samples 0?)")
+    step = steps[-1] if args.step < 0 else args.step
+    if step not in steps:
+        raise SystemExit(f"error: --step {step}: {path} holds steps {steps[0]}..{steps[-1]}")
+    chosen = [g for g in groups if g["step"] == step]
+    print(format_samples(chosen))
+    return chosen
+
+
+# -----------------------------------------------------------------------------
 # One run's curves: python analyze.py plot OUT_DIR
 
 
@@ -694,8 +735,9 @@ def command_plot(args, cfg):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["eval", "align", "compare", "plot"])
-    parser.add_argument("run_dir", nargs="?", default="", help="plot: a run's --out-dir (holds metrics.jsonl)")
+    parser.add_argument("command", choices=["eval", "align", "compare", "plot", "samples"])
+    parser.add_argument("run_dir", nargs="?", default="", help="plot, samples: a run's --out-dir (holds metrics.jsonl)")
+    parser.add_argument("--step", type=int, default=-1, help="samples: the step to show (default: the last)")
     parser.add_argument("--checkpoint", default="", help="weights from one of our checkpoint.pt files")
     parser.add_argument("--base", default="", help="eval: a second model to compare against (e.g. embedded)")
     parser.add_argument("--base-checkpoint", default="", help="eval: weights for --base")
@@ -735,7 +777,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, cfg = parse_args(argv)
-    commands = {"eval": command_eval, "align": command_align, "compare": command_compare, "plot": command_plot}
+    commands = {"eval": command_eval, "align": command_align, "compare": command_compare, "plot": command_plot,
+                "samples": command_samples}
     return commands[args.command](args, cfg)
 
 

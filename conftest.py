@@ -176,5 +176,5 @@ def verifier_in_process_under_mutmut(request, monkeypatch):
         return
     if request.node.name.startswith(("test_hostile_input", "test_time_bound")):
         pytest.skip("needs the verifier's worker processes; not run under mutmut")
-    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: verify._compare_normalized(*job))
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: job() if callable(job) else verify._compare_normalized(*job))
     monkeypatch.setattr(verify, "warmup", lambda workers=None: None)   # no idle workers left behind per mutant

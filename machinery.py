@@ -535,11 +535,17 @@ def static_decode_fits(model, device):
     """Whether prerl.generate takes the static path: by default on CUDA only (PRERL_STATIC_DECODE=on forces
     it, =off disables it), and only for models whose every layer is full attention (no sliding windows,
     no linear-attention layers: those keep today's loop)."""
-    if STATIC_DECODE == "off" or (STATIC_DECODE == "auto" and device.type != "cuda"):
+    if STATIC_DECODE == "off" or (STATIC_DECODE == "auto" and device.type != "cuda") or getattr(model, "prerl_loop_decode", False):
         return False
     from transformers import StaticCache
     layers = StaticCache(config=model.config, max_cache_len=1).layers   # lazy: allocates nothing
     return len(layers) > 0 and all(type(layer) is StaticLayer for layer in layers)
+
+
+def decode_with_loop(model, on=True):
+    """Send this model's rollouts to prerl.generate's plain loop (on=True), e.g. after the preflight's check
+    of the static decoder failed on this GPU; on=False gives them back to the static decoder."""
+    model.prerl_loop_decode = on
 
 
 def weights_signature(model):

@@ -23,12 +23,14 @@ Sampling (G responses per prompt: a plain decode loop, random numbers keyed per 
 (per-token log-probs in the two spaces, log P(y|x) and log P(y)), Advantages (the table of every mode:
 which responses, which space, which weight), Losses (PPO-clip surrogate; the ratio and aggregation variants
 are rows of a table), the RL step (DSRL's switch is one line in stage_for_step), Evaluation, Checkpoints,
-and the loop, train(): the method ends there.
-After train(), not the method: Several updates and dynamic sampling (pi_old's pass, DAPO's draws), Loading
-(the JSONL reader's row checks, gradient checkpointing, the embedded model's GGUF conversion), Diagnostics
-(measured on each step's samples, never trained on), Run safety (every flag checked before anything loads,
-one run per out-dir, Ctrl-C with a checkpoint, a crash-safe log, NaN steps skipped, a model/ folder other
-tools load; train() calls them at the loop's edges) and the command line.
+and the loop, train(): the method ends there. After train(), not the method: Several updates and dynamic
+sampling (pi_old's pass, DAPO's draws), Loading (JSONL, Parquet and datasets readers with their row checks,
+gradient checkpointing, the embedded model's GGUF conversion), Rewards and samples (--reward,
+--format-reward, samples.jsonl), Diagnostics (measured on each step's samples, never trained on),
+Preflight and stall lines (what would make a run learn nothing, said before step 0 and when it persists
+during training), Run safety (every flag checked before anything loads, one run per out-dir, Ctrl-C with a
+checkpoint, a crash-safe log, NaN steps skipped, a model/ folder other tools load; train() calls them at
+the loop's edges) and the command line.
 What only makes it faster, smaller or wider lives in machinery.py, reached from here through one call each
 (marked "machinery:"): a preallocated KV cache for sampling (on a GPU, a static KV cache with the decode
 step replayed as a CUDA graph), a chunked LM head with a hand-written backward for scoring, glibc's
@@ -59,6 +61,7 @@ import sys
 import threading
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -152,8 +155,18 @@ class Config:
     weight_decay: float = opt(0.01, "AdamW weight decay")
     grad_clip: float = opt(1.0, "gradient-norm clipping")
     # --- data and evaluation
-    data: str = opt("", "training JSONL (MATH or GSM8K style); empty = built-in generator")
-    eval_data: str = opt("", "held-out JSONL; empty = built-in held-out set")
+    data: str = opt("", "training problems: JSONL (MATH, GSM8K or verl style), verl Parquet, a datasets folder "
+                        "(save_to_disk) or a hub dataset id with --data-split; empty = built-in generator")
+    eval_data: str = opt("", "held-out problems, in any --data format; empty = built-in held-out set")
+    data_split: str = opt("", "the split of a hub dataset id or a datasets folder for --data, e.g. train")
+    eval_split: str = opt("", "the split of a hub dataset id or a datasets folder for --eval-data, e.g. test")
+    problem_key: str = opt("", "column of the problem (dots reach inside: a.b); default: problem, question, "
+                               "or verl's prompt (chat messages)")
+    answer_key: str = opt("", "column of the reference answer (dots reach inside); default: answer, a solution's "
+                              "\\boxed{}, or verl's reward_model.ground_truth")
+    reward: str = opt("", "your own reward: FILE.py:function or module:function, called as function(completion, "
+                          "answer, row) -> float (> 0.5 counts as right); empty = verify.py")
+    format_reward: float = opt(0.0, "add W x [a final answer was found in the response] to the reward (W < 0.5)")
     tasks: str = opt("add,mul", "built-in families, comma-separated: " + ",".join(TASK_FAMILIES))
     difficulty: int = opt(1, "built-in generator: digits per operand (1 = single digit)")
     eval_size: int = opt(64, "held-out problems per evaluation (at most)")
@@ -184,6 +197,10 @@ class Config:
     out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
+    overwrite: bool = opt(False, "start a fresh run in an --out-dir that holds an earlier run's checkpoint")
+    log_samples: int = opt(4, "groups per step written to OUT_DIR/samples.jsonl (problem, responses, answers, "
+                              "rewards); 0 = none")
+    preflight: bool = opt(False, "run the preflight checks (printed before step 0 of every run) alone, then exit")
     report_to: str = opt("none", "also send the metrics to: none | tensorboard | wandb (offline) | trackio")
 
 
@@ -254,14 +271,21 @@ def make_problems(n, families, difficulty, seed, held_out):
     return problems
 
 
-# load_problems(path), the JSONL reader (MATH: problem + answer or a \boxed{} solution; GSM8K: question +
-# answer after ####), is after the method, in "Loading".
+# load_problems(path, cfg, split), the reader of JSONL (MATH, GSM8K, verl), Parquet and datasets folders,
+# is after the method, in "Loading". A verl row's chat messages are its prompt, as given.
+
+
+def training_problems(cfg):
+    """The training set: --data, else the built-in generator's training side of the split."""
+    if cfg.data:
+        return load_problems(cfg.data, cfg, cfg.data_split)
+    return make_problems(4096, cfg.tasks, cfg.difficulty, cfg.seed, held_out=False)
 
 
 def eval_problems(cfg):
     """The held-out set: --eval-data, else built-in problems from the held-out side of the split."""
     if cfg.eval_data:
-        return load_problems(cfg.eval_data)[:cfg.eval_size]
+        return load_problems(cfg.eval_data, cfg, cfg.eval_split)[:cfg.eval_size]
     return make_problems(cfg.eval_size, cfg.tasks, cfg.difficulty, cfg.seed + 1, held_out=True)
 
 
@@ -339,15 +363,18 @@ def autocast(device):
 
 
 def format_prompt(tokenizer, problem):
+    """A problem's chat messages (verl data: its own, as given; else the reference system prompt and the
+    problem) through the tokenizer's chat template, or as plain text when it has none."""
+    messages = problem.get("messages") or [{"role": "system", "content": SYSTEM_PROMPT},
+                                           {"role": "user", "content": problem["problem"]}]
     if tokenizer.chat_template:
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": problem}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{SYSTEM_PROMPT}\n\nProblem: {problem}\nSolution:"
+    return "\n\n".join([m["content"] for m in messages[:-1]] + [f"Problem: {messages[-1]['content']}\nSolution:"])
 
 
 def encode_prompts(tokenizer, problems, device):
     """Left-padded token ids and attention mask of the problems' prompts."""
-    prompts = [format_prompt(tokenizer, p["problem"]) for p in problems]
+    prompts = [format_prompt(tokenizer, p) for p in problems]
     return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
 
 
@@ -459,7 +486,7 @@ def sample(model, tokenizer, problems, cfg, group_size, keys, temperature=None):
         "prompt_ids": encoded["input_ids"].repeat_interleave(group_size, 0),
         "prompt_mask": encoded["attention_mask"].repeat_interleave(group_size, 0),
         "response_ids": response_ids, "response_mask": response_mask, "texts": texts,
-        "truncated": ~torch.isin(response_ids, torch.tensor(eos_ids, device=device)).any(1),  # cut at max_new_tokens
+        "ended": torch.isin(response_ids, torch.tensor(eos_ids, device=device)).any(1),   # else cut at max_new_tokens
     }
 
 
@@ -718,7 +745,7 @@ def rows_that_count(space, advantages, batch, cfg, rows=None):
     pre-train space (PAPER.md)."""
     present = torch.ones_like(advantages, dtype=torch.bool)
     if cfg.mask_truncated:
-        present = present & ~batch["truncated"].to(present.device)
+        present = present & batch["ended"].to(present.device)
     if rows is not None:
         present = present & torch.isin(torch.arange(len(present), device=present.device), torch.tensor(rows, device=present.device))
     return present, (present & (advantages != 0) if space == "pretrain" else present)
@@ -784,12 +811,6 @@ def policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_m
     return loss, grad_norm, updates[0][2], counts["clipped"] / max(scored, 1)
 
 
-def rewards_of(batch, problems, cfg):
-    """r(x, y) of every sampled response (verify.py), [prompts, G]."""
-    golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
-    return torch.tensor(verify.rewards(batch["texts"], golds)).view(len(problems), cfg.group_size)
-
-
 def mixed_groups(rewards):
     """Groups with both right and wrong responses: the only ones with a nonzero GRPO / PreRL advantage."""
     return (rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)
@@ -803,7 +824,8 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
     with machinery.rollout_share(model, problems, DIST) as (problems, first):  # machinery: torchrun: this rank's prompts
         batch = sample(model, tokenizer, problems, cfg, cfg.group_size, [f"{cfg.seed}-{step}-{first + i}" for i in range(len(problems))])
     t1 = time.perf_counter()
-    rewards, draws = rewards_of(batch, problems, cfg), 1
+    rewards, scored = score_responses(batch["texts"], problems, cfg, cfg.group_size)  # verify.py, or --reward's
+    samples, draws = logged_samples(step, problems, batch, rewards, scored, cfg), 1   # the first draw's groups
     if cfg.dynamic_sampling:                   # DAPO: more prompts until the step has its mixed groups (bounded)
         batch, rewards, draws = draw_mixed_groups(model, tokenizer, pool or problems, batch, rewards, step, cfg)
     diagnostics = step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id)  # measured, never trained on
@@ -818,7 +840,8 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
               "response_length": lengths.float().mean().item(),
               "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens, "clip_fraction": clip_fraction,
               "draws": draws, "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
-              "train_s": round(t3 - t2, 3), **diagnostics}
+              "train_s": round(t3 - t2, 3), "reward_timeouts": scored["timeouts"], **diagnostics,
+              "samples": samples}  # popped into samples.jsonl
     if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
         record["skipped"] = nonfinite_reason(loss, grad_norm)
     return record
@@ -849,9 +872,9 @@ def make_optimizer(model, cfg):
 # Evaluation: held-out accuracy (pass@1), one response per problem, greedy unless --eval-temperature.
 
 
-def evaluate(model, tokenizer, problems, cfg, batch_size=32):
-    """Held-out accuracy: one response per problem (greedy by default), scored by verify.rewards.
-    None with no problems (--eval-size 0): nothing was measured."""
+def evaluate(model, tokenizer, problems, cfg, batch_size=32, ended=None):
+    """Held-out accuracy: one response per problem (greedy by default), scored by verify.rewards (or
+    --reward). None with no problems (--eval-size 0): nothing was measured."""
     if not problems:
         return None
     correct, total = 0.0, len(problems)
@@ -860,7 +883,9 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32):
             chunk = problems[i:i + batch_size]
             keys = [f"{cfg.seed}-eval-{first + i + j}" for j in range(len(chunk))]
             out = sample(model, tokenizer, chunk, cfg, 1, keys, temperature=cfg.eval_temperature)
-            correct += sum(verify.rewards(out["texts"], [p["answer"] for p in chunk]))
+            correct += score_responses(out["texts"], chunk, cfg, with_format=False)[0].sum().item()
+            if ended is not None:                  # for the preflight: which responses stopped on their own
+                ended += out["ended"].tolist()
     return machinery.sum_over_ranks(correct, DIST) / total
 
 
@@ -886,7 +911,7 @@ def load_checkpoint(path, model, optimizer=None, adapter_only=False):
     if DIST is not None:  # machinery: under torchrun, resume from every rank's shards
         return machinery.load_sharded(path, model, optimizer, DIST)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_saved(path)
         name, saved = next(iter(state["model"].items()))
         ours = model.state_dict()[name].dtype
         if saved.dtype != ours:  # load_state_dict would cast silently, and the optimizer state would not fit
@@ -918,11 +943,7 @@ def train(cfg):
     PLAIN = PLAIN or cfg.plain                    # --plain: the reading path only, for this whole process
     refuse_bad_run(cfg)                           # run safety: flags, out-dir, --resume's checkpoint; exit 2
     cfg, device, DIST, dtype = start_machinery(cfg)  # machinery: torchrun's rank, --precision, the memory plan
-    if cfg.data:
-        train_set = load_problems(cfg.data)
-    else:
-        train_set = make_problems(4096, cfg.tasks, cfg.difficulty, cfg.seed, held_out=False)
-    eval_set = eval_problems(cfg)
+    train_set, eval_set = training_problems(cfg), eval_problems(cfg)
     model, tokenizer = load_model(cfg.model, device, cfg.gradient_checkpointing, dtype)
     ref_model = None
     if cfg.kl_coef > 0:
@@ -938,6 +959,7 @@ def train(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     checkpoint_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    samples_path = os.path.join(cfg.out_dir, "samples.jsonl")
     # run safety: one live run per out-dir, Ctrl-C stops with a checkpoint, metrics also to --report-to
     with claim_out_dir(cfg.out_dir), stop_signals() as stop, open_reporter(cfg) as report:
         resuming = cfg.resume and os.path.exists(checkpoint_path)
@@ -946,13 +968,17 @@ def train(cfg):
             print(f"no checkpoint at {checkpoint_path}; starting from step 0")
         verify.warmup()
         print(f"model {cfg.model} on {device} | mode {cfg.mode} (switch at step {cfg.switch_step}) | "
-              f"pre-train-space start token: {start_desc} | {len(train_set)} train / {len(eval_set)} eval problems")
+              f"pre-train-space start token: {start_desc} | {len(train_set)} train / {len(eval_set)} eval problems, "
+              f"{data_description(train_set)} / {data_description(eval_set)}")
+        print_preflight(preflight_lines(cfg, model, tokenizer, train_set))  # reward on each gold, prompt format, decoder
+        ended = []
+        accuracy_before = evaluate(model, tokenizer, eval_set, cfg, ended=ended)
         print(loss_line(cfg))
-
-        accuracy_before = evaluate(model, tokenizer, eval_set, cfg)
         print(f"held-out accuracy at step {first_step}: {accuracy_text(accuracy_before)}")
+        print_preflight([evaluation_preflight(accuracy_before, ended, cfg)])  # groups predicted to carry no signal
         report({"step": first_step, "eval_accuracy": accuracy_before})
         log, nonfinite_in_a_row = open_run_log(metrics_path, first_step), 0  # run safety: cut back to the checkpoint
+        samples_log, history, stalls_said = open_run_log(samples_path, first_step), [], set()  # what the model wrote, cut back likewise
         progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl",
                         disable=DIST is not None and DIST.rank > 0)   # machinery: rank 0 alone shows progress
         for step in progress:
@@ -963,7 +989,10 @@ def train(cfg):
                              train_set)
             if cfg.eval_every and eval_set and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 record["eval_accuracy"] = evaluate(model, tokenizer, eval_set, cfg)
+            write_samples(samples_log, record.pop("samples"))   # samples.jsonl: what the model wrote
             nonfinite_in_a_row = log_step(log, report, record, nonfinite_in_a_row, cfg)  # run safety: stop at 3 NaN steps
+            history.append(record)
+            stalls_said = print_stall_lines(history, stalls_said, cfg)  # a stalled run says why, once per sign
             progress.set_postfix(stage=record["stage"], reward=f"{record['reward_mean']:.2f}",
                                  acc=f"{record['accuracy']:.2f}", len=f"{record['response_length']:.0f}")
             if "eval_accuracy" in record:
@@ -971,6 +1000,7 @@ def train(cfg):
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 save_run(checkpoint_path, model, tokenizer, optimizer, step + 1, cfg)
         log.close()
+        samples_log.close()
         save_run(checkpoint_path, model, tokenizer, optimizer, cfg.steps, cfg)
         if stop_asked(stop):
             exit_after_signal(stop, cfg, cfg.steps)
@@ -1006,7 +1036,7 @@ def sampling_policy_logprobs(model, batch, rewards, stage, cfg, start_id, mini_b
 def rollout(model, tokenizer, problems, cfg, keys):
     """G responses per prompt and their rewards [prompts, G]."""
     batch = sample(model, tokenizer, problems, cfg, cfg.group_size, keys)
-    return batch, rewards_of(batch, problems, cfg)
+    return batch, score_responses(batch["texts"], problems, cfg, cfg.group_size)[0]
 
 
 def draw_mixed_groups(model, tokenizer, pool, batch, rewards, step, cfg):
@@ -1040,48 +1070,150 @@ def join_rows(rows, pad_id):
                                                     (0, width - batch[name].shape[1]), value=pad) for batch, i in rows])
     return {"prompt_ids": padded("prompt_ids", True), "prompt_mask": padded("prompt_mask", True),
             "response_ids": padded("response_ids", False), "response_mask": padded("response_mask", False),
-            "truncated": torch.stack([batch["truncated"][i] for batch, i in rows]),
+            "ended": torch.stack([batch["ended"][i] for batch, i in rows]),
             "texts": [batch["texts"][i] for batch, i in rows]}
 
 
 # -----------------------------------------------------------------------------
-# Loading, after the method: reading MATH / GSM8K JSONL files (every bad row refused with its file and
-# line), gradient checkpointing, and the embedded default model's one-time conversion from the GGUF file
+# Loading, after the method: the problem files users have (every bad row refused with its file, row and
+# field), gradient checkpointing, and the embedded default model's one-time conversion from the GGUF file
 # its package ships.
+#
+# Rows come from JSONL, Parquet (pyarrow), a `datasets` folder written by save_to_disk, or a hub dataset
+# id with --data-split (both through the datasets package). Each row is read by its own schema:
+#   MATH:  {"problem", "answer"} or {"problem", "solution": "... \\boxed{...}"}
+#   GSM8K: {"question", "answer": "... #### 72"}
+#   verl:  {"prompt": [chat messages], "reward_model": {"ground_truth"}, "data_source", "extra_info"};
+#          the messages are the prompt as given (no system prompt added)
+# and becomes {"problem": text, "answer": reference, "row": the row as read (what --reward gets)}, plus
+# "messages" for a verl prompt. --problem-key / --answer-key name other columns.
+
+DATA_FILE_KINDS = {".jsonl": "JSONL", ".json": "JSONL", ".parquet": "Parquet"}
 
 
-def load_problems(path):
-    """Read MATH-style (problem + answer, or a solution with \\boxed{}) or GSM8K-style JSONL."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: data file {path!r} does not exist")
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SystemExit(f"error: {where}: expected a JSON object, got {type(row).__name__}")
-            text = row.get("problem", row.get("question"))
-            if not isinstance(text, str) or not text.strip():
-                raise SystemExit(f"error: {where}: field 'problem' (or 'question') missing or empty")
-            answer = row.get("answer")
-            if isinstance(answer, str) and "####" in answer:            # GSM8K: "... #### 72"
-                answer = answer.split("####")[-1].strip().replace(",", "")
-            elif answer is None and isinstance(row.get("solution"), str):  # MATH: boxed in the solution
-                answer = verify.reference_answer(row["solution"]) if "\\boxed" in row["solution"] else None
-            if isinstance(answer, (int, float)):
-                answer = str(answer)
-            if not isinstance(answer, str) or not answer.strip():
-                raise SystemExit(f"error: {where}: field 'answer' (or a 'solution' with \\boxed{{}}) missing or empty")
-            problems.append({"problem": text, "answer": answer.strip()})
+def data_source(path, split=""):
+    """(kind, where the data is): JSONL, Parquet, a datasets folder or a hub dataset id."""
+    if os.path.isdir(path):
+        return "datasets folder", path
+    if os.path.isfile(path):
+        return DATA_FILE_KINDS.get(os.path.splitext(path)[1].lower(), "JSONL"), path
+    if split:
+        return "hub dataset", path
+    raise SystemExit(f"error: data {path!r} does not exist (a hub dataset id needs --data-split)")
+
+
+def optional_package(name, purpose, package):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise SystemExit(f"error: {purpose} needs the optional {package} package: pip install {package}") from None
+
+
+def read_rows(path, split=""):
+    """(kind, [(where, row)]): every row of a data file, folder or hub dataset, with its place for errors."""
+    kind, _ = data_source(path, split)
+    if kind == "JSONL":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((f"{path}:{lineno}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise SystemExit(f"error: {path}:{lineno}: not valid JSON ({e.msg})") from None
+        return kind, rows
+    if kind == "Parquet":
+        parquet = optional_package("pyarrow.parquet", f"reading {path} (Parquet)", "pyarrow")
+        try:
+            table = parquet.read_table(path).to_pylist()
+        except Exception as e:
+            raise SystemExit(f"error: {path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        return kind, [(f"{path} row {i}", row) for i, row in enumerate(table)]
+    datasets = optional_package("datasets", f"reading {path} ({kind})", "datasets")
+    try:
+        if kind == "hub dataset":
+            dataset = datasets.load_dataset(path, split=split)
+        else:
+            dataset = datasets.load_from_disk(path)
+    except Exception as e:
+        raise SystemExit(f"error: {path}: could not be loaded as a {kind} ({type(e).__name__}: {e})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if not split and len(dataset) == 1:
+            split = next(iter(dataset))
+        if split not in dataset:
+            raise SystemExit(f"error: {path}: choose a split with --data-split / --eval-split: {', '.join(dataset)}")
+        dataset, kind = dataset[split], f"{kind}, split {split}"
+    return kind, [(f"{path} row {i}", row) for i, row in enumerate(dataset)]
+
+
+def field(row, key):
+    """row[key], where a dotted key reaches inside: 'reward_model.ground_truth'. None when absent."""
+    for part in key.split("."):
+        if not isinstance(row, dict):
+            return None
+        row = row.get(part)
+    return row
+
+
+def row_schema(row):
+    if isinstance(row, dict) and isinstance(row.get("prompt"), list):
+        return "verl"
+    return "GSM8K" if isinstance(row, dict) and "question" in row and "####" in str(row.get("answer")) else "MATH"
+
+
+def chat_messages(value, where, key):
+    """A verl prompt: a non-empty list of {'role', 'content'} messages, used as given."""
+    if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                            for m in value):
+        raise SystemExit(f"error: {where}: field '{key}' must be a non-empty list of chat messages "
+                         f"{{'role': str, 'content': str}}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def problem_from_row(row, where, problem_key="", answer_key=""):
+    """One row as {'problem', 'answer', 'row'} (+ 'messages'), or a one-line error naming the field."""
+    if not isinstance(row, dict):
+        raise SystemExit(f"error: {where}: expected a JSON object (named fields), got {type(row).__name__}")
+    problem = {"row": row}
+    key = problem_key or ("prompt" if "prompt" in row else "problem" if "problem" in row else "question")
+    text = field(row, key)
+    if isinstance(text, list):
+        problem["messages"] = chat_messages(text, where, key)
+        users = [m["content"] for m in problem["messages"] if m["role"] == "user"]
+        text = users[-1] if users else problem["messages"][-1]["content"]
+    if not isinstance(text, str) or not text.strip():
+        named = f"'{key}'" if problem_key or key == "prompt" else "'problem' (or 'question', or verl's 'prompt')"
+        raise SystemExit(f"error: {where}: field {named} missing or empty (a problem text, or verl's chat messages)")
+    key = answer_key or ("reward_model.ground_truth" if "reward_model" in row else "answer")
+    answer = field(row, key)
+    if answer is None and not answer_key and isinstance(row.get("solution"), str) and "\\boxed" in row["solution"]:
+        answer = verify.reference_answer(row["solution"])           # MATH: boxed in the solution
+    if isinstance(answer, str) and "####" in answer:                # GSM8K: "... #### 72"
+        answer = answer.split("####")[-1].strip().replace(",", "")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        named = f"'{answer_key}'" if answer_key else ("'reward_model.ground_truth'" if "reward_model" in row else
+                                                      "'answer' (or a 'solution' with \\boxed{})")
+        raise SystemExit(f"error: {where}: field {named} missing, empty or not a string or number")
+    problem.update(problem=text, answer=answer.strip())
+    return problem
+
+
+def data_description(problems):
+    return problems[0].get("source", "built-in") if problems else "none"
+
+
+def load_problems(path, cfg=None, split=""):
+    """Every problem of a data file, folder or hub dataset (see above); a bad row stops with its place.
+    Each problem's 'source' names the format, as the run's header says it: 'Parquet (verl)'."""
+    cfg = cfg or Config()
+    kind, rows = read_rows(path, split)
+    problems = [problem_from_row(row, where, cfg.problem_key, cfg.answer_key) for where, row in rows]
     if not problems:
         raise SystemExit(f"error: {path}: no problems in file")
-    return problems
+    source = f"{kind} ({row_schema(rows[0][1])})"
+    return [dict(problem, source=source) for problem in problems]
 
 
 def enable_gradient_checkpointing(model):
@@ -1120,6 +1252,75 @@ def embedded_model_folder():
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     os.replace(temporary, cache)                    # atomic: a half-written cache is never used
     return cache
+
+
+# -----------------------------------------------------------------------------
+# Rewards and samples, after the method. The reward is verify.py's (1 when the final answer is equivalent
+# to the reference) unless --reward names the user's own function(completion, answer, row) -> float. It
+# runs in verify.py's worker processes under the same time bound: a call that passes it scores 0 and is
+# counted in the step's reward_timeouts; an exception or a non-number stops the run with the row (a bug in
+# the reward function, not the model's doing). --format-reward W adds W x [a final answer was found].
+# A step's first --log-samples groups go to OUT_DIR/samples.jsonl: what the model wrote and how it scored.
+
+
+def reward_problem(cfg):
+    """--reward's function cannot be loaded, as one line; None when it can (or no --reward)."""
+    if not cfg.reward:
+        return None
+    try:
+        verify.load_function(cfg.reward)
+    except Exception as e:   # a missing file or name, or the module's own error on import
+        return f"--reward {cfg.reward}: {e if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'}"
+    return None
+
+
+def shown(value, limit=500):
+    text = json.dumps(value, default=repr, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def user_rewards(spec, texts, answers, rows):
+    """--reward's function on each (completion, answer, row) in the workers: (rewards, timeouts)."""
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        outcomes = list(pool.map(lambda job: verify.call_in_worker(spec, job), zip(texts, answers, rows)))
+    for (status, value), text, row in zip(outcomes, texts, rows):
+        if status == "raised":
+            raise SystemExit(f"error: --reward {spec} raised an exception (a bug in the reward function, not the "
+                             f"model's doing) on the row {shown(row)} and the completion {shown(text, 300)}:\n{value}")
+        if status == "not a number":
+            raise SystemExit(f"error: --reward {spec} returned {value}, not a finite number, on the row {shown(row)} "
+                             f"and the completion {shown(text, 300)}")
+    return [value if status == "ok" else 0.0 for status, value in outcomes], sum(s == "timeout" for s, _ in outcomes)
+
+
+def score_responses(texts, problems, cfg, group_size=1, with_format=True):
+    """Rewards [problems, group_size] of responses listed group by group, and what scoring saw: the
+    answer verify.py extracts from each response, and how many --reward calls timed out."""
+    answers = [p["answer"] for p in problems for _ in range(group_size)]
+    if cfg.reward:
+        rewards, timeouts = user_rewards(cfg.reward, texts, answers, [p.get("row", p) for p in problems for _ in range(group_size)])
+    else:
+        rewards, timeouts = verify.rewards(texts, answers), 0
+    extracted = [verify.extract_answer(text) for text in texts]
+    if with_format and cfg.format_reward:
+        rewards = [r + cfg.format_reward * (a is not None) for r, a in zip(rewards, extracted)]
+    return torch.tensor(rewards).view(len(problems), group_size), {"answers": extracted, "timeouts": timeouts}
+
+
+def logged_samples(step, problems, batch, rewards, scored, cfg):
+    """The step's first --log-samples groups as samples.jsonl lines. 'audit' is left for the cases where
+    a second grader disagrees with the reward (empty: no second grader ran)."""
+    group_size, lengths, ended = rewards.shape[1], batch["response_mask"].sum(1).tolist(), batch["ended"].tolist()
+    flat = rewards.reshape(-1).tolist()
+    return [{"step": step, "problem": problem["problem"], "gold": problem["answer"], "audit": [],
+             "responses": [{"text": batch["texts"][j], "answer": scored["answers"][j], "reward": flat[j],
+                            "length": lengths[j], "cut": not ended[j]} for j in range(i * group_size, (i + 1) * group_size)]}
+            for i, problem in enumerate(problems[:cfg.log_samples])]
+
+
+def write_samples(log, groups):
+    log.writelines(json.dumps(group, ensure_ascii=False) + "\n" for group in groups)
+    log.flush()
 
 
 # -----------------------------------------------------------------------------
@@ -1209,6 +1410,181 @@ def step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id):
 
 
 # -----------------------------------------------------------------------------
+# Preflight and stall lines, after the method: what a run can know before step 0 that would make it learn
+# nothing (printed before step 0; --preflight prints it alone), and, during training, one line when a sign
+# of a stalled run persists, naming the likely cause and a flag to try.
+
+
+def gold_failures(problems, cfg):
+    """Problems that train nothing because the reward cannot score them: their own gold, written as a model
+    would ('... \\boxed{gold}'), does not score 1 (> 0.5), or another problem's different gold scores 1."""
+    distinct = sorted({p["answer"] for p in problems})
+    other = {gold: distinct[(k + 1) % len(distinct)] for k, gold in enumerate(distinct)}
+    texts = [f"So the final answer is $\\boxed{{{gold}}}$." for p in problems for gold in (p["answer"], other[p["answer"]])]
+    rewards, _ = score_responses(texts, problems, cfg, group_size=2, with_format=False)
+    failures = []
+    for i, (problem, (own, others)) in enumerate(zip(problems, rewards.tolist())):
+        if own <= 0.5:
+            failures.append(f"problem {i} (gold {problem['answer']!r}): its own gold scores {own:g}")
+        elif len(distinct) > 1 and others > 0.5:
+            failures.append(f"problem {i} (gold {problem['answer']!r}): another problem's gold "
+                            f"{other[problem['answer']]!r} scores {others:g}")
+    return failures
+
+
+def static_decoder_check(model, tokenizer, problems, cfg, prompts=4):
+    """On CUDA: the static-cache decoder's first rollout against the plain loop (greedy, a few prompts). A
+    mismatch or an exception sends this run to the loop (one line says so). None where it does not run."""
+    device = next(model.parameters()).device
+    if PLAIN or DIST is not None or not problems or not machinery.static_decode_fits(model, device):
+        return None                  # (under torchrun the rollouts gather sharded weights first: not checked)
+    encoded = encode_prompts(tokenizer, problems[:prompts], device)
+    eos_ids = eos_token_ids(model, tokenizer)
+    args = (model, encoded["input_ids"], encoded["attention_mask"], 1, cfg.max_new_tokens, 0.0, 1.0, eos_ids, tokenizer.pad_token_id)
+
+    def responses(ids):
+        return [row[:int(m.sum())].tolist() for row, m in zip(ids, response_mask_from_positions(ids, eos_ids))]
+    try:
+        static, failure = responses(generate(*args)), None
+    except Exception as e:
+        static, failure = None, f"failed ({type(e).__name__}: {e})"
+    machinery.decode_with_loop(model, True)
+    loop = responses(generate(*args))
+    if failure is None and static == loop:
+        machinery.decode_with_loop(model, False)
+        return f"decoder: the static KV cache decoder agrees with the plain loop on {len(loop)} greedy prompts"
+    differ = sum(a != b for a, b in zip(static, loop)) if static is not None else 0
+    return (f"decoder: the static KV cache decoder {failure or f'disagrees with the plain loop on {differ} of {len(loop)} greedy prompts'}; "
+            f"this run decodes with the plain loop (slower, same method; PRERL_STATIC_DECODE=off says the same up front)")
+
+
+def preflight_lines(cfg, model, tokenizer, train_set):
+    """The checks that need no evaluation: the reward on each training gold, the prompt format, the decoder."""
+    failures = gold_failures(train_set, cfg)
+    reward = cfg.reward or "verify.py"
+    if failures:
+        lines = [f"reward ({reward}): {len(failures)} of {len(train_set)} training problems cannot be scored, so they "
+                 f"train nothing (fix their answers, or pass --answer-key or --reward):"]
+        lines += [f"    {failure}" for failure in failures[:10]] + ([f"    ... and {len(failures) - 10} more"] if len(failures) > 10 else [])
+    else:
+        lines = [f"reward ({reward}): each of the {len(train_set)} training problems scores 1 for its own gold written "
+                 f"as '\\boxed{{gold}}', and 0 for another problem's gold"]
+    own = any("messages" in p for p in train_set[:1])
+    if tokenizer.chat_template:
+        lines.append("prompt: the tokenizer's chat template, " + ("on each row's own chat messages (no system prompt added)"
+                     if own else f"system prompt {SYSTEM_PROMPT!r}"))
+    else:
+        lines.append(f"prompt: plain text, the tokenizer has no chat template: {format_prompt(tokenizer, train_set[0])!r}"[:300])
+    decoder = static_decoder_check(model, tokenizer, train_set, cfg)
+    return lines + ([decoder] if decoder else [])
+
+
+def evaluation_preflight(accuracy, ended, cfg):
+    """From the first evaluation: how many responses stop before --max-new-tokens, and the share of groups
+    with no signal (all right or all wrong) at this group size if every problem had the base pass rate p:
+    p^G + (1-p)^G. Pass rates differ from problem to problem, which only raises the share (convexity)."""
+    if accuracy is None or not ended:
+        return "first evaluation: none (--eval-size 0), so no prediction of the groups without signal"
+    p, g, stopped = min(max(accuracy, 0.0), 1.0), cfg.group_size, sum(ended) / len(ended)
+    no_signal = p ** g + (1 - p) ** g
+    line = (f"first evaluation: {stopped:.0%} of {len(ended)} responses ended before --max-new-tokens {cfg.max_new_tokens}; "
+            f"base pass rate {p:.3f} -> at --group-size {g}, at least {no_signal:.0%} of groups predicted all right or all wrong (no signal)")
+    if no_signal > 0.8:
+        line += (f"; most groups will teach nothing: try a larger --group-size, a higher --temperature, or "
+                 f"{'easier' if p < 0.5 else 'harder'} data")
+    return line
+
+
+def print_preflight(lines):
+    for line in lines:
+        print(f"preflight | {line}")
+
+
+def run_preflight(cfg):
+    """--preflight: the checks a run prints before step 0, alone; loads what a run loads, writes nothing."""
+    global PLAIN
+    PLAIN = PLAIN or cfg.plain
+    cfg, device, _, dtype = start_machinery(cfg)
+    train_set, eval_set = training_problems(cfg), eval_problems(cfg)
+    model, tokenizer = load_model(cfg.model, device, dtype=dtype)
+    torch.manual_seed(cfg.seed)
+    print(f"model {cfg.model} on {device} | {len(train_set)} train / {len(eval_set)} eval problems, "
+          f"{data_description(train_set)} / {data_description(eval_set)}")
+    verify.warmup()
+    print_preflight(preflight_lines(cfg, model, tokenizer, train_set))
+    ended = []
+    accuracy = evaluate(model, tokenizer, eval_set, cfg, ended=ended)
+    print(f"held-out accuracy at step 0: {accuracy_text(accuracy)}")
+    print_preflight([evaluation_preflight(accuracy, ended, cfg)])
+
+
+STALL_STEPS = 5             # a sign must hold this many steps in a row before it is said
+ENTROPY_COLLAPSE = 0.1      # entropy below this share of its first measurement, twice in a row
+LENGTH_CHANGE = 3.0         # mean response length this many times above (or below) the run's first steps
+LEARNING = 0.1              # mean accuracy up by this much since the first steps: a run that learns
+
+
+def stall_signs(records, cfg):
+    """{sign: line} for each sign of a stalled run that held over the last STALL_STEPS steps of these
+    metrics records (oldest first). Pure: records in, text out. Cut responses, a falling entropy and a
+    changing length are normal while a run learns (the demo's responses shrink from ~44 tokens to ~10 as
+    its accuracy rises), so those signs count only while the accuracy is not rising: its mean over the
+    last STALL_STEPS steps is within LEARNING of that over the first STALL_STEPS."""
+    recent, signs = records[-STALL_STEPS:], {}
+    if len(recent) < STALL_STEPS:
+        return signs
+    n, accuracy = len(recent), sum(r["accuracy"] for r in recent) / len(recent)
+    if all(r["mixed_groups"] == 0 for r in recent):
+        signs["no mixed groups"] = (
+            f"no group had both right and wrong responses for {n} steps (accuracy {accuracy:.2f}), so every advantage is 0 "
+            f"and nothing is learned: the problems are too {'hard' if accuracy < 0.5 else 'easy'} for the model; try a "
+            f"larger --group-size (now {cfg.group_size}), a higher --temperature (now {cfg.temperature}), or "
+            f"{'easier' if accuracy < 0.5 else 'harder'} data")
+    elif all(r["grad_norm"] == 0 for r in recent):
+        signs["gradient norm 0"] = (
+            f"the gradient norm was 0 for {n} steps although groups were mixed: the loss reaches no weight; check "
+            f"--prerl-coef (now {cfg.prerl_coef}), --mode (now {cfg.mode}) and, with --lora, --lora-targets")
+    # The rest count only in the conditional space, where the step's reward is what the update raises. In a
+    # pre-train-space stage (PreRL modes, DSRL's first S steps) the samples' reward need not rise: it trains
+    # log P(y), and DSRL's GRPO stage is where the reward climbs.
+    records = [r for r in records if not str(r.get("stage", "")).endswith("prerl")]
+    recent, first = records[-STALL_STEPS:], records[:STALL_STEPS]
+    if len(records) < 2 * STALL_STEPS or sum(r["accuracy"] for r in recent) > sum(r["accuracy"] for r in first) + LEARNING * STALL_STEPS:
+        return signs
+    if all(r.get("eos_share", 1.0) < 0.5 for r in recent):
+        ended = sum(r["eos_share"] for r in recent) / n
+        signs["cut at the length limit"] = (
+            f"most responses ran into --max-new-tokens {cfg.max_new_tokens} for {n} steps (only {ended:.0%} ended on "
+            f"their own) and the accuracy is not rising: a cut response rarely holds its final answer; raise --max-new-tokens")
+    entropies = [r["entropy"] for r in records if r.get("entropy") is not None]
+    if len(entropies) >= 3 and all(e < ENTROPY_COLLAPSE * entropies[0] for e in entropies[-2:]):
+        signs["entropy collapse"] = (
+            f"the policy's entropy collapsed from {entropies[0]:.3f} to {entropies[-1]:.3f} per token and the accuracy "
+            f"is not rising: the G responses of a group become the same, so groups stop being mixed; try a lower --lr "
+            f"(now {cfg.lr}) or a higher --temperature (now {cfg.temperature})")
+    start = sum(r["response_length"] for r in first) / len(first)
+    if start > 0:
+        if all(r["response_length"] > LENGTH_CHANGE * start for r in recent):
+            signs["length exploding"] = (
+                f"responses grew from {start:.0f} to {recent[-1]['response_length']:.0f} tokens on average and the "
+                f"accuracy is not rising: try a lower --lr (now {cfg.lr}); --max-new-tokens (now {cfg.max_new_tokens}) caps them")
+        if all(r["response_length"] < start / LENGTH_CHANGE for r in recent):
+            signs["length collapsing"] = (
+                f"responses shrank from {start:.0f} to {recent[-1]['response_length']:.0f} tokens on average and the "
+                f"accuracy is not rising: the policy may be dodging the reward with short answers; try a lower --lr "
+                f"(now {cfg.lr}) and look at OUT_DIR/samples.jsonl (python analyze.py samples OUT_DIR)")
+    return signs
+
+
+def print_stall_lines(records, said, cfg):
+    """Print each stall sign once per run (the first step it holds); returns the signs said so far."""
+    signs = stall_signs(records, cfg)
+    for sign in signs.keys() - said:
+        tqdm.write(f"stall at step {records[-1]['step']}: {signs[sign]}")
+    return said | signs.keys()
+
+
+# -----------------------------------------------------------------------------
 # Run safety, after the method: flag validation, one run per out-dir, Ctrl-C, crash-safe logs, export
 # Nothing here changes what a run computes; it makes a run refuse bad input before it starts, survive a
 # crash or a Ctrl-C with its log and checkpoint consistent, and leave a model folder any tool can load.
@@ -1226,8 +1602,8 @@ FLAG_RULES = [
     ("model",              lambda c: c.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(c.model)), "no such folder; pass a hub id, a model folder, or 'embedded'"),
     ("device",             lambda c: not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device), "use auto, cpu or cuda (or cuda:N)"),
     ("device",             lambda c: c.device.startswith("cuda") and not torch.cuda.is_available() and not c.plan_memory, "this machine has no usable CUDA GPU; use --device cpu (or auto)"),
-    ("data",               lambda c: not (c.data == "" or os.path.isfile(c.data)), "no such file; pass a JSONL file, or leave it out for the built-in problems"),
-    ("eval-data",          lambda c: not (c.eval_data == "" or os.path.isfile(c.eval_data)), "no such file; pass a JSONL file, or leave it out for the built-in held-out set"),
+    ("data",               lambda c: not (c.data == "" or os.path.exists(c.data) or c.data_split), "no such file or folder; pass a JSONL or Parquet file, a datasets folder, a hub dataset id with --data-split, or leave it out for the built-in problems"),
+    ("eval-data",          lambda c: not (c.eval_data == "" or os.path.exists(c.eval_data) or c.eval_split), "no such file or folder; pass a JSONL or Parquet file, a datasets folder, a hub dataset id with --eval-split, or leave it out for the built-in held-out set"),
     ("tasks",              lambda c: not set(c.tasks.split(",")) <= set(TASK_FAMILIES), "built-in families are " + ",".join(TASK_FAMILIES)),
     ("difficulty",         lambda c: not c.difficulty >= 1,               "digits per operand: use 1 or more"),
     ("eval-size",          lambda c: not c.eval_size >= 0,                "use a number of problems, or 0 for no held-out evaluation"),
@@ -1271,6 +1647,9 @@ FLAG_RULES = [
     ("eval-temperature",   lambda c: not c.eval_temperature >= 0,         "use 0 (greedy) or more"),
     ("diagnose-every",     lambda c: not c.diagnose_every >= 0,           "use 0 (no entropy and likelihood diagnostics) or a number of steps"),
     ("save-every",         lambda c: not c.save_every >= 0,               "use 0 (only at the end) or a number of steps"),
+    ("log-samples",        lambda c: not c.log_samples >= 0,              "groups per step to write to samples.jsonl: use 0 (none) or more, e.g. 4"),
+    ("format-reward",      lambda c: not 0 <= c.format_reward < 0.5,      "use 0 <= W < 0.5, so that a right answer (reward > 0.5) stays apart from a wrong one with an answer"),
+    ("problem-key",        lambda c: bool(c.problem_key) and not (c.data or c.eval_data), "names a column of --data / --eval-data; pass one of them"),
     ("report-to",          lambda c: c.report_to not in REPORTERS,        "choose one of " + ", ".join(REPORTERS)),
     ("report-to",          lambda c: bool(REPORTERS.get(c.report_to)) and importlib.util.find_spec(REPORTERS[c.report_to]) is None, "the {c.report_to} package is not installed: pip install {c.report_to}, or use --report-to none"),
     ("precision",          lambda c: c.precision not in ("auto", "fp32", "bf16"), "choose auto, fp32 or bf16"),
@@ -1327,8 +1706,32 @@ def out_dir_problem(out_dir):
 
 # Fields a resumed run may change: they never change what is trained (--steps may also grow).
 RESUME_MAY_CHANGE = {"steps", "device", "gradient_checkpointing", "micro_batch_tokens", "eval_data", "eval_size",
+                     "eval_split", "log_samples", "preflight", "overwrite",
                      "eval_every", "eval_temperature", "diagnose_every", "out_dir", "save_every", "resume", "report_to", "plain",
                      "precision", "plan_memory", "model_config"}  # precision: the weights' dtype is checked on load
+
+
+def load_saved(path, mmap=False):
+    """A checkpoint read with weights_only=True: tensors and plain Python values only, so a checkpoint from
+    elsewhere cannot run code on load. One holding other objects (an older or foreign file) is read in full
+    only after saying so."""
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as e:
+        print(f"note: {path} holds more than tensors and plain values ({str(e).splitlines()[0][:200]}); loading it "
+              f"with weights_only=False: only load checkpoints you trust", file=sys.stderr)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
+
+
+def earlier_run_problem(cfg):
+    """A fresh run (no --resume) would overwrite the checkpoint of an earlier run in the out-dir: refused,
+    unless --overwrite says so (--preflight and --plan-memory write nothing)."""
+    path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    if cfg.resume or cfg.overwrite or cfg.preflight or cfg.plan_memory or not os.path.exists(path):
+        return None
+    return (f"--out-dir {cfg.out_dir} holds the checkpoint of an earlier run: continue it with --resume, replace it "
+            f"with --overwrite, or choose another --out-dir")
 
 
 def resume_problem(cfg):
@@ -1338,7 +1741,7 @@ def resume_problem(cfg):
     if not cfg.resume or not os.path.exists(path):
         return None
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        state = load_saved(path, mmap=True)
         saved, step = state["config"], int(state["step"])
     except Exception as e:
         return f"--resume: checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to start afresh"
@@ -1355,7 +1758,8 @@ def resume_problem(cfg):
 def refuse_bad_run(cfg):
     """Refuse a run that would crash later, run silently wrong, or trample another run -- before any
     model is loaded and before anything is written: one line naming the flag, exit code 2."""
-    problem = config_problem(cfg) or out_dir_problem(cfg.out_dir) or live_run_problem(cfg.out_dir) or resume_problem(cfg)
+    problem = (config_problem(cfg) or reward_problem(cfg) or out_dir_problem(cfg.out_dir) or live_run_problem(cfg.out_dir)
+               or earlier_run_problem(cfg) or resume_problem(cfg))
     if problem:
         refuse(problem)
 
@@ -1735,7 +2139,7 @@ def parse_config(argv=None):
 if __name__ == "__main__":
     try:
         config = parse_config()
-        print_memory_plan(config) if config.plan_memory else train(config)
+        print_memory_plan(config) if config.plan_memory else run_preflight(config) if config.preflight else train(config)
     except KeyboardInterrupt:                     # a second Ctrl-C: out at once
         print("\ninterrupted; --resume continues from the last checkpoint", file=sys.stderr)
         raise SystemExit(130) from None

@@ -30,7 +30,7 @@ MAX_NEW_TOKENS = 6   # toy_batch's responses are 2..6 tokens: a 6-token one reac
 def batch_with_truncation(n_groups=2, seed=1):
     """toy_batch, plus which responses were cut at MAX_NEW_TOKENS (here: those that fill every column)."""
     batch = toy_batch(n_groups=n_groups, seed=seed)
-    batch["truncated"] = batch["response_mask"].sum(1) == MAX_NEW_TOKENS
+    batch["ended"] = batch["response_mask"].sum(1) < MAX_NEW_TOKENS
     return batch
 
 
@@ -93,7 +93,7 @@ def hand_variant_loss(model, batch, rewards, stage, cfg, old=None, reference=Non
     coef = cfg.prerl_coef if pretrain else 1.0
     lengths = [int(n) for n in batch["response_mask"].sum(1)]
     advantages = hand_variant_advantages(stage, rewards, [lengths[i:i + rewards.shape[1]] for i in range(0, len(lengths), rewards.shape[1])], cfg)
-    present = [i for i in range(len(advantages)) if not (cfg.mask_truncated and bool(batch["truncated"][i]))]
+    present = [i for i in range(len(advantages)) if not (cfg.mask_truncated and not bool(batch["ended"][i]))]
     counted = [i for i in present if not (pretrain and advantages[i] == 0)]    # the rows of the denominators
     with_kl = reference is not None and cfg.kl_coef > 0                        # the KL term covers every response
     low, high = (cfg.seq_clip_eps_low, cfg.seq_clip_eps_high) if cfg.ratio == "sequence" else (cfg.clip_eps_low, cfg.clip_eps_high)
@@ -225,7 +225,7 @@ def padded(batch, left=2, right=3):
     pad = torch.nn.functional.pad
     return {"prompt_ids": pad(batch["prompt_ids"], (left, 0), value=3), "prompt_mask": pad(batch["prompt_mask"], (left, 0)),
             "response_ids": pad(batch["response_ids"], (0, right), value=3),
-            "response_mask": pad(batch["response_mask"], (0, right)), "truncated": batch["truncated"]}
+            "response_mask": pad(batch["response_mask"], (0, right)), "ended": batch["ended"]}
 
 
 @pytest.mark.parametrize("agg,scale,ratio", list(itertools.product(AGGREGATIONS, SCALES, RATIOS)))
@@ -438,7 +438,7 @@ def fake_rollout(reward_rows, widths):
         batch = toy_batch(n_groups=len(problems), seed=d + 1)
         width = widths[d]
         batch["response_ids"], batch["response_mask"] = batch["response_ids"][:, :width], batch["response_mask"][:, :width]
-        batch["truncated"] = torch.zeros(len(batch["response_ids"]), dtype=torch.bool)
+        batch["ended"] = torch.ones(len(batch["response_ids"]), dtype=torch.bool)
         batch["texts"] = [f"draw {d} row {i}" for i in range(len(batch["response_ids"]))]
         return batch, torch.tensor(reward_rows[d][:len(problems)])
     return rollout, draws
@@ -521,11 +521,11 @@ def test_variants_not_yet_tried_under_torchrun_are_refused(tmp_path, capsys, mon
                         "--out-dir", str(tmp_path)])   # these are exact under torchrun (test_distributed.py)
 
 
-def test_sample_marks_responses_cut_at_max_new_tokens(tiny_model_folder):
+def test_sample_marks_responses_that_ended_and_the_rest_were_cut_at_max_new_tokens(tiny_model_folder):
     model, tokenizer = prerl.load_model(str(tiny_model_folder), torch.device("cpu"))
     problems = [{"problem": "what is 1+2?", "answer": "3"}]
     out = prerl.sample(model, tokenizer, problems, prerl.Config(max_new_tokens=5, temperature=1.0), 8, [0])
     eos = torch.tensor(prerl.eos_token_ids(model, tokenizer))
     ended = torch.isin(out["response_ids"], eos).any(1)
-    assert torch.equal(out["truncated"], ~ended)
-    assert (out["response_mask"][out["truncated"]].sum(1) == 5).all()
+    assert torch.equal(out["ended"], ended)                  # --mask-truncated drops the others
+    assert (out["response_mask"][~out["ended"]].sum(1) == 5).all()

@@ -205,7 +205,7 @@ def test_exported_model_loads_anywhere_with_the_checkpoints_log_probs(tiny_model
     result = prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path, "--steps", "2", "--save-every", "1",
                                                      "--eval-size", "0", "--lr", "1e-2", "--temperature", "1.5")))
     assert result == {"before": None, "after": None}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model", "run.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model", "run.lock", "samples.jsonl"]
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
     assert (tmp_path / "model" / "generation_config.json").exists()
     assert AutoTokenizer.from_pretrained(tmp_path / "model")("1+2").input_ids == tiny_tokenizer()("1+2").input_ids

@@ -99,6 +99,7 @@ import multiprocessing
 import os
 import random
 import re
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -1166,7 +1167,7 @@ def _serve(conn, parent_ends, parent_pid):
             job = conn.recv()
         except (EOFError, OSError):
             return
-        conn.send(_compare_normalized(*job))
+        conn.send(job() if callable(job) else _compare_normalized(*job))   # a callable job: call_in_worker
 
 
 def _watch_parent(parent_pid):
@@ -1303,3 +1304,63 @@ def rewards(completions, golds, timeout=DEFAULT_TIMEOUT, workers=None):
     workers = workers or max(2, os.cpu_count() or 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda pair: reward(pair[0], pair[1], timeout), zip(completions, golds)))
+
+
+# ---------------------------------------------------------------------------
+# A caller's own reward function, run in the same worker processes under the same time bound
+
+
+_loaded_functions = {}   # per process: a worker forked after the first load inherits it
+
+
+def load_function(spec):
+    """The function named by 'FILE.py:function' or 'module:function' (loaded once per process).
+    Raises ValueError with a one-line reason when it cannot be found."""
+    if spec in _loaded_functions:
+        return _loaded_functions[spec]
+    where, _, name = spec.rpartition(":")
+    if not where or not name:
+        raise ValueError("expected FILE.py:function or module:function")
+    import importlib
+    import importlib.util
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise ValueError(f"no such file {where}")
+        module_spec = importlib.util.spec_from_file_location(f"_reward_{abs(hash(os.path.abspath(where)))}", where)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"{where} has no function {name}")
+    _loaded_functions[spec] = function
+    return function
+
+
+class _Call:
+    """A job for a worker: call the named function; the outcome travels back as a plain tuple."""
+
+    def __init__(self, spec, args):
+        self.spec, self.args = spec, args
+        self.path = list(sys.path)   # a worker forked before the caller's sys.path grew finds module:function too
+
+    def __call__(self):
+        import traceback
+        try:
+            if self.spec not in _loaded_functions:
+                sys.path[:] = self.path
+            value = load_function(self.spec)(*self.args)
+        except BaseException:
+            return ("raised", traceback.format_exc())
+        import numbers
+        if isinstance(value, numbers.Real) and math.isfinite(float(value)):   # also bool (True -> 1.0), numpy
+            return ("ok", float(value))
+        return ("not a number", f"{type(value).__name__} {value!r}"[:300])
+
+
+def call_in_worker(spec, args, timeout=DEFAULT_TIMEOUT):
+    """Call function(*args) of spec in a worker process under the time bound. Returns ("ok", float),
+    ("raised", its traceback), ("not a number", what it returned) or ("timeout", None) (worker killed)."""
+    outcome = _run_in_worker(_Call(spec, args), timeout)
+    return outcome if isinstance(outcome, tuple) else ("timeout", None)
