@@ -31,8 +31,10 @@ SCORED = {
         # scoring in both spaces
         "token_logprobs", "conditional_logprobs", "pretrain_logprobs", "trim", "scored_logprobs",
         # advantages, the DSRL switch, losses
-        "grpo_advantages", "centered_advantages", "stage_for_step", "advantages_for",
-        "clipped_surrogate", "k3_kl", "loss_denominator", "policy_loss", "accumulate_gradients", "optimizer_step",
+        "grpo_advantages", "batch_std", "centered_advantages", "overlong_penalties", "shaped_rewards", "stage_for_step",
+        "advantages_for", "clipped_surrogate", "log_ratio", "aggregation", "global_count", "k3_kl", "policy_loss",
+        "clipped_tokens", "rows_that_count", "loss_plan", "accumulate_gradients", "sampling_policy_logprobs",
+        "policy_updates", "mixed_groups", "draw_mixed_groups", "optimizer_step",
         # data: the train / held-out split, the held-out set, the data order
         "is_held_out", "make_problems", "eval_problems", "batch_for_step",
         # prompts and the sampling keys' random numbers

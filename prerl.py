@@ -21,9 +21,10 @@ How to read this file. Top to bottom is the method, in the order a step runs: Co
 flag), Data (problems and reference answers), Model (loading, the pre-train-space start token),
 Sampling (G responses per prompt: a plain decode loop, random numbers keyed per prompt), Scoring
 (per-token log-probs in the two spaces, log P(y|x) and log P(y)), Advantages (the table of every mode:
-which responses, which space, which weight), Losses (PPO-clip surrogate, token-mean), the RL step (DSRL's
-switch is one line in stage_for_step), Evaluation, Checkpoints, and the loop, train(): the method ends there.
-After train(), not the method: Loading (JSONL, Parquet and datasets readers with their row checks,
+which responses, which space, which weight), Losses (PPO-clip surrogate; the ratio and aggregation variants
+are rows of a table), the RL step (DSRL's switch is one line in stage_for_step), Evaluation, Checkpoints,
+and the loop, train(): the method ends there. After train(), not the method: Several updates and dynamic
+sampling (pi_old's pass, DAPO's draws), Loading (JSONL, Parquet and datasets readers with their row checks,
 gradient checkpointing, the embedded model's GGUF conversion), Rewards and samples (--reward,
 --format-reward, samples.jsonl), Diagnostics (measured on each step's samples, never trained on),
 Preflight and stall lines (what would make a run learn nothing, said before step 0 and when it persists
@@ -86,6 +87,24 @@ MODES = ("dsrl", "grpo", "psr", "nsr", "w-reinforce", "prerl", "psr-prerl", "nsr
 TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand", "twostep")
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # reference runs
 EMBEDDED_MODEL = "embedded"
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# --preset: each paper's published combination of the loss flags; a flag given explicitly wins.
+PRESETS = {
+    "none": {},
+    # GRPO as DeepSeekMath (arXiv 2402.03300) wrote it: mean per response, then over responses; group std;
+    # symmetric clip 0.2; k3 KL to the start model, beta 0.04
+    "grpo-original": dict(loss_agg="seq-mean-token-mean", scale_rewards="group", clip_eps_low=0.2, clip_eps_high=0.2,
+                          kl_coef=0.04),
+    # DAPO (arXiv 2503.14476): token-mean, clip-higher 0.28, dynamic sampling, soft overlong penalty over the
+    # last fifth of the length budget (4096 of 20480 tokens in the paper)
+    "dapo": dict(loss_agg="token-mean", scale_rewards="group", clip_eps_low=0.2, clip_eps_high=0.28,
+                 dynamic_sampling=True, overlong_buffer=lambda c: c["max_new_tokens"] // 5, overlong_penalty=1.0),
+    # Dr. GRPO (arXiv 2503.20783): no std division, token sum over a constant (rows x max length)
+    "dr-grpo": dict(loss_agg="seq-mean-token-sum-norm", scale_rewards="none", clip_eps_low=0.2, clip_eps_high=0.2),
+    # GSPO (arXiv 2507.18071): sequence ratio clipped at 3e-4 / 4e-4, mean over responses, 4 mini-batches per batch
+    "gspo": dict(ratio="sequence", loss_agg="seq-mean-token-mean", scale_rewards="group", seq_clip_eps_low=3e-4,
+                 seq_clip_eps_high=4e-4, mini_batches=4),
+}
 
 
 def opt(default, help):
@@ -102,6 +121,28 @@ class Config:
     clip_eps_low: float = opt(0.2, "PPO clip range below 1 (inactive at one optimizer step per batch)")
     clip_eps_high: float = opt(0.28, "PPO clip range above 1 (reference baseline's clip-higher)")
     kl_coef: float = opt(0.0, "k3 KL penalty to a frozen copy of the start model; 0 = off, as in the paper")
+    # --- the method's loss variants, the ones researchers compare against (formulas: "Advantages", "Losses")
+    preset: str = opt("none", "a published combination of the flags below: " + " | ".join(PRESETS) +
+                              "; flags given explicitly win")
+    loss_agg: str = opt("token-mean", " | ".join(LOSS_AGGREGATIONS) + ": how per-token losses become the batch's "
+                                      "loss (token-mean: DAPO; seq-mean-token-mean: original GRPO; "
+                                      "seq-mean-token-sum-norm: Dr. GRPO)")
+    scale_rewards: str = opt("group", "GRPO's centred reward divided by the std of its group | batch | none "
+                                      "(Dr. GRPO); PreRL's, PSR's and NSR's advantages are never scaled")
+    ratio: str = opt("token", "importance ratio pi/pi_old per token (PPO, GRPO) | sequence (GSPO: length-normalised)")
+    seq_clip_eps_low: float = opt(3e-4, "--ratio sequence: clip range below 1 (GSPO: 3e-4)")
+    seq_clip_eps_high: float = opt(4e-4, "--ratio sequence: clip range above 1 (GSPO: 4e-4)")
+    ppo_epochs: int = opt(1, "passes over each batch (K); with K or --mini-batches > 1 the old log-probs are "
+                             "scored once and the clip acts")
+    mini_batches: int = opt(1, "optimizer updates per pass (M), each on a contiguous share of the groups")
+    mask_truncated: bool = opt(False, "drop responses cut at --max-new-tokens without EOS from the loss "
+                                      "(DAPO's overlong filtering)")
+    overlong_buffer: int = opt(0, "DAPO's soft overlong penalty: the last L tokens before --max-new-tokens cost up "
+                                  "to --overlong-penalty reward, linearly; 0 = off")
+    overlong_penalty: float = opt(1.0, "the largest overlong penalty, at --max-new-tokens (DAPO: 1.0)")
+    dynamic_sampling: bool = opt(False, "DAPO: keep only groups with mixed rewards and draw more prompts until the "
+                                        "step has --prompts-per-step of them")
+    dynamic_sampling_draws: int = opt(4, "--dynamic-sampling: most batches of prompts drawn in one step")
     # --- sampling: G responses per prompt, at temperature T
     prompts_per_step: int = opt(8, "prompts per step")
     group_size: int = opt(4, "G: responses sampled per prompt")
@@ -251,9 +292,10 @@ def eval_problems(cfg):
     return make_problems(cfg.eval_size, cfg.tasks, cfg.difficulty, cfg.seed + 1, held_out=True)
 
 
-def batch_for_step(problems, step, cfg):
-    """The prompts of one step: a deterministic function of (seed, step), so --resume replays exactly."""
-    rng = random.Random(f"{cfg.seed}-{step}")
+def batch_for_step(problems, step, cfg, draw=0):
+    """The prompts of one step: a deterministic function of (seed, step), so --resume replays exactly;
+    draw > 0: --dynamic-sampling's further draws."""
+    rng = random.Random(f"{cfg.seed}-{step}" if draw == 0 else f"{cfg.seed}-{step}-draw{draw}")
     return [problems[i] for i in rng.sample(range(len(problems)), min(cfg.prompts_per_step, len(problems)))]
 
 
@@ -497,19 +539,50 @@ def pretrain_logprobs(model, start_id, response_ids, response_mask):
 
 # -----------------------------------------------------------------------------
 # Advantages: which responses a mode pushes up or down, by how much, and in which space.
-#   GRPO:  A_i = (r_i - mean_group r) / (std_group r + eps)
+#   GRPO:  A_i = (r_i - mean_group r) / (std r + eps), the std by --scale-rewards (group, batch, none)
 #   PreRL: A_i = r_i - mean_group r (reference code); PSR-PreRL keeps A_i > 0, NSR-PreRL keeps A_i < 0
 #   DSRL:  NSR-PreRL for steps 0..S-1, then GRPO (stage_for_step)
+# With --overlong-buffer the reward first pays DAPO's soft length penalty (shaped_rewards).
 
 
-def grpo_advantages(rewards, eps=1e-6):
-    """GRPO: A_i = (r_i - mean_group) / (std_group + eps); rewards [groups, G]. std is unbiased (as verl)."""
-    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
+def grpo_advantages(rewards, eps=1e-6, scale="group"):
+    """GRPO: A_i = (r_i - mean_group) / (std + eps); rewards [groups, G]. std is unbiased (as verl, TRL)."""
+    centered = rewards - rewards.mean(1, keepdim=True)
+    std = {"group": lambda: rewards.std(1, keepdim=True),  # GRPO (DeepSeekMath, arXiv 2402.03300): the group's std
+           "batch": lambda: batch_std(rewards),            # the whole batch's std (Lite PPO arXiv 2508.08221, TRL):
+                                                           # steadier than a small group's
+           "none":  lambda: None,                          # Dr. GRPO (arXiv 2503.20783): dividing by the group's std
+           }[scale]()                                      # weights too-easy and too-hard questions up
+    return centered if std is None else centered / (std + eps)
+
+
+def batch_std(rewards):
+    """Unbiased std of every reward of the step (every rank's under torchrun), as a [1, 1] tensor."""
+    if DIST is None:
+        return rewards.std().reshape(1, 1)
+    sums = torch.stack([torch.tensor(float(rewards.numel())), rewards.sum().cpu(), (rewards ** 2).sum().cpu()]).double()
+    n, total, squares = machinery.all_reduce(sums).tolist()  # machinery: the sums over every rank
+    return torch.tensor(max(squares - total * total / n, 0.0) / max(n - 1, 1), dtype=rewards.dtype).sqrt().reshape(1, 1)
 
 
 def centered_advantages(rewards):
     """PreRL (reference code): A_i = r_i - mean_group(r), no division by the std."""
     return rewards - rewards.mean(1, keepdim=True)
+
+
+def overlong_penalties(lengths, cfg):
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), L_max = --max-new-tokens, L = --overlong-buffer:
+    0 up to L_max - L tokens, then falling linearly to -penalty at L_max."""
+    start = cfg.max_new_tokens - cfg.overlong_buffer
+    return cfg.overlong_penalty * ((start - lengths.to(torch.float64)) / max(cfg.overlong_buffer, 1)).clamp(-1, 0)
+
+
+def shaped_rewards(rewards, batch, cfg):
+    """The rewards the advantages see: r, plus DAPO's overlong penalty with --overlong-buffer."""
+    if cfg.overlong_buffer == 0:
+        return rewards
+    lengths = batch["response_mask"].sum(1).cpu().view(rewards.shape)
+    return rewards + overlong_penalties(lengths, cfg).to(rewards.dtype)
 
 
 def stage_for_step(mode, step, switch_step):
@@ -526,7 +599,7 @@ def advantages_for(stage, rewards, cfg):
     coef = cfg.prerl_coef
     table = {
         # conditional space, log P(y|x)
-        "grpo":        (grpo_advantages(rewards),                          "conditional", 1.0),
+        "grpo":        (grpo_advantages(rewards, scale=cfg.scale_rewards), "conditional", 1.0),
         "psr":         (correct,                                           "conditional", 1.0),  # A=+1 right only
         "nsr":         (-(1 - correct),                                    "conditional", 1.0),  # A=-1 every wrong
         "w-reinforce": (cfg.w_reinforce_lambda * correct - (1 - correct),  "conditional", 1.0),  # lambda / -1
@@ -539,10 +612,13 @@ def advantages_for(stage, rewards, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Losses: PPO's clipped surrogate per token, then a token-mean over the whole batch.
-#   L = coef * sum_{i,t} -min(rho_it A_i, clip(rho_it, 1-eps_low, 1+eps_high) A_i) / N
-# rho = pi / pi_old = 1 at one optimizer step per batch, so the gradient is -coef * A_i * grad log pi / N.
-# N counts every response token (conditional space) or only the kept ones, A != 0 (pre-train space).
+# Losses: PPO's clipped surrogate per token, l_it = -min(rho A_i, clip(rho, 1-eps_low, 1+eps_high) A_i),
+# then one aggregation over the batch. Each variant is a row of a table:
+#   the ratio rho (--ratio, log_ratio): per token, or per response (GSPO)
+#   the aggregation (--loss-agg, aggregation): L = coef * sum_i s_i sum_t l_it / D, with s_i and D per row
+# rho = pi / pi_old = 1 at one optimizer step per batch, so the gradient is -coef * A_i * grad log pi * s_i / D.
+# The sums run over the rows that count (rows_that_count): every response in the conditional space, the
+# kept ones (A != 0) in the pre-train space, less truncated ones with --mask-truncated.
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high):
@@ -554,36 +630,78 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high):
     return -torch.min(ratio * advantages, clipped * advantages)
 
 
+def log_ratio(level, logprobs, old_logprobs, mask, cfg):
+    """log rho and its clip range, per --ratio: [rows, T] per token, or [rows, 1] per response."""
+    per_token = logprobs - old_logprobs
+    table = {
+        # PPO / GRPO / DAPO: one ratio per token, clipped per token
+        "token":    lambda: (per_token, cfg.clip_eps_low, cfg.clip_eps_high),
+        # GSPO (arXiv 2507.18071, eq. 7): rho_i = (pi(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp(mean_t log ratio),
+        # one ratio per response, clipped per response in its own, much narrower, range
+        "sequence": lambda: ((per_token * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1),
+                             cfg.seq_clip_eps_low, cfg.seq_clip_eps_high),
+    }
+    return table[level]()
+
+
+def aggregation(agg, lengths, counted, max_new_tokens):
+    """(s_i per row or None for all ones, D) of L = coef * sum_i s_i sum_t l_it / D; lengths |y_i|, counted:
+    the rows that count. D is over the whole batch (every rank's: global_count), so micro-batches and
+    ranks only split the sum."""
+    tokens, rows = global_count((lengths * counted).sum()), global_count(counted.sum())
+    table = {
+        # DAPO (arXiv 2503.14476, eq. 12): every token of the batch weighs the same, long answers are not diluted
+        "token-mean":              (None,                               tokens),
+        # GRPO (DeepSeekMath, arXiv 2402.03300, eq. 3): the mean of each response, then the mean over responses
+        "seq-mean-token-mean":     (1.0 / lengths.clamp(min=1).double(), rows),
+        # the token sum of each response, mean over responses (verl's seq-mean-token-sum)
+        "seq-mean-token-sum":      (None,                               rows),
+        # Dr. GRPO (arXiv 2503.20783, eq. 4): token sum over a constant, rows x max length: no length bias
+        "seq-mean-token-sum-norm": (None,                               rows * max_new_tokens),
+    }
+    return table[agg]
+
+
+def global_count(count):
+    """A count over the whole batch as a denominator (at least 1): under torchrun every rank's, scaled for
+    FSDP's gradient averaging."""
+    if DIST is not None:  # machinery: count every rank's tokens or rows, scaled for FSDP's gradient averaging
+        return machinery.global_denominator(count, DIST)
+    return count.clamp(min=1)
+
+
 def k3_kl(logprobs, ref_logprobs):
     """k3 estimator of KL(pi || pi_ref) per token: exp(ref - lp) - (ref - lp) - 1 (always >= 0)."""
     delta = ref_logprobs - logprobs
     return torch.exp(delta) - delta - 1
 
 
-def loss_denominator(space, response_mask, advantages):
-    """Token-mean denominator for the whole batch: in the pre-train space only kept tokens (A != 0)
-    count (PAPER.md); in the conditional space every response token counts (verl's token-mean)."""
-    if space == "pretrain":
-        tokens = (response_mask * (advantages != 0)[:, None]).sum()
-    else:
-        tokens = response_mask.sum()
-    if DIST is not None:  # machinery: count every rank's tokens, scaled for FSDP's gradient averaging
-        return machinery.global_denominator(tokens, DIST)
-    return tokens.clamp(min=1)
-
-
-def policy_loss(token_lp, response_mask, advantages, denominator, cfg, coef, ref_lp=None):
-    """Sum over this micro-batch's tokens of the surrogate, divided by the whole batch's denominator,
-    so gradients accumulated over micro-batches equal the full-batch token-mean gradient."""
-    per_token = clipped_surrogate(token_lp, token_lp.detach(), advantages[:, None], cfg.clip_eps_low, cfg.clip_eps_high)
+def policy_loss(token_lp, response_mask, advantages, denominator, cfg, coef, ref_lp=None, old_lp=None, row_scale=None):
+    """Sum over this micro-batch's tokens of the surrogate, times s_i, divided by the whole batch's
+    denominator, so gradients accumulated over micro-batches equal the full batch's. old_lp None: the
+    weights have not moved since sampling, rho = 1."""
+    old_lp = token_lp.detach() if old_lp is None else old_lp
+    ratio, eps_low, eps_high = log_ratio(cfg.ratio, token_lp, old_lp, response_mask, cfg)
+    per_token = clipped_surrogate(ratio, 0.0, advantages[:, None], eps_low, eps_high)
     if ref_lp is not None and cfg.kl_coef > 0:
         per_token = per_token + cfg.kl_coef * k3_kl(token_lp, ref_lp)
+    if row_scale is not None:
+        per_token = per_token * row_scale[:, None].to(per_token.dtype)
     return coef * (per_token * response_mask).sum() / denominator
+
+
+def clipped_tokens(token_lp, old_lp, advantages, response_mask, cfg):
+    """How many tokens the clip holds back: rho beyond the range on the side the advantage pushes to."""
+    ratio, eps_low, eps_high = log_ratio(cfg.ratio, token_lp, old_lp, response_mask, cfg)
+    rho, advantages = ratio.exp(), advantages[:, None]
+    clipped = ((rho < 1 - eps_low) & (advantages < 0)) | ((rho > 1 + eps_high) & (advantages > 0))
+    return int((clipped * response_mask).sum())
 
 
 # -----------------------------------------------------------------------------
 # The RL step: sample G responses per prompt, reward them, compute the stage's advantages, accumulate
-# the loss's gradient over micro-batches (memory follows tokens, the result does not), one AdamW update.
+# the loss's gradient over micro-batches (memory follows tokens, the result does not), one AdamW update
+# (or K passes of M updates, --ppo-epochs / --mini-batches, against pi_old scored once).
 # DSRL's two stages share this step, the optimizer and its state: nothing is reset at the switch.
 
 
@@ -623,56 +741,111 @@ def micro_batch_budget(cfg, device):
     return cfg.micro_batch_tokens or (4096 if device.type == "cuda" else 256)
 
 
-def accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model=None):
-    """Backward of the stage's loss over micro-batches; returns (loss, kept tokens). No optimizer step."""
-    advantages, space, coef = advantages_for(stage, rewards, cfg)
+def rows_that_count(space, advantages, batch, cfg, rows=None):
+    """(present, counted): the rows of this update -- all, or a mini-batch's, less those cut at
+    --max-new-tokens with --mask-truncated (DAPO's overlong filtering) -- and of those the ones that count
+    in the loss's denominators: every one in the conditional space, the kept ones (A != 0) in the
+    pre-train space (PAPER.md)."""
+    present = torch.ones_like(advantages, dtype=torch.bool)
+    if cfg.mask_truncated:
+        present = present & batch["ended"].to(present.device)
+    if rows is not None:
+        present = present & torch.isin(torch.arange(len(present), device=present.device), torch.tensor(rows, device=present.device))
+    return present, (present & (advantages != 0) if space == "pretrain" else present)
+
+
+def loss_plan(batch, rewards, stage, cfg, use_kl, rows=None):
+    """What one update computes: (advantages, space, coef, rows that count, micro-batches to score).
+    A = 0 (all-equal groups, zero weights) carries no gradient and is not scored -- unless the KL term is on."""
+    advantages, space, coef = advantages_for(stage, shaped_rewards(rewards, batch, cfg), cfg)
     advantages = advantages.reshape(-1).to(batch["response_ids"].device)
-    denominator = loss_denominator(space, batch["response_mask"], advantages)
-    use_kl = ref_model is not None and cfg.kl_coef > 0
-    # A = 0 (all-equal groups, zero weights) carries no gradient and is skipped -- unless the KL term is on
-    rows = list(range(len(advantages))) if use_kl else (advantages != 0).nonzero().squeeze(1).tolist()
+    present, counted = rows_that_count(space, advantages, batch, cfg, rows)
+    scored = (present if use_kl else counted & (advantages != 0)).nonzero().squeeze(1).tolist()
     lengths = batch["response_mask"].sum(1) + (batch["prompt_mask"].sum(1) if space == "conditional" else 1)
-    lengths = lengths.tolist()                                 # scored sequence length of each row
+    chunks = micro_batches(scored, lengths.tolist(), micro_batch_budget(cfg, batch["response_ids"].device))
+    return advantages, space, coef, counted, chunks
+
+
+def accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model=None, rows=None, old_lp=None, counts=None):
+    """Backward of the stage's loss over micro-batches; returns (loss, kept tokens). No optimizer step.
+    rows: this update's mini-batch (default every row); old_lp: pi_old's log-probs once the weights have
+    moved since sampling (sampling_policy_logprobs), else rho = 1; counts gets the clipped tokens."""
+    use_kl = ref_model is not None and cfg.kl_coef > 0
+    advantages, space, coef, counted, chunks = loss_plan(batch, rewards, stage, cfg, use_kl, rows)
+    row_scale, denominator = aggregation(cfg.loss_agg, batch["response_mask"].sum(1), counted, cfg.max_new_tokens)
     total_loss, kept_tokens = 0.0, 0
     model.train()
-    chunks = micro_batches(rows, lengths, micro_batch_budget(cfg, batch["response_ids"].device))
     machinery.match_passes(model, len(chunks), start_id, DIST)  # machinery: torchrun ranks run equally many passes
     for chunk in chunks:
         token_lp, mask = scored_logprobs(model, space, batch, chunk, start_id)
-        ref_lp = None
+        ref_lp = old = None
         if use_kl:
             with torch.no_grad():
                 ref_lp, _ = scored_logprobs(ref_model, space, batch, chunk, start_id)
-        loss = policy_loss(token_lp, mask.float(), advantages[chunk], denominator, cfg, coef, ref_lp)
+        if old_lp is not None:
+            old = old_lp[chunk, :mask.shape[1]]
+            if counts is not None:
+                counts["clipped"] = counts.get("clipped", 0) + clipped_tokens(token_lp.detach(), old, advantages[chunk], mask, cfg)
+        loss = policy_loss(token_lp, mask.float(), advantages[chunk], denominator, cfg, coef, ref_lp, old,
+                           None if row_scale is None else row_scale[chunk])
         loss.backward()
         total_loss += loss.item()
         kept_tokens += int(mask.sum())
     return total_loss, kept_tokens
 
 
-def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_model=None):
-    """One RL step: sample G responses per prompt, verify them, one optimizer update. Returns the metrics."""
+def policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_model=None):
+    """--ppo-epochs K passes over --mini-batches M shares of the groups, one AdamW update each. K = M = 1:
+    one update at rho = 1, no pi_old pass. Returns (loss, grad norm, kept tokens, clip fraction) of the
+    first update (of a non-finite one, if any)."""
+    groups, size = rewards.shape
+    shares = [[g * size + j for g in range(groups) if g * cfg.mini_batches // groups == m for j in range(size)]
+              for m in range(cfg.mini_batches)]
+    old_lp, counts, updates = None, {"clipped": 0}, []
+    if cfg.ppo_epochs * cfg.mini_batches > 1:  # pi_old, scored once without grad
+        old_lp = sampling_policy_logprobs(model, batch, rewards, stage, cfg, start_id, shares, ref_model is not None)
+    for _ in range(cfg.ppo_epochs):
+        for rows in shares:
+            loss, kept = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model, rows, old_lp, counts)
+            updates.append((loss, optimizer_step(model, optimizer, cfg, loss), kept))
+    bad = [update for update in updates if nonfinite_reason(update[0], update[1])]
+    loss, grad_norm, _ = (bad or updates)[0]
+    scored = sum(update[2] for update in updates)
+    return loss, grad_norm, updates[0][2], counts["clipped"] / max(scored, 1)
+
+
+def mixed_groups(rewards):
+    """Groups with both right and wrong responses: the only ones with a nonzero GRPO / PreRL advantage."""
+    return (rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)
+
+
+def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_model=None, pool=None):
+    """One RL step: sample G responses per prompt, verify them, the stage's updates. Returns the metrics.
+    pool: where --dynamic-sampling draws more prompts from (the training set)."""
     stage = stage_for_step(cfg.mode, step, cfg.switch_step)
     t0 = time.perf_counter()
     with machinery.rollout_share(model, problems, DIST) as (problems, first):  # machinery: torchrun: this rank's prompts
         batch = sample(model, tokenizer, problems, cfg, cfg.group_size, [f"{cfg.seed}-{step}-{first + i}" for i in range(len(problems))])
     t1 = time.perf_counter()
     rewards, scored = score_responses(batch["texts"], problems, cfg, cfg.group_size, cut=~batch["ended"], audit_seed=step)  # verify.py, or --reward's
+    samples, draws = logged_samples(step, problems, batch, rewards, scored, cfg), 1   # the first draw's groups
+    if cfg.dynamic_sampling:                   # DAPO: more prompts until the step has its mixed groups (bounded)
+        batch, rewards, draws = draw_mixed_groups(model, tokenizer, pool or problems, batch, rewards, step, cfg)
     diagnostics = step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id)  # measured, never trained on
     t2 = time.perf_counter()
-    loss, kept_tokens = accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model)
-    grad_norm = optimizer_step(model, optimizer, cfg, loss)
+    loss, grad_norm, kept_tokens, clip_fraction = policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_model)
     t3 = time.perf_counter()
     lengths = batch["response_mask"].sum(1)
     rewards, lengths, loss, kept_tokens = machinery.step_totals(rewards, lengths, loss, kept_tokens, DIST)  # machinery: all ranks
     record = {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
               "accuracy": (rewards > 0.5).float().mean().item(),
-              "mixed_groups": int(((rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)).sum()),
+              "mixed_groups": int(mixed_groups(rewards).sum()),
               "response_length": lengths.float().mean().item(),
-              "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens,
-              "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
-              "train_s": round(t3 - t2, 3), "reward_timeouts": scored["timeouts"], "precision": cfg.precision, **scored["audit"], **diagnostics,
-              "samples": logged_samples(step, problems, batch, rewards, scored, cfg)}  # popped into samples.jsonl
+              "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens, "clip_fraction": clip_fraction,
+              "draws": draws, "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
+              "train_s": round(t3 - t2, 3), "reward_timeouts": scored["timeouts"], "precision": cfg.precision, **scored["audit"],
+              **diagnostics,
+              "samples": samples}  # popped into samples.jsonl
     if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
         record["skipped"] = nonfinite_reason(loss, grad_norm)
     return record
@@ -804,6 +977,7 @@ def train(cfg):
         print_preflight(preflight_lines(cfg, model, tokenizer, train_set))  # reward on each gold, prompt format, decoder
         ended = []
         accuracy_before = evaluate(model, tokenizer, eval_set, cfg, ended=ended)
+        print(loss_line(cfg))
         print(f"held-out accuracy at step {first_step}: {accuracy_text(accuracy_before)}")
         print_preflight([evaluation_preflight(accuracy_before, ended, cfg)])  # groups predicted to carry no signal
         report({"step": first_step, "eval_accuracy": accuracy_before})
@@ -815,7 +989,8 @@ def train(cfg):
             if stop_asked(stop):                      # run safety: Ctrl-C or SIGTERM -- checkpoint, then exit
                 save_run(checkpoint_path, model, tokenizer, optimizer, step, cfg)
                 exit_after_signal(stop, cfg, step, progress)
-            record = rl_step(model, tokenizer, optimizer, batch_for_step(train_set, step, cfg), step, cfg, start_id, ref_model)
+            record = rl_step(model, tokenizer, optimizer, batch_for_step(train_set, step, cfg), step, cfg, start_id, ref_model,
+                             train_set)
             if cfg.eval_every and eval_set and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 record["eval_accuracy"] = evaluate(model, tokenizer, eval_set, cfg)
             write_samples(samples_log, record.pop("samples"))   # samples.jsonl: what the model wrote
@@ -839,6 +1014,68 @@ def train(cfg):
           f"({len(eval_set)} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
     print(f"metrics: {metrics_path}   checkpoint: {checkpoint_path}   model: {os.path.join(cfg.out_dir, 'model')}")
     return {"before": accuracy_before, "after": accuracy_after}
+
+
+# -----------------------------------------------------------------------------
+# Several updates and dynamic sampling, after the method: pi_old's scoring pass (--ppo-epochs, --mini-batches)
+# and DAPO's further draws (--dynamic-sampling), each reached from the RL step through one call.
+
+
+@torch.no_grad()
+def sampling_policy_logprobs(model, batch, rewards, stage, cfg, start_id, mini_batches, has_reference=False):
+    """pi_old: the log-probs of the policy that sampled, [rows, response length], scored once before the first
+    update, in the same micro-batches the updates use (so rho is exactly 1 until the weights move)."""
+    old_lp = None
+    model.train()                          # as the updates score (same modules, same numbers)
+    for rows in mini_batches:
+        _, space, _, _, chunks = loss_plan(batch, rewards, stage, cfg, has_reference and cfg.kl_coef > 0, rows)
+        for chunk in chunks:
+            token_lp, mask = scored_logprobs(model, space, batch, chunk, start_id)
+            if old_lp is None:
+                old_lp = torch.zeros(batch["response_ids"].shape, dtype=token_lp.dtype, device=token_lp.device)
+            old_lp[chunk, :mask.shape[1]] = token_lp
+    return old_lp
+
+
+def rollout(model, tokenizer, problems, cfg, keys):
+    """G responses per prompt and their rewards [prompts, G]."""
+    batch = sample(model, tokenizer, problems, cfg, cfg.group_size, keys)
+    return batch, score_responses(batch["texts"], problems, cfg, cfg.group_size, cut=~batch["ended"])[0]
+
+
+def draw_mixed_groups(model, tokenizer, pool, batch, rewards, step, cfg):
+    """DAPO's dynamic sampling (arXiv 2503.14476, sec. 3.2): an all-equal group has A = 0 and no gradient, so
+    draw more prompts until the step has --prompts-per-step mixed groups, at most --dynamic-sampling-draws
+    batches (a model that answers everything right would draw forever). Returns (batch, rewards, draws)."""
+    batches, draws = [(batch, rewards)], 1
+    while sum(int(mixed_groups(r).sum()) for _, r in batches) < cfg.prompts_per_step and draws < cfg.dynamic_sampling_draws:
+        problems = batch_for_step(pool, step, cfg, draw=draws)
+        batches.append(rollout(model, tokenizer, problems, cfg, [f"{cfg.seed}-{step}-draw{draws}-{i}" for i in range(len(problems))]))
+        draws += 1
+    kept = [(b, int(g)) for b, (_, r) in enumerate(batches) for g in mixed_groups(r).nonzero().squeeze(1)][:cfg.prompts_per_step]
+    if len(kept) < cfg.prompts_per_step:
+        tqdm.write(f"dynamic sampling, step {step}: {len(kept)} of {cfg.prompts_per_step} groups with mixed rewards "
+                   f"after {draws} draws (--dynamic-sampling-draws); training on " +
+                   ("those" if kept else "the first draw as it is (no group carries a gradient)"))
+    if not kept:
+        return batch, rewards, draws
+    rows = [(b, g * cfg.group_size + j) for b, g in kept for j in range(cfg.group_size)]
+    joined = join_rows([(batches[b][0], row) for b, row in rows], tokenizer.pad_token_id)
+    return joined, torch.stack([batches[b][1][g] for b, g in kept]), draws
+
+
+def join_rows(rows, pad_id):
+    """One batch from (batch, row index) pairs of batches padded to different widths: prompts stay
+    left-padded, responses right-padded."""
+    def padded(name, left):
+        width = max(batch[name].shape[1] for batch, _ in rows)
+        pad = 0 if name.endswith("mask") else pad_id
+        return torch.stack([torch.nn.functional.pad(batch[name][i], (width - batch[name].shape[1], 0) if left else
+                                                    (0, width - batch[name].shape[1]), value=pad) for batch, i in rows])
+    return {"prompt_ids": padded("prompt_ids", True), "prompt_mask": padded("prompt_mask", True),
+            "response_ids": padded("response_ids", False), "response_mask": padded("response_mask", False),
+            "ended": torch.stack([batch["ended"][i] for batch, i in rows]),
+            "texts": [batch["texts"][i] for batch, i in rows]}
 
 
 # -----------------------------------------------------------------------------
@@ -1374,6 +1611,7 @@ def print_stall_lines(records, said, cfg):
 # Written as "not (what is right)" so that NaN, which fails every comparison, is refused too.
 
 GROUP_MODES = ("dsrl", "grpo", "prerl", "psr-prerl", "nsr-prerl")  # advantages from the group's mean (and std)
+FIXED_WEIGHT_MODES = ("psr", "nsr", "w-reinforce")  # A from right/wrong alone: +1, -1, lambda
 REPORTERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # -> package
 
 FLAG_RULES = [
@@ -1392,6 +1630,21 @@ FLAG_RULES = [
     ("clip-eps-low",       lambda c: not 0 <= c.clip_eps_low < 1,         "the ratio is clipped at 1 - eps > 0: use 0 <= eps < 1, e.g. 0.2"),
     ("clip-eps-high",      lambda c: not c.clip_eps_high >= 0,            "the ratio is clipped at 1 + eps: use eps >= 0, e.g. 0.28"),
     ("kl-coef",            lambda c: not c.kl_coef >= 0,                  "a KL penalty is >= 0; use 0 for none"),
+    ("preset",             lambda c: c.preset not in PRESETS,             "choose one of " + ", ".join(PRESETS)),
+    ("loss-agg",           lambda c: c.loss_agg not in LOSS_AGGREGATIONS, "choose one of " + ", ".join(LOSS_AGGREGATIONS)),
+    ("scale-rewards",      lambda c: c.scale_rewards not in ("group", "batch", "none"), "choose group, batch or none"),
+    ("ratio",              lambda c: c.ratio not in ("token", "sequence"), "choose token or sequence (GSPO)"),
+    ("seq-clip-eps-low",   lambda c: not 0 <= c.seq_clip_eps_low < 1,     "the ratio is clipped at 1 - eps > 0: use 0 <= eps < 1, e.g. 3e-4 (GSPO)"),
+    ("seq-clip-eps-high",  lambda c: not c.seq_clip_eps_high >= 0,        "the ratio is clipped at 1 + eps: use eps >= 0, e.g. 4e-4 (GSPO)"),
+    ("ppo-epochs",         lambda c: not c.ppo_epochs >= 1,               "passes over each batch: use 1 or more"),
+    ("mini-batches",       lambda c: not 1 <= c.mini_batches <= max(c.prompts_per_step, 1), "updates per pass, each on whole groups: use 1 to --prompts-per-step {c.prompts_per_step}"),
+    ("ppo-epochs",         lambda c: c.ppo_epochs * c.mini_batches > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1, "several updates per batch (with --mini-batches {c.mini_batches}) are not yet tried under torchrun; use 1 and --mini-batches 1"),
+    ("overlong-buffer",    lambda c: not 0 <= c.overlong_buffer <= c.max_new_tokens, "the penalised stretch before --max-new-tokens {c.max_new_tokens}: use 0 (off) to {c.max_new_tokens}"),
+    ("overlong-penalty",   lambda c: not c.overlong_penalty >= 0,         "a penalty is >= 0, e.g. 1.0 (DAPO)"),
+    ("overlong-buffer",    lambda c: c.overlong_buffer > 0 and c.mode in FIXED_WEIGHT_MODES, "--mode {c.mode} weighs responses by right/wrong alone; a length penalty on the reward has no effect there"),
+    ("dynamic-sampling",   lambda c: c.dynamic_sampling and c.mode in FIXED_WEIGHT_MODES, "--mode {c.mode} learns from all-equal groups too (A = +-1), so dropping them changes the method; use grpo, dsrl or a prerl mode"),
+    ("dynamic-sampling",   lambda c: c.dynamic_sampling and int(os.environ.get("WORLD_SIZE", "1")) > 1, "not yet tried under torchrun; run it on one device"),
+    ("dynamic-sampling-draws", lambda c: not c.dynamic_sampling_draws >= 1, "the most batches drawn per step: use 1 or more, e.g. 4"),
     ("prompts-per-step",   lambda c: not c.prompts_per_step >= 1,         "use 1 or more, e.g. 8"),
     ("group-size",         lambda c: not c.group_size >= 1,               "use 2 or more, e.g. 4"),
     ("group-size",         lambda c: c.group_size == 1 and c.mode in GROUP_MODES, "--mode {c.mode} compares each response with its group's mean, which needs 2 or more (e.g. 4); psr, nsr and w-reinforce work with 1"),
@@ -1756,6 +2009,25 @@ def save_run(checkpoint_path, model, tokenizer, optimizer, step, cfg):
     export_model(cfg.out_dir, model, tokenizer)
 
 
+def loss_line(cfg):
+    """The run's loss variant, one header line (the rows chosen in "Advantages" and "Losses")."""
+    if cfg.ratio == "sequence":
+        ratio = f"sequence ratio (GSPO) clipped to [1-{cfg.seq_clip_eps_low:g}, 1+{cfg.seq_clip_eps_high:g}]"
+    else:
+        ratio = f"token ratio clipped to [1-{cfg.clip_eps_low:g}, 1+{cfg.clip_eps_high:g}]"
+    parts = [f"loss: preset {cfg.preset}", cfg.loss_agg, f"GRPO advantage / {cfg.scale_rewards} std", ratio,
+             f"{cfg.ppo_epochs} epoch(s) x {cfg.mini_batches} mini-batch(es)"]
+    if cfg.kl_coef > 0:
+        parts.append(f"k3 KL {cfg.kl_coef:g}")
+    if cfg.mask_truncated:
+        parts.append("truncated responses masked")
+    if cfg.overlong_buffer:
+        parts.append(f"overlong penalty {cfg.overlong_penalty:g} over the last {cfg.overlong_buffer} tokens")
+    if cfg.dynamic_sampling:
+        parts.append(f"dynamic sampling (<= {cfg.dynamic_sampling_draws} draws)")
+    return " | ".join(parts)
+
+
 def accuracy_text(accuracy):
     return "not measured (--eval-size 0)" if accuracy is None else f"{accuracy:.3f}"
 
@@ -1858,16 +2130,31 @@ def print_memory_plan(cfg):
 # --- The command line: a flag per Config field, checked (refuse_bad_run) before anything loads.
 
 
-def parse_config(argv=None):
+def config_parser(defaults=True):
+    """Every Config field as a flag; with defaults=False only the flags given appear in the result."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         help = f"{field.metadata['help']} (default: {field.default!r})"
+        default = field.default if defaults else argparse.SUPPRESS
         if isinstance(field.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
         else:
-            parser.add_argument(flag, type=type(field.default), default=field.default, help=help)
-    cfg = Config(**vars(parser.parse_args(argv)))
+            parser.add_argument(flag, type=type(field.default), default=default, help=help)
+    return parser
+
+
+def with_preset(values, given):
+    """The config's values with --preset's combination applied under the flags given explicitly."""
+    preset = PRESETS.get(values["preset"], {})
+    chosen = {**values, **{name: value for name, value in preset.items() if name not in given}}
+    return {name: value(chosen) if callable(value) else value for name, value in chosen.items()}
+
+
+def parse_config(argv=None):
+    values = vars(config_parser().parse_args(argv))
+    given = vars(config_parser(defaults=False).parse_args(argv))   # --preset fills in only what was not given
+    cfg = Config(**with_preset(values, given))
     refuse_bad_run(cfg)  # run safety: every flag's range, the out-dir, --resume's checkpoint; exit 2
     return cfg
 

@@ -176,7 +176,7 @@ def test_a_user_reward_gets_completion_answer_and_row(reward_file):
     cfg = prerl.Config(reward=f"{reward_file}:length")
     rewards, scored = prerl.score_responses(["ab", "abcd", "x", "\\boxed{4}"], problems, cfg, group_size=2)
     assert rewards.reshape(-1).tolist() == pytest.approx([1.2, 1.4, 0.1, 0.9])  # the row as read; a built-in problem is its own row
-    assert scored == {"answers": ["ab", "abcd", "x", "4"], "timeouts": 0}
+    assert scored == {"answers": ["ab", "abcd", "x", "4"], "timeouts": 0, "audit": {}, "disagreements": []}
     cfg = prerl.Config(reward=f"{reward_file}:exact", format_reward=0.25)   # True -> 1.0, plus the format term
     rewards, _ = prerl.score_responses(["3", "so \\boxed{5}"], problems[:1], cfg, group_size=2)
     assert rewards.tolist() == [[1.25, 0.25]]

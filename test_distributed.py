@@ -16,6 +16,7 @@ import torch
 
 import machinery
 import prerl
+import test_losses
 import verify
 from conftest import (CHARS, run_args, tiny_model, toy_batch)
 
@@ -73,6 +74,7 @@ def distributed_worker(folder, out):
     machinery.global_denominator = lambda tokens, dist: tokens.clamp(min=1)
     results["per-rank mean"] = fixed_batch_step("grpo")
     machinery.global_denominator = real_denominator
+    results["loss variants"] = test_losses.world_size_variant_steps(dist)   # every aggregation x scaling x ratio
     # Ranks that end decoding at different steps: rank 0's first token ends its responses (every token
     # is an end token), rank 1 decodes all 12; then both meet at the next collectives.
     model = machinery.shard_model(tiny_model(torch.float32), dist)
@@ -172,6 +174,19 @@ def test_per_rank_token_mean_fails_the_same_check(two_ranks):
     one_loss, one_grad_norm, one_weights, _ = fixed_batch_step("grpo")
     assert abs(grad_norm - one_grad_norm) > 1e-5 or abs(loss - one_loss) > 1e-5
     assert max_difference(weights, one_weights) > 1e-5
+
+
+@pytest.mark.parametrize("flags,stage", test_losses.WORLD_SIZE_VARIANTS,
+                         ids=[test_losses.variant_name(*v).replace(" ", ",") for v in test_losses.WORLD_SIZE_VARIANTS])
+def test_two_ranks_equal_one_process_for_every_loss_variant(two_ranks, flags, stage):
+    """Each aggregation x reward scaling x ratio level, with pi_old != pi so the clip acts: loss, gradient
+    norm and weights after AdamW on 2 ranks == 1 process (the denominators and the batch std are global)."""
+    loss, grad_norm, weights = two_ranks["worker"]["loss variants"][test_losses.variant_name(flags, stage)]
+    prerl.DIST = None
+    one_loss, one_grad_norm, one_weights = test_losses.variant_step(flags, stage)
+    assert loss == pytest.approx(one_loss, abs=1e-5) and loss != 0
+    assert grad_norm == pytest.approx(one_grad_norm, rel=1e-5)
+    assert max_difference(weights, one_weights) < 1e-5
 
 
 def test_ranks_that_end_decoding_at_different_steps_do_not_hang(two_ranks):
