@@ -464,7 +464,7 @@ def test_dynamic_sampling_keeps_mixed_groups_and_stops_at_the_bound(monkeypatch,
 
 
 def test_dynamic_sampling_with_a_model_that_always_answers_right_is_bounded(tiny_model_folder, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(verify, "rewards", lambda texts, golds: [1.0] * len(texts))
+    monkeypatch.setattr(verify, "grades", lambda texts, golds, **k: [verify.Verdict(1.0, "1", "correct")] * len(texts))
     prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "run", "--steps", "2", "--mode", "grpo",
                                             "--dynamic-sampling", "--dynamic-sampling-draws", "3", "--diagnose-every", "0",
                                             "--eval-size", "0")))
