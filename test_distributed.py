@@ -186,7 +186,10 @@ def test_two_ranks_equal_one_process_for_every_loss_variant(two_ranks, flags, st
     one_loss, one_grad_norm, one_weights = test_losses.variant_step(flags, stage)
     assert loss == pytest.approx(one_loss, abs=1e-5) and loss != 0
     assert grad_norm == pytest.approx(one_grad_norm, rel=1e-5)
-    assert max_difference(weights, one_weights) < 1e-5
+    # AdamW's first step is lr * g / |g| per element: where a gradient is near 0, the two summation orders'
+    # float32 rounding moves a weight by up to ~1e-5 (seen: 1.14e-5 on the plain path); a wrong denominator
+    # moves every weight by far more (the negative control above)
+    assert max_difference(weights, one_weights) < 5e-5
 
 
 def test_ranks_that_end_decoding_at_different_steps_do_not_hang(two_ranks):
