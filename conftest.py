@@ -116,6 +116,17 @@ def flat_grad(model):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 # ---------------------------------------------------------------------------
+# bf16: the two neighbours a stochastic rounding may land on
+
+def bf16_neighbours(x):
+    """The two bf16 values around a positive float x, computed from its binade: 8 significant bits."""
+    ulp = 2.0 ** (math.floor(math.log2(x)) - 7)
+    below = math.floor(x / ulp) * ulp
+    return below, below + ulp
+
+
+
+# ---------------------------------------------------------------------------
 # Fixtures: both code paths, the tiny model saved as a run folder, the flag-refusal check
 
 @pytest.fixture(params=["machinery", "plain"])

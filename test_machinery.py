@@ -17,7 +17,7 @@ import torch
 
 import machinery
 import prerl
-from conftest import (flat_grad, hand_loss, run_args, state_of, tiny_model, tiny_tokenizer, toy_batch)
+from conftest import (bf16_neighbours, flat_grad, hand_loss, run_args, state_of, tiny_model, tiny_tokenizer, toy_batch)
 
 # ---------------------------------------------------------------------------
 # The plain path (prerl.py alone) and the machinery agree
@@ -437,13 +437,6 @@ def test_gpu_suite_dry_run_runs_every_section():
 
 # ---------------------------------------------------------------------------
 # bf16 weights with stochastic rounding, --precision auto, the memory plan, LoRA
-
-
-def bf16_neighbours(x):
-    """The two bf16 values around a positive float x, computed from its binade: 8 significant bits."""
-    ulp = 2.0 ** (math.floor(math.log2(x)) - 7)
-    below = math.floor(x / ulp) * ulp
-    return below, below + ulp
 
 
 @pytest.mark.parametrize("value", [0.0123456789, 1.0 + 3 * 2 ** -10, 3.3e-5, 0.75])

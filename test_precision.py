@@ -11,7 +11,7 @@ import torch
 import analyze
 import machinery
 import prerl
-from conftest import run_args, state_of
+from conftest import bf16_neighbours, run_args, state_of
 from test_run_safety import CRASH_ARGS, children_of, kill_all, launch, lines_of, wait_for
 
 # ---------------------------------------------------------------------------
@@ -61,13 +61,6 @@ def test_rounding_bits_differ_per_step_tensor_element_and_recompute_identically(
         assert (bits != base).double().mean().item() > 0.999, other
     # chunked: elements 1000.. of the tensor get the bits they get in one piece
     assert torch.equal(machinery.element_bits(machinery.rounding_key(0, 3, 5), 1000, 96), base[1000:1096])
-
-
-def bf16_neighbours(x):
-    """The two bf16 values around a positive float x, computed from its binade: 8 significant bits."""
-    ulp = 2.0 ** (math.floor(math.log2(x)) - 7)
-    below = math.floor(x / ulp) * ulp
-    return below, below + ulp
 
 
 @pytest.mark.parametrize("value", [0.0123456789, 1.0 + 3 * 2 ** -10, 3.3e-5, 0.75])
