@@ -78,15 +78,13 @@ PLAIN = os.environ.get("PRERL_PLAIN", "0") not in ("", "0")
 DIST = None
 
 # -----------------------------------------------------------------------------
-# Config: every field is a command-line flag (--switch-step etc.; parse_config is at the end of the file).
-# The method's own knobs come first: which loss (--mode), DSRL's switch step S, the pre-train-space
-# coefficient (0.01 in the reference code) and the PPO clip range; then the usual RL-with-verifiable-rewards
-# setup (sampling, optimisation, data); then the engineering flags: speed, memory and files, never the result.
+# Config: every field is a command-line flag (--switch-step etc.). Here, the method's knobs: which loss
+# (--mode), DSRL's switch step S, the pre-train-space coefficient (0.01 in the reference code), the PPO
+# clip range, the loss variants researchers compare against, sampling (G, T) and optimisation. Config,
+# after the method, adds the data, evaluation, model, speed and file flags: parse_config reads them all.
 
 MODES = ("dsrl", "grpo", "psr", "nsr", "w-reinforce", "prerl", "psr-prerl", "nsr-prerl")
-TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand", "twostep")
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # reference runs
-EMBEDDED_MODEL = "embedded"
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 # --preset: each paper's published combination of the loss flags; a flag given explicitly wins.
 PRESETS = {
@@ -112,7 +110,7 @@ def opt(default, help):
 
 
 @dataclass
-class Config:
+class MethodConfig:
     # --- the method: which loss, DSRL's switch, the pre-train-space coefficient, the PPO clip range
     mode: str = opt("dsrl", " | ".join(MODES))
     switch_step: int = opt(10, "DSRL: NSR-PreRL for steps 0..S-1, GRPO from step S on")
@@ -154,105 +152,13 @@ class Config:
     lr: float = opt(2e-5, "AdamW learning rate, constant (the paper: 1e-6 for 4B-8B models)")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     grad_clip: float = opt(1.0, "gradient-norm clipping")
-    # --- data and evaluation
-    data: str = opt("", "training problems: JSONL (MATH, GSM8K or verl style), verl Parquet, a datasets folder "
-                        "(save_to_disk) or a hub dataset id with --data-split; empty = built-in generator")
-    eval_data: str = opt("", "held-out problems, in any --data format; empty = built-in held-out set")
-    data_split: str = opt("", "the split of a hub dataset id or a datasets folder for --data, e.g. train")
-    eval_split: str = opt("", "the split of a hub dataset id or a datasets folder for --eval-data, e.g. test")
-    problem_key: str = opt("", "column of the problem (dots reach inside: a.b); default: problem, question, "
-                               "or verl's prompt (chat messages)")
-    answer_key: str = opt("", "column of the reference answer (dots reach inside); default: answer, a solution's "
-                              "\\boxed{}, or verl's reward_model.ground_truth")
-    reward: str = opt("", "your own reward: FILE.py:function or module:function, called as function(completion, "
-                          "answer, row) -> float (> 0.5 counts as right); empty = verify.py")
-    format_reward: float = opt(0.0, "add W x [a final answer was found in the response] to the reward (W < 0.5)")
-    cut_scores_zero: bool = opt(False, "a response cut at --max-new-tokens without EOS scores 0 whatever it holds "
-                                       "(verify.py's unfinished-trace rule; an unclosed <think> always scores 0)")
-    tasks: str = opt("add,mul", "built-in families, comma-separated: " + ",".join(TASK_FAMILIES))
-    difficulty: int = opt(1, "built-in generator: digits per operand (1 = single digit)")
-    eval_size: int = opt(64, "held-out problems per evaluation (at most)")
-    eval_every: int = opt(10, "held-out evaluation every N steps (0 = only at the start and end)")
-    eval_temperature: float = opt(0.0, "evaluation temperature; 0 = greedy")
-    diagnose_every: int = opt(10, "entropy and log P(y), log P(y|x) diagnostics every N steps (a no-grad forward "
-                                  "per space); 0 = never")
-    seed: int = opt(0, "seed for data order, sampling and the built-in problems")
-    # --- the model
-    model: str = opt(EMBEDDED_MODEL, "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)")
-    # --- engineering: device, speed and memory (much of it machinery.py), never the result
-    device: str = opt("auto", "auto | cpu | cuda")
-    plain: bool = opt(False, "run the method exactly as written in prerl.py, without machinery.py (slower)")
-    precision: str = opt("auto", "auto | fp32 | bf16: bf16 weights, gradients and AdamW moments with stochastic "
-                                 "rounding (8 bytes/param); auto = bf16 on CUDA, and on a CPU with AMX-BF16 "
-                                 "where a probe of the model's step has it >= 1.3x faster; --resume keeps the "
-                                 "checkpoint's")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30%% slower)")
-    micro_batch_tokens: int = opt(0, "tokens (rows x longest row) per forward/backward: bounds memory, "
-                                     "not the result; 0 = 256 on CPU, 4096 on a GPU")
-    lora: int = opt(0, "LoRA rank (needs peft); 0 = full fine-tuning. Only the adapters train")
-    lora_alpha: float = opt(0.0, "LoRA alpha; 0 = the rank (scale alpha/rank = 1)")
-    lora_targets: str = opt("all-linear", "LoRA target modules: all-linear (every Linear but the LM head) or "
-                                          "comma-separated names, e.g. q_proj,v_proj")
-    plan_memory: bool = opt(False, "print the memory plan (from the model's config, no weights loaded) and exit")
-    model_config: str = opt("", "--plan-memory: a shape (" + ", ".join(machinery.MODEL_SHAPES) + ") or a "
-                                "folder with config.json instead of --model's")
-    # --- the run's files: out-dir, checkpoints, resume, trackers
-    out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
-    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
-    resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
-    overwrite: bool = opt(False, "start a fresh run in an --out-dir that holds an earlier run's checkpoint")
-    log_samples: int = opt(4, "groups per step written to OUT_DIR/samples.jsonl (problem, responses, answers, "
-                              "rewards); 0 = none")
-    preflight: bool = opt(False, "run the preflight checks (printed before step 0 of every run) alone, then exit")
-    report_to: str = opt("none", "also send the metrics to: none | tensorboard | wandb (offline) | trackio")
 
 
 # -----------------------------------------------------------------------------
 # Data: problems x with exact reference answers. The reward r(x, y) in {0, 1} is 1 when the final answer
 # of response y is equivalent to the reference (verify.py). Built-in generator, or MATH / GSM8K JSONL.
-
-
-NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe")
-ITEMS = ("apples", "pencils", "marbles", "stickers", "cards")
-
-
-def make_problem(family, difficulty, rng):
-    """One problem {'problem', 'answer'} of a family; difficulty = digits per operand."""
-    lo, hi = (1 if difficulty == 1 else 10 ** (difficulty - 1)), 10 ** difficulty - 1
-    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-    if family == "add":
-        return {"problem": f"What is {a} + {b}?", "answer": str(a + b)}
-    if family == "sub":
-        return {"problem": f"What is {a} - {b}?", "answer": str(a - b)}
-    if family == "mul":
-        return {"problem": f"What is {a} \\times {b}?", "answer": str(a * b)}
-    if family == "fraction":
-        c, d = rng.randint(lo, hi) + 1, rng.randint(lo, hi) + 1
-        q = Fraction(a, c) + Fraction(b, d)
-        return {"problem": f"Compute $\\frac{{{a}}}{{{c}}} + \\frac{{{b}}}{{{d}}}$ as a reduced fraction.",
-                "answer": f"\\frac{{{q.numerator}}}{{{q.denominator}}}" if q.denominator > 1 else str(q.numerator)}
-    if family == "percent":
-        p = rng.choice([10, 20, 25, 50, 75])
-        n = 4 * rng.randint(lo, hi) * (10 if difficulty == 1 else 1)
-        return {"problem": f"What is {p}% of {n}?", "answer": str(p * n // 100) if p * n % 100 == 0 else f"{p * n / 100}"}
-    if family == "linear":
-        x = rng.randint(-hi, hi)
-        return {"problem": f"Solve for $x$: ${a}x + {b} = {a * x + b}$.", "answer": str(x)}
-    if family == "expand":
-        return {"problem": f"Expand $(x + {a})(x + {b})$.", "answer": f"x^2 + {a + b}x + {a * b}"}
-    if family == "twostep":  # a word problem of two operations: the first result must be carried into the second
-        name, item, c = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(2, max(2, min(hi, 9)))
-        template = rng.randrange(3)
-        if template == 0:
-            return {"problem": f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} in each. "
-                               f"How many {item} does {name} have now?", "answer": str(a + b * c)}
-        if template == 1:
-            away = min(b, c * a)
-            return {"problem": f"{name} buys {c} boxes with {a} {item} in each and gives away {away} {item}. "
-                               f"How many {item} does {name} have left?", "answer": str(c * a - away)}
-        return {"problem": f"{name} has {a} {item} and finds {b} more. Then the number of {item} is multiplied "
-                           f"by {c}. How many {item} does {name} have now?", "answer": str((a + b) * c)}
-    raise ValueError(f"unknown task family {family!r}")
+# A built-in problem: {"problem": "What is 7 \\times 8?", "answer": "56"}; make_problem, the generator's
+# families (--tasks), is after the method, in "Loading".
 
 
 def is_held_out(problem_text):
@@ -1017,6 +923,70 @@ def train(cfg):
 
 
 # -----------------------------------------------------------------------------
+# Config, after the method: the data, evaluation, model, speed and file flags. Config extends the
+# method's knobs (MethodConfig, in "Config"); dataclass fields keep their order, base class first, so
+# --help lists the method's flags first and prerl.Config(...) takes every field.
+
+TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand", "twostep")
+EMBEDDED_MODEL = "embedded"
+
+
+@dataclass
+class Config(MethodConfig):
+    # --- data and evaluation
+    data: str = opt("", "training problems: JSONL (MATH, GSM8K or verl style), verl Parquet, a datasets folder "
+                        "(save_to_disk) or a hub dataset id with --data-split; empty = built-in generator")
+    eval_data: str = opt("", "held-out problems, in any --data format; empty = built-in held-out set")
+    data_split: str = opt("", "the split of a hub dataset id or a datasets folder for --data, e.g. train")
+    eval_split: str = opt("", "the split of a hub dataset id or a datasets folder for --eval-data, e.g. test")
+    problem_key: str = opt("", "column of the problem (dots reach inside: a.b); default: problem, question, "
+                               "or verl's prompt (chat messages)")
+    answer_key: str = opt("", "column of the reference answer (dots reach inside); default: answer, a solution's "
+                              "\\boxed{}, or verl's reward_model.ground_truth")
+    reward: str = opt("", "your own reward: FILE.py:function or module:function, called as function(completion, "
+                          "answer, row) -> float (> 0.5 counts as right); empty = verify.py")
+    format_reward: float = opt(0.0, "add W x [a final answer was found in the response] to the reward (W < 0.5)")
+    cut_scores_zero: bool = opt(False, "a response cut at --max-new-tokens without EOS scores 0 whatever it holds "
+                                       "(verify.py's unfinished-trace rule; an unclosed <think> always scores 0)")
+    tasks: str = opt("add,mul", "built-in families, comma-separated: " + ",".join(TASK_FAMILIES))
+    difficulty: int = opt(1, "built-in generator: digits per operand (1 = single digit)")
+    eval_size: int = opt(64, "held-out problems per evaluation (at most)")
+    eval_every: int = opt(10, "held-out evaluation every N steps (0 = only at the start and end)")
+    eval_temperature: float = opt(0.0, "evaluation temperature; 0 = greedy")
+    diagnose_every: int = opt(10, "entropy and log P(y), log P(y|x) diagnostics every N steps (a no-grad forward "
+                                  "per space); 0 = never")
+    seed: int = opt(0, "seed for data order, sampling and the built-in problems")
+    # --- the model
+    model: str = opt(EMBEDDED_MODEL, "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)")
+    # --- engineering: device, speed and memory (much of it machinery.py), never the result
+    device: str = opt("auto", "auto | cpu | cuda")
+    plain: bool = opt(False, "run the method exactly as written in prerl.py, without machinery.py (slower)")
+    precision: str = opt("auto", "auto | fp32 | bf16: bf16 weights, gradients and AdamW moments with stochastic "
+                                 "rounding (8 bytes/param); auto = bf16 on CUDA, and on a CPU with AMX-BF16 "
+                                 "where a probe of the model's step has it >= 1.3x faster; --resume keeps the "
+                                 "checkpoint's")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30%% slower)")
+    micro_batch_tokens: int = opt(0, "tokens (rows x longest row) per forward/backward: bounds memory, "
+                                     "not the result; 0 = 256 on CPU, 4096 on a GPU")
+    lora: int = opt(0, "LoRA rank (needs peft); 0 = full fine-tuning. Only the adapters train")
+    lora_alpha: float = opt(0.0, "LoRA alpha; 0 = the rank (scale alpha/rank = 1)")
+    lora_targets: str = opt("all-linear", "LoRA target modules: all-linear (every Linear but the LM head) or "
+                                          "comma-separated names, e.g. q_proj,v_proj")
+    plan_memory: bool = opt(False, "print the memory plan (from the model's config, no weights loaded) and exit")
+    model_config: str = opt("", "--plan-memory: a shape (" + ", ".join(machinery.MODEL_SHAPES) + ") or a "
+                                "folder with config.json instead of --model's")
+    # --- the run's files: out-dir, checkpoints, resume, trackers
+    out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
+    overwrite: bool = opt(False, "start a fresh run in an --out-dir that holds an earlier run's checkpoint")
+    log_samples: int = opt(4, "groups per step written to OUT_DIR/samples.jsonl (problem, responses, answers, "
+                              "rewards); 0 = none")
+    preflight: bool = opt(False, "run the preflight checks (printed before step 0 of every run) alone, then exit")
+    report_to: str = opt("none", "also send the metrics to: none | tensorboard | wandb (offline) | trackio")
+
+
+# -----------------------------------------------------------------------------
 # Several updates and dynamic sampling, after the method: pi_old's scoring pass (--ppo-epochs, --mini-batches)
 # and DAPO's further draws (--dynamic-sampling), each reached from the RL step through one call.
 
@@ -1079,10 +1049,53 @@ def join_rows(rows, pad_id):
 
 
 # -----------------------------------------------------------------------------
-# Loading, after the method: the problem files users have (every bad row refused with its file, row and
-# field), gradient checkpointing, and the embedded default model's one-time conversion from the GGUF file
-# its package ships.
-#
+# Loading, after the method: the built-in generator's families, the problem files users have (every bad
+# row refused with its file, row and field), gradient checkpointing, and the embedded default model's
+# one-time conversion from the GGUF file its package ships.
+
+NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe")
+ITEMS = ("apples", "pencils", "marbles", "stickers", "cards")
+
+
+def make_problem(family, difficulty, rng):
+    """One problem {'problem', 'answer'} of a family; difficulty = digits per operand."""
+    lo, hi = (1 if difficulty == 1 else 10 ** (difficulty - 1)), 10 ** difficulty - 1
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    if family == "add":
+        return {"problem": f"What is {a} + {b}?", "answer": str(a + b)}
+    if family == "sub":
+        return {"problem": f"What is {a} - {b}?", "answer": str(a - b)}
+    if family == "mul":
+        return {"problem": f"What is {a} \\times {b}?", "answer": str(a * b)}
+    if family == "fraction":
+        c, d = rng.randint(lo, hi) + 1, rng.randint(lo, hi) + 1
+        q = Fraction(a, c) + Fraction(b, d)
+        return {"problem": f"Compute $\\frac{{{a}}}{{{c}}} + \\frac{{{b}}}{{{d}}}$ as a reduced fraction.",
+                "answer": f"\\frac{{{q.numerator}}}{{{q.denominator}}}" if q.denominator > 1 else str(q.numerator)}
+    if family == "percent":
+        p = rng.choice([10, 20, 25, 50, 75])
+        n = 4 * rng.randint(lo, hi) * (10 if difficulty == 1 else 1)
+        return {"problem": f"What is {p}% of {n}?", "answer": str(p * n // 100) if p * n % 100 == 0 else f"{p * n / 100}"}
+    if family == "linear":
+        x = rng.randint(-hi, hi)
+        return {"problem": f"Solve for $x$: ${a}x + {b} = {a * x + b}$.", "answer": str(x)}
+    if family == "expand":
+        return {"problem": f"Expand $(x + {a})(x + {b})$.", "answer": f"x^2 + {a + b}x + {a * b}"}
+    if family == "twostep":  # a word problem of two operations: the first result must be carried into the second
+        name, item, c = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(2, max(2, min(hi, 9)))
+        template = rng.randrange(3)
+        if template == 0:
+            return {"problem": f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} in each. "
+                               f"How many {item} does {name} have now?", "answer": str(a + b * c)}
+        if template == 1:
+            away = min(b, c * a)
+            return {"problem": f"{name} buys {c} boxes with {a} {item} in each and gives away {away} {item}. "
+                               f"How many {item} does {name} have left?", "answer": str(c * a - away)}
+        return {"problem": f"{name} has {a} {item} and finds {b} more. Then the number of {item} is multiplied "
+                           f"by {c}. How many {item} does {name} have now?", "answer": str((a + b) * c)}
+    raise ValueError(f"unknown task family {family!r}")
+
+
 # Rows come from JSONL, Parquet (pyarrow), a `datasets` folder written by save_to_disk, or a hub dataset
 # id with --data-split (both through the datasets package). Each row is read by its own schema:
 #   MATH:  {"problem", "answer"} or {"problem", "solution": "... \\boxed{...}"}
