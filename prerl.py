@@ -208,35 +208,14 @@ def batch_for_step(problems, step, cfg, draw=0):
 # -----------------------------------------------------------------------------
 # Model: a causal LM and its tokenizer (hub id or folder; the embedded default from its GGUF file).
 # The pre-train space needs one more choice: the start token s that stands where the prompt was
-# (the reference code uses <|im_start|>; BOS is the natural general choice).
-
-
-# embedded_model_folder(), the GGUF conversion of the default model, and enable_gradient_checkpointing()
-# (less memory, same result) are after the method, in "Loading".
-
-
-def pick_device(cfg):
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# (the reference code uses <|im_start|>; BOS is the natural general choice). Loading itself (the embedded
+# model's GGUF conversion, gradient checkpointing, one-line errors) is after the method, in "Loading".
 
 
 def load_model(name, device, gradient_checkpointing=False, dtype=torch.float32):
     """(model, tokenizer) in fp32 weights (on CUDA the forward passes then run under bf16 autocast),
     or in bf16 weights with --precision bf16."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = embedded_model_folder() if name == EMBEDDED_MODEL else name
-    if name != EMBEDDED_MODEL and name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        raise SystemExit(f"error: --model {name!r}: no such folder")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --model {name!r} could not be loaded: {e}") from None
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise SystemExit(f"error: --model {name!r}: final-logit soft-capping is not supported by the scorer")
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    model, tokenizer = from_pretrained(name, dtype, gradient_checkpointing)  # run safety: one line if it cannot load
     tokenizer.padding_side = "left"                  # generation appends on the right
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -1233,6 +1212,26 @@ def load_problems(path, cfg=None, split=""):
     return [dict(problem, source=source) for problem in problems]
 
 
+def from_pretrained(name, dtype, gradient_checkpointing=False):
+    """(model, tokenizer) of a hub id, a folder or the embedded model (converted once), as transformers loads
+    them, with gradient checkpointing when asked. Each failure is one line: a missing folder, a model that
+    cannot be loaded, final-logit soft-capping (the scorer does not apply it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = embedded_model_folder() if name == EMBEDDED_MODEL else name
+    if name != EMBEDDED_MODEL and name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise SystemExit(f"error: --model {name!r}: no such folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --model {name!r} could not be loaded: {e}") from None
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise SystemExit(f"error: --model {name!r}: final-logit soft-capping is not supported by the scorer")
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model, tokenizer
+
+
 def enable_gradient_checkpointing(model):
     """Keep only each decoder layer's input for the backward pass and recompute the rest:
     activation memory drops about 20x for about a third more compute."""
@@ -2086,6 +2085,12 @@ def open_reporter(cfg):
         yield report
     finally:
         close()
+
+
+def pick_device(cfg):
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def start_machinery(cfg):
