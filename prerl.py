@@ -156,9 +156,9 @@ class MethodConfig:
 
 # -----------------------------------------------------------------------------
 # Data: problems x with exact reference answers. The reward r(x, y) in {0, 1} is 1 when the final answer
-# of response y is equivalent to the reference (verify.py). Built-in generator, or MATH / GSM8K JSONL.
-# A built-in problem: {"problem": "What is 7 \\times 8?", "answer": "56"}; make_problem, the generator's
-# families (--tasks), is after the method, in "Loading".
+# of response y is equivalent to the reference (verify.py). A built-in problem: {"problem": "What is
+# 7 \\times 8?", "answer": "56"}. The generator's families (make_problem) and the readers of --data files
+# (load_problems: MATH, GSM8K or verl JSONL, Parquet, datasets folders) are after the method, in "Loading".
 
 
 def is_held_out(problem_text):
@@ -178,10 +178,6 @@ def make_problems(n, families, difficulty, seed, held_out):
             if len(problems) == n:
                 break
     return problems
-
-
-# load_problems(path, cfg, split), the reader of JSONL (MATH, GSM8K, verl), Parquet and datasets folders,
-# is after the method, in "Loading". A verl row's chat messages are its prompt, as given.
 
 
 def training_problems(cfg):
@@ -237,11 +233,6 @@ def eos_token_ids(model, tokenizer):
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
     return sorted(i for i in ids if i is not None)
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU, where bf16 is ~200x slower."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 # -----------------------------------------------------------------------------
@@ -302,11 +293,6 @@ def pick_next_token(logits, temperature, top_p, u=None):
     cdf = probs.double().cumsum(-1)       # float64: a 50k-150k-term running sum stays exact enough
     u = u.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]     # scaled to the kept mass (top-p leaves < 1)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-
-
-def cache_keyword(model):
-    """The forward's keyword for the KV cache: transformers 5 renamed past_key_values to cache."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -441,15 +427,6 @@ def grpo_advantages(rewards, eps=1e-6, scale="group"):
     return centered if std is None else centered / (std + eps)
 
 
-def batch_std(rewards):
-    """Unbiased std of every reward of the step (every rank's under torchrun), as a [1, 1] tensor."""
-    if DIST is None:
-        return rewards.std().reshape(1, 1)
-    sums = torch.stack([torch.tensor(float(rewards.numel())), rewards.sum().cpu(), (rewards ** 2).sum().cpu()]).double()
-    n, total, squares = machinery.all_reduce(sums).tolist()  # machinery: the sums over every rank
-    return torch.tensor(max(squares - total * total / n, 0.0) / max(n - 1, 1), dtype=rewards.dtype).sqrt().reshape(1, 1)
-
-
 def centered_advantages(rewards):
     """PreRL (reference code): A_i = r_i - mean_group(r), no division by the std."""
     return rewards - rewards.mean(1, keepdim=True)
@@ -547,14 +524,6 @@ def aggregation(agg, lengths, counted, max_new_tokens):
     return table[agg]
 
 
-def global_count(count):
-    """A count over the whole batch as a denominator (at least 1): under torchrun every rank's, scaled for
-    FSDP's gradient averaging."""
-    if DIST is not None:  # machinery: count every rank's tokens or rows, scaled for FSDP's gradient averaging
-        return machinery.global_denominator(count, DIST)
-    return count.clamp(min=1)
-
-
 def k3_kl(logprobs, ref_logprobs):
     """k3 estimator of KL(pi || pi_ref) per token: exp(ref - lp) - (ref - lp) - 1 (always >= 0)."""
     delta = ref_logprobs - logprobs
@@ -575,31 +544,11 @@ def policy_loss(token_lp, response_mask, advantages, denominator, cfg, coef, ref
     return coef * (per_token * response_mask).sum() / denominator
 
 
-def clipped_tokens(token_lp, old_lp, advantages, response_mask, cfg):
-    """How many tokens the clip holds back: rho beyond the range on the side the advantage pushes to."""
-    ratio, eps_low, eps_high = log_ratio(cfg.ratio, token_lp, old_lp, response_mask, cfg)
-    rho, advantages = ratio.exp(), advantages[:, None]
-    clipped = ((rho < 1 - eps_low) & (advantages < 0)) | ((rho > 1 + eps_high) & (advantages > 0))
-    return int((clipped * response_mask).sum())
-
-
 # -----------------------------------------------------------------------------
 # The RL step: sample G responses per prompt, reward them, compute the stage's advantages, accumulate
 # the loss's gradient over micro-batches (memory follows tokens, the result does not), one AdamW update
 # (or K passes of M updates, --ppo-epochs / --mini-batches, against pi_old scored once).
 # DSRL's two stages share this step, the optimizer and its state: nothing is reset at the switch.
-
-
-def micro_batches(rows, lengths, max_tokens):
-    """Rows sorted by length and cut so that each micro-batch holds at most max_tokens once padded
-    (rows x its longest row; a longer row goes alone). Memory follows tokens, not rows."""
-    batches, current = [], []
-    for i in sorted(rows, key=lambda i: lengths[i]):
-        if current and (len(current) + 1) * lengths[i] > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    return batches + [current] if current else batches
 
 
 def trim(ids, mask, left):
@@ -618,12 +567,6 @@ def scored_logprobs(model, space, batch, rows, start_id):
         return pretrain_logprobs(model, start_id, response_ids, response_mask), response_mask
     prompt_ids, prompt_mask = trim(batch["prompt_ids"][rows], batch["prompt_mask"][rows], left=True)
     return conditional_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask), response_mask
-
-
-def micro_batch_budget(cfg, device):
-    """Tokens per forward/backward. CPU: 256 keeps the matmuls near peak and activations small. GPU: one
-    kernel launch per op costs as much as the math of a small micro-batch, so make them 16x larger."""
-    return cfg.micro_batch_tokens or (4096 if device.type == "cuda" else 256)
 
 
 def rows_that_count(space, advantages, batch, cfg, rows=None):
@@ -699,14 +642,9 @@ def policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_m
     return loss, grad_norm, updates[0][2], counts["clipped"] / max(scored, 1)
 
 
-def mixed_groups(rewards):
-    """Groups with both right and wrong responses: the only ones with a nonzero GRPO / PreRL advantage."""
-    return (rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)
-
-
 def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_model=None, pool=None):
-    """One RL step: sample G responses per prompt, verify them, the stage's updates. Returns the metrics.
-    pool: where --dynamic-sampling draws more prompts from (the training set)."""
+    """One RL step: sample G responses per prompt, verify them, the stage's updates. Returns the step's
+    metrics record (step_record). pool: where --dynamic-sampling draws more prompts from (the training set)."""
     stage = stage_for_step(cfg.mode, step, cfg.switch_step)
     t0 = time.perf_counter()
     with machinery.rollout_share(model, problems, DIST) as (problems, first):  # machinery: torchrun: this rank's prompts
@@ -718,22 +656,9 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
         batch, rewards, draws = draw_mixed_groups(model, tokenizer, pool or problems, batch, rewards, step, cfg)
     diagnostics = step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id)  # measured, never trained on
     t2 = time.perf_counter()
-    loss, grad_norm, kept_tokens, clip_fraction = policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_model)
+    update = policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_model)
     t3 = time.perf_counter()
-    lengths = batch["response_mask"].sum(1)
-    rewards, lengths, loss, kept_tokens = machinery.step_totals(rewards, lengths, loss, kept_tokens, DIST)  # machinery: all ranks
-    record = {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
-              "accuracy": (rewards > 0.5).float().mean().item(),
-              "mixed_groups": int(mixed_groups(rewards).sum()),
-              "response_length": lengths.float().mean().item(),
-              "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens, "clip_fraction": clip_fraction,
-              "draws": draws, "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
-              "train_s": round(t3 - t2, 3), "reward_timeouts": scored["timeouts"], "precision": cfg.precision, **scored["audit"],
-              **diagnostics,
-              "samples": samples}  # popped into samples.jsonl
-    if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
-        record["skipped"] = nonfinite_reason(loss, grad_norm)
-    return record
+    return step_record(step, stage, batch, rewards, update, draws, scored, diagnostics, samples, (t0, t1, t2, t3), cfg)
 
 
 def optimizer_step(model, optimizer, cfg, loss=0.0):
@@ -779,51 +704,6 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32, ended=None):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: atomic write (temp file, then rename), exact resume
-
-
-def save_checkpoint(path, model, optimizer, step, cfg):
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    model_state, optimizer_state = machinery.states_to_save(path, model, optimizer, step, rng, cfg.lora > 0, DIST)  # machinery: LoRA, torchrun
-    if model_state is None:  # under torchrun every rank saved its shards; rank 0 alone writes the whole states here
-        return
-    state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": dataclasses.asdict(cfg), "rng": rng}
-    temporary = f"{path}.tmp{os.getpid()}"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path, model, optimizer=None, adapter_only=False):
-    """Restore the model's weights (LoRA: the adapter) and, when resuming a run (optimizer given), the
-    optimizer and RNG. Returns the step to continue from."""
-    if DIST is not None:  # machinery: under torchrun, resume from every rank's shards
-        return machinery.load_sharded(path, model, optimizer, DIST)
-    try:
-        state = load_saved(path)
-        name, saved = next(iter(state["model"].items()))
-        ours = model.state_dict()[name].dtype
-        if saved.dtype != ours:  # load_state_dict would cast silently, and the optimizer state would not fit
-            raise SystemExit(f"error: checkpoint {path} holds {saved.dtype} weights, this run {ours}: resume with "
-                             f"--precision {'bf16' if saved.dtype == torch.bfloat16 else 'fp32'}")
-        if adapter_only:
-            machinery.load_adapter_state(model, state["model"])  # machinery: LoRA
-        else:
-            model.load_state_dict(state["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-    except Exception as e:  # truncated file, pickle garbage, other model's weights: one clear message
-        raise SystemExit(f"error: checkpoint {path} is unreadable or does not fit this model: {type(e).__name__}: {e}") from None
-    if optimizer is not None:
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return step
-
-
-# -----------------------------------------------------------------------------
 # The run: evaluate, then cfg.steps RL steps with periodic evaluation and checkpoints, then evaluate.
 
 
@@ -845,59 +725,20 @@ def train(cfg):
     random.seed(cfg.seed)
     start_id, start_desc = start_token_id(tokenizer)
     optimizer = make_optimizer(model, cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    checkpoint_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    samples_path = os.path.join(cfg.out_dir, "samples.jsonl")
-    # run safety: one live run per out-dir, Ctrl-C stops with a checkpoint, metrics also to --report-to
-    with claim_out_dir(cfg.out_dir), stop_signals() as stop, open_reporter(cfg) as report:
-        resuming = cfg.resume and os.path.exists(checkpoint_path)
-        first_step = load_checkpoint(checkpoint_path, model, optimizer, adapter_only=cfg.lora > 0) if resuming else 0
-        if cfg.resume and first_step == 0:
-            print(f"no checkpoint at {checkpoint_path}; starting from step 0")
-        verify.warmup()
-        print(f"model {cfg.model} on {device} | mode {cfg.mode} (switch at step {cfg.switch_step}) | "
-              f"pre-train-space start token: {start_desc} | {len(train_set)} train / {len(eval_set)} eval problems, "
-              f"{data_description(train_set)} / {data_description(eval_set)}")
-        print_preflight(preflight_lines(cfg, model, tokenizer, train_set))  # reward on each gold, prompt format, decoder
-        ended = []
-        accuracy_before = evaluate(model, tokenizer, eval_set, cfg, ended=ended)
-        print(loss_line(cfg))
-        print(f"held-out accuracy at step {first_step}: {accuracy_text(accuracy_before)}")
-        print_preflight([evaluation_preflight(accuracy_before, ended, cfg)])  # groups predicted to carry no signal
-        report({"step": first_step, "eval_accuracy": accuracy_before})
-        log, nonfinite_in_a_row = open_run_log(metrics_path, first_step), 0  # run safety: cut back to the checkpoint
-        samples_log, history, stalls_said = open_run_log(samples_path, first_step), [], set()  # what the model wrote, cut back likewise
-        progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl",
-                        disable=DIST is not None and DIST.rank > 0)   # machinery: rank 0 alone shows progress
-        for step in progress:
-            if stop_asked(stop):                      # run safety: Ctrl-C or SIGTERM -- checkpoint, then exit
-                save_run(checkpoint_path, model, tokenizer, optimizer, step, cfg)
-                exit_after_signal(stop, cfg, step, progress)
+    with open_run(cfg, model, tokenizer, optimizer) as run:  # run safety and logging: lock, Ctrl-C, --resume, files
+        run.start(device, start_desc, train_set, eval_set)  # the run's header and the preflight checks
+        accuracy_before = evaluate(model, tokenizer, eval_set, cfg, ended=run.ended)
+        run.evaluated(accuracy_before)            # printed, reported; groups predicted to carry no signal
+        for step in run.steps():                  # from the checkpoint's step; Ctrl-C: checkpoint, then exit
             record = rl_step(model, tokenizer, optimizer, batch_for_step(train_set, step, cfg), step, cfg, start_id, ref_model,
                              train_set)
             if cfg.eval_every and eval_set and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 record["eval_accuracy"] = evaluate(model, tokenizer, eval_set, cfg)
-            write_samples(samples_log, record.pop("samples"))   # samples.jsonl: what the model wrote
-            nonfinite_in_a_row = log_step(log, report, record, nonfinite_in_a_row, cfg)  # run safety: stop at 3 NaN steps
-            history.append(record)
-            stalls_said = print_stall_lines(history, stalls_said, cfg)  # a stalled run says why, once per sign
-            progress.set_postfix(stage=record["stage"], reward=f"{record['reward_mean']:.2f}",
-                                 acc=f"{record['accuracy']:.2f}", len=f"{record['response_length']:.0f}")
-            if "eval_accuracy" in record:
-                tqdm.write(f"step {step + 1}: held-out accuracy {record['eval_accuracy']:.3f}")
-            if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                save_run(checkpoint_path, model, tokenizer, optimizer, step + 1, cfg)
-        log.close()
-        samples_log.close()
-        save_run(checkpoint_path, model, tokenizer, optimizer, cfg.steps, cfg)
-        if stop_asked(stop):
-            exit_after_signal(stop, cfg, cfg.steps)
+            run.log(step, record)                 # metrics.jsonl, samples.jsonl, NaN guard, stall lines, checkpoints
+        run.finish()                              # the last checkpoint and model/
         accuracy_after = evaluate(model, tokenizer, eval_set, cfg)
-        report({"step": cfg.steps, "eval_accuracy": accuracy_after})
-    print(f"held-out accuracy: before {accuracy_text(accuracy_before)} -> after {accuracy_text(accuracy_after)} "
-          f"({len(eval_set)} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
-    print(f"metrics: {metrics_path}   checkpoint: {checkpoint_path}   model: {os.path.join(cfg.out_dir, 'model')}")
+        run.report({"step": cfg.steps, "eval_accuracy": accuracy_after})
+    print_result(cfg, accuracy_before, accuracy_after, len(eval_set))
     return {"before": accuracy_before, "after": accuracy_after}
 
 
@@ -966,8 +807,100 @@ class Config(MethodConfig):
 
 
 # -----------------------------------------------------------------------------
+# The run's edges, after the method: what train() does around the loop that is not the method. open_run
+# holds the out-dir's lock, catches Ctrl-C and SIGTERM, opens the tracker (--report-to) and resumes from
+# the checkpoint; the Run it yields prints the run's lines, writes metrics.jsonl and samples.jsonl
+# (cut back to the checkpoint's step), stops after NONFINITE_LIMIT non-finite steps in a row, says
+# when a run stalls, and saves checkpoint.pt and model/. Each piece is in "Run safety" and the sections
+# before it; this part only calls them, in the order a run needs them.
+
+
+@contextlib.contextmanager
+def open_run(cfg, model, tokenizer, optimizer):
+    """One live run per out-dir, Ctrl-C and SIGTERM caught, the tracker open, resumed from the checkpoint
+    with --resume: yields the Run that train() calls at the loop's edges."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with claim_out_dir(cfg.out_dir), stop_signals() as stop, open_reporter(cfg) as report:
+        yield Run(cfg, model, tokenizer, optimizer, stop, report)
+
+
+class Run:
+    """train()'s run safety and logging: its files, the stop signal, the tracker, the steps' history."""
+
+    def __init__(self, cfg, model, tokenizer, optimizer, stop, report):
+        self.cfg, self.model, self.tokenizer, self.optimizer, self.stop, self.report = cfg, model, tokenizer, optimizer, stop, report
+        self.checkpoint_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+        resuming = cfg.resume and os.path.exists(self.checkpoint_path)
+        self.first_step = load_checkpoint(self.checkpoint_path, model, optimizer, adapter_only=cfg.lora > 0) if resuming else 0
+        if cfg.resume and self.first_step == 0:
+            print(f"no checkpoint at {self.checkpoint_path}; starting from step 0")
+        self.ended = []                           # the first evaluation's responses: which stopped on their own
+
+    def start(self, device, start_desc, train_set, eval_set):
+        """The run's header line and the preflight checks that need no evaluation."""
+        cfg = self.cfg
+        verify.warmup()
+        print(f"model {cfg.model} on {device} | mode {cfg.mode} (switch at step {cfg.switch_step}) | "
+              f"pre-train-space start token: {start_desc} | {len(train_set)} train / {len(eval_set)} eval problems, "
+              f"{data_description(train_set)} / {data_description(eval_set)}")
+        print_preflight(preflight_lines(cfg, self.model, self.tokenizer, train_set))  # reward on each gold, prompt format, decoder
+
+    def evaluated(self, accuracy):
+        """The first evaluation: the loss line, its accuracy, the groups predicted to carry no signal."""
+        print(loss_line(self.cfg))
+        print(f"held-out accuracy at step {self.first_step}: {accuracy_text(accuracy)}")
+        print_preflight([evaluation_preflight(accuracy, self.ended, self.cfg)])
+        self.report({"step": self.first_step, "eval_accuracy": accuracy})
+
+    def steps(self):
+        """The steps from the checkpoint's on, with a progress bar, once metrics.jsonl and samples.jsonl are cut
+        back to that step. A Ctrl-C or SIGTERM stops the run before the next step, with a checkpoint."""
+        cfg = self.cfg
+        self.metrics_log, self.nonfinite_in_a_row = open_run_log(os.path.join(cfg.out_dir, "metrics.jsonl"), self.first_step), 0
+        self.samples_log, self.history, self.stalls_said = open_run_log(os.path.join(cfg.out_dir, "samples.jsonl"), self.first_step), [], set()
+        self.progress = tqdm(range(self.first_step, cfg.steps), initial=self.first_step, total=cfg.steps, desc="prerl",
+                             disable=DIST is not None and DIST.rank > 0)   # machinery: rank 0 alone shows progress
+        for step in self.progress:
+            if stop_asked(self.stop):
+                save_run(self.checkpoint_path, self.model, self.tokenizer, self.optimizer, step, cfg)
+                exit_after_signal(self.stop, cfg, step, self.progress)
+            yield step
+
+    def log(self, step, record):
+        """A finished step: samples.jsonl, its metrics line (and the tracker, the non-finite guard), the stall
+        lines, the progress bar, the held-out accuracy when measured, and a checkpoint every --save-every."""
+        cfg = self.cfg
+        write_samples(self.samples_log, record.pop("samples"))
+        self.nonfinite_in_a_row = log_step(self.metrics_log, self.report, record, self.nonfinite_in_a_row, cfg)  # stop at 3 NaN steps
+        self.history.append(record)
+        self.stalls_said = print_stall_lines(self.history, self.stalls_said, cfg)  # a stalled run says why, once per sign
+        self.progress.set_postfix(stage=record["stage"], reward=f"{record['reward_mean']:.2f}",
+                                  acc=f"{record['accuracy']:.2f}", len=f"{record['response_length']:.0f}")
+        if "eval_accuracy" in record:
+            tqdm.write(f"step {step + 1}: held-out accuracy {record['eval_accuracy']:.3f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_run(self.checkpoint_path, self.model, self.tokenizer, self.optimizer, step + 1, cfg)
+
+    def finish(self):
+        """After the last step: the logs closed, the last checkpoint and model/; a stop asked meanwhile exits."""
+        self.metrics_log.close()
+        self.samples_log.close()
+        save_run(self.checkpoint_path, self.model, self.tokenizer, self.optimizer, self.cfg.steps, self.cfg)
+        if stop_asked(self.stop):
+            exit_after_signal(self.stop, self.cfg, self.cfg.steps)
+
+
+def print_result(cfg, accuracy_before, accuracy_after, eval_problems):
+    print(f"held-out accuracy: before {accuracy_text(accuracy_before)} -> after {accuracy_text(accuracy_after)} "
+          f"({eval_problems} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
+    print(f"metrics: {os.path.join(cfg.out_dir, 'metrics.jsonl')}   checkpoint: {os.path.join(cfg.out_dir, 'checkpoint.pt')}   "
+          f"model: {os.path.join(cfg.out_dir, 'model')}")
+
+
+# -----------------------------------------------------------------------------
 # Several updates and dynamic sampling, after the method: pi_old's scoring pass (--ppo-epochs, --mini-batches)
-# and DAPO's further draws (--dynamic-sampling), each reached from the RL step through one call.
+# and the tokens its clip holds back (the step's clip_fraction), and DAPO's further draws (--dynamic-sampling)
+# of groups with mixed rewards, each reached from the RL step through one call.
 
 
 @torch.no_grad()
@@ -986,10 +919,23 @@ def sampling_policy_logprobs(model, batch, rewards, stage, cfg, start_id, mini_b
     return old_lp
 
 
+def clipped_tokens(token_lp, old_lp, advantages, response_mask, cfg):
+    """How many tokens the clip holds back: rho beyond the range on the side the advantage pushes to."""
+    ratio, eps_low, eps_high = log_ratio(cfg.ratio, token_lp, old_lp, response_mask, cfg)
+    rho, advantages = ratio.exp(), advantages[:, None]
+    clipped = ((rho < 1 - eps_low) & (advantages < 0)) | ((rho > 1 + eps_high) & (advantages > 0))
+    return int((clipped * response_mask).sum())
+
+
 def rollout(model, tokenizer, problems, cfg, keys):
     """G responses per prompt and their rewards [prompts, G]."""
     batch = sample(model, tokenizer, problems, cfg, cfg.group_size, keys)
     return batch, score_responses(batch["texts"], problems, cfg, cfg.group_size, cut=~batch["ended"])[0]
+
+
+def mixed_groups(rewards):
+    """Groups with both right and wrong responses: the only ones with a nonzero GRPO / PreRL advantage."""
+    return (rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)
 
 
 def draw_mixed_groups(model, tokenizer, pool, batch, rewards, step, cfg):
@@ -1025,6 +971,60 @@ def join_rows(rows, pad_id):
             "response_ids": padded("response_ids", False), "response_mask": padded("response_mask", False),
             "ended": torch.stack([batch["ended"][i] for batch, i in rows]),
             "texts": [batch["texts"][i] for batch, i in rows]}
+
+
+# -----------------------------------------------------------------------------
+# Devices, micro-batches and ranks, after the method: where the method's sums run and how they are split,
+# never what they add up to. The device and bf16 autocast on CUDA; each update's backward accumulated over
+# micro-batches of at most --micro-batch-tokens tokens (loss_plan), so memory follows tokens; and under
+# torchrun the batch's std and the loss's denominators taken over every rank. The denominators are the
+# whole batch's (aggregation), so the gradients add up to the full batch's however it is split.
+
+
+def pick_device(cfg):
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU, where bf16 is ~200x slower."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def micro_batches(rows, lengths, max_tokens):
+    """Rows sorted by length and cut so that each micro-batch holds at most max_tokens once padded
+    (rows x its longest row; a longer row goes alone). Memory follows tokens, not rows."""
+    batches, current = [], []
+    for i in sorted(rows, key=lambda i: lengths[i]):
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def micro_batch_budget(cfg, device):
+    """Tokens per forward/backward. CPU: 256 keeps the matmuls near peak and activations small. GPU: one
+    kernel launch per op costs as much as the math of a small micro-batch, so make them 16x larger."""
+    return cfg.micro_batch_tokens or (4096 if device.type == "cuda" else 256)
+
+
+def global_count(count):
+    """A count over the whole batch as a denominator (at least 1): under torchrun every rank's, scaled for
+    FSDP's gradient averaging."""
+    if DIST is not None:  # machinery: count every rank's tokens or rows, scaled for FSDP's gradient averaging
+        return machinery.global_denominator(count, DIST)
+    return count.clamp(min=1)
+
+
+def batch_std(rewards):
+    """Unbiased std of every reward of the step (every rank's under torchrun), as a [1, 1] tensor."""
+    if DIST is None:
+        return rewards.std().reshape(1, 1)
+    sums = torch.stack([torch.tensor(float(rewards.numel())), rewards.sum().cpu(), (rewards ** 2).sum().cpu()]).double()
+    n, total, squares = machinery.all_reduce(sums).tolist()  # machinery: the sums over every rank
+    return torch.tensor(max(squares - total * total / n, 0.0) / max(n - 1, 1), dtype=rewards.dtype).sqrt().reshape(1, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -1232,6 +1232,11 @@ def from_pretrained(name, dtype, gradient_checkpointing=False):
     return model, tokenizer
 
 
+def cache_keyword(model):
+    """The forward's keyword for the KV cache: transformers 5 renamed past_key_values to cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def enable_gradient_checkpointing(model):
     """Keep only each decoder layer's input for the backward pass and recompute the rest:
     activation memory drops about 20x for about a third more compute."""
@@ -1352,10 +1357,34 @@ def write_samples(log, groups):
 
 
 # -----------------------------------------------------------------------------
-# Diagnostics, after the method: what a step's samples say about the policy that drew them; logged with the step's metrics,
-# never trained on. Every step: how responses end and their reasoning-behaviour phrases (free). Every
-# cfg.diagnose_every steps: the policy's entropy and the likelihood of right vs wrong responses in both
-# spaces -- log P(y) is what NSR-PreRL pushes down -- at the cost of one no-grad forward per space.
+# Step records and diagnostics, after the method: each step's metrics.jsonl line (step_record), and what
+# a step's samples say about the policy that drew them, logged with it and never trained on. Every step:
+# how responses end and their reasoning-behaviour phrases (free). Every cfg.diagnose_every steps: the
+# policy's entropy and the likelihood of right vs wrong responses in both spaces -- log P(y) is what
+# NSR-PreRL pushes down -- at the cost of one no-grad forward per space.
+
+
+def step_record(step, stage, batch, rewards, update, draws, scored, diagnostics, samples, times, cfg):
+    """A step's metrics.jsonl line: the rewards, lengths, loss and kept tokens (summed over torchrun's ranks),
+    the update's numbers, the phases' seconds (times: t0..t3 of rl_step), what scoring saw, the diagnostics,
+    and a non-finite step's reason (its update was skipped). 'samples' is popped into samples.jsonl."""
+    loss, grad_norm, kept_tokens, clip_fraction = update
+    t0, t1, t2, t3 = times
+    lengths = batch["response_mask"].sum(1)
+    rewards, lengths, loss, kept_tokens = machinery.step_totals(rewards, lengths, loss, kept_tokens, DIST)  # machinery: all ranks
+    record = {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
+              "accuracy": (rewards > 0.5).float().mean().item(),
+              "mixed_groups": int(mixed_groups(rewards).sum()),
+              "response_length": lengths.float().mean().item(),
+              "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens, "clip_fraction": clip_fraction,
+              "draws": draws, "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
+              "train_s": round(t3 - t2, 3), "reward_timeouts": scored["timeouts"], "precision": cfg.precision, **scored["audit"],
+              **diagnostics,
+              "samples": samples}  # popped into samples.jsonl
+    if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
+        record["skipped"] = nonfinite_reason(loss, grad_norm)
+    return record
+
 
 # The paper's keyword lists are not public; these are ours. Matched case-insensitively, whole words.
 TRANSITION_PHRASES = ("alternatively", "however", "instead", "another way", "another approach", "on the other hand",
@@ -1610,6 +1639,52 @@ def print_stall_lines(records, said, cfg):
     for sign in signs.keys() - said:
         tqdm.write(f"stall at step {records[-1]['step']}: {signs[sign]}")
     return said | signs.keys()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, after the method: atomic write (temp file, then rename), exact resume (model, optimizer,
+# step and RNG). train() saves through save_run (with model/, in "Run safety") and resumes in open_run.
+
+
+def save_checkpoint(path, model, optimizer, step, cfg):
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    model_state, optimizer_state = machinery.states_to_save(path, model, optimizer, step, rng, cfg.lora > 0, DIST)  # machinery: LoRA, torchrun
+    if model_state is None:  # under torchrun every rank saved its shards; rank 0 alone writes the whole states here
+        return
+    state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": dataclasses.asdict(cfg), "rng": rng}
+    temporary = f"{path}.tmp{os.getpid()}"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path, model, optimizer=None, adapter_only=False):
+    """Restore the model's weights (LoRA: the adapter) and, when resuming a run (optimizer given), the
+    optimizer and RNG. Returns the step to continue from."""
+    if DIST is not None:  # machinery: under torchrun, resume from every rank's shards
+        return machinery.load_sharded(path, model, optimizer, DIST)
+    try:
+        state = load_saved(path)
+        name, saved = next(iter(state["model"].items()))
+        ours = model.state_dict()[name].dtype
+        if saved.dtype != ours:  # load_state_dict would cast silently, and the optimizer state would not fit
+            raise SystemExit(f"error: checkpoint {path} holds {saved.dtype} weights, this run {ours}: resume with "
+                             f"--precision {'bf16' if saved.dtype == torch.bfloat16 else 'fp32'}")
+        if adapter_only:
+            machinery.load_adapter_state(model, state["model"])  # machinery: LoRA
+        else:
+            model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    except Exception as e:  # truncated file, pickle garbage, other model's weights: one clear message
+        raise SystemExit(f"error: checkpoint {path} is unreadable or does not fit this model: {type(e).__name__}: {e}") from None
+    if optimizer is not None:
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return step
 
 
 # -----------------------------------------------------------------------------
@@ -2085,12 +2160,6 @@ def open_reporter(cfg):
         yield report
     finally:
         close()
-
-
-def pick_device(cfg):
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def start_machinery(cfg):
