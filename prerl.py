@@ -17,20 +17,23 @@ Paper: "From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train S
     python prerl.py --help                                 # every option
     torchrun --nproc_per_node 8 prerl.py --model ...       # several GPUs (or CPU processes): FSDP2
 
-How to read this file. Top to bottom is the method, in the order a step runs: Config (every field is a
-flag), Data (problems and reference answers), Model (loading, the pre-train-space start token),
+How to read this file. Top to bottom is the method, in the order a step runs: Config (the method's
+knobs, every one a flag), Data (problems and reference answers), Model (the pre-train-space start token),
 Sampling (G responses per prompt: a plain decode loop, random numbers keyed per prompt), Scoring
 (per-token log-probs in the two spaces, log P(y|x) and log P(y)), Advantages (the table of every mode:
 which responses, which space, which weight), Losses (PPO-clip surrogate; the ratio and aggregation variants
-are rows of a table), the RL step (DSRL's switch is one line in stage_for_step), Evaluation, Checkpoints,
-and the loop, train(): the method ends there. After train(), not the method: Several updates and dynamic
-sampling (pi_old's pass, DAPO's draws), Loading (JSONL, Parquet and datasets readers with their row checks,
-gradient checkpointing, the embedded model's GGUF conversion), Rewards and samples (--reward,
---format-reward, samples.jsonl), Diagnostics (measured on each step's samples, never trained on),
-Preflight and stall lines (what would make a run learn nothing, said before step 0 and when it persists
-during training), Run safety (every flag checked before anything loads, one run per out-dir, Ctrl-C with a
-checkpoint, a crash-safe log, NaN steps skipped, a model/ folder other tools load; train() calls them at
-the loop's edges) and the command line.
+are rows of a table), the RL step (DSRL's switch is one line in stage_for_step), Evaluation, and the loop,
+train(): the method ends there. After train(), not the method: the rest of Config (the data, evaluation,
+model, speed and file flags), the run's edges (what train() calls around its loop), Several updates and
+dynamic sampling (pi_old's pass, DAPO's draws), Devices, micro-batches and ranks (how the
+sums are split, never what they add up to), Loading (the built-in problem families; JSONL, Parquet and
+datasets readers with their row checks; gradient checkpointing; the embedded model's GGUF conversion),
+Rewards and samples (--reward, --format-reward, samples.jsonl), Step records and diagnostics (each step's
+metrics line; entropy and likelihoods measured on its samples, never trained on), Preflight and stall
+lines (what would make a run learn nothing, said before step 0 and when it persists during training),
+Checkpoints (atomic, exact resume), Run safety (every flag checked before anything loads, one run per
+out-dir, Ctrl-C with a checkpoint, a crash-safe log, NaN steps skipped, a model/ folder other tools load)
+and the command line.
 What only makes it faster, smaller or wider lives in machinery.py, reached from here through one call each
 (marked "machinery:"): a preallocated KV cache for sampling (on a GPU, a static KV cache with the decode
 step replayed as a CUDA graph), a chunked LM head with a hand-written backward for scoring, glibc's
