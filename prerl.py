@@ -554,15 +554,6 @@ def policy_loss(token_lp, response_mask, advantages, denominator, cfg, coef, ref
 # DSRL's two stages share this step, the optimizer and its state: nothing is reset at the switch.
 
 
-def trim(ids, mask, left):
-    """Drop columns that are padding in every row (left padding for prompts, right for responses)."""
-    keep = mask.any(0).nonzero()
-    if len(keep) == 0:
-        return ids[:, :0], mask[:, :0]
-    lo, hi = (keep[0].item(), ids.shape[1]) if left else (0, keep[-1].item() + 1)
-    return ids[:, lo:hi], mask[:, lo:hi]
-
-
 def scored_logprobs(model, space, batch, rows, start_id):
     """Per-token log-probs of the given rows in the given space, on trimmed inputs."""
     response_ids, response_mask = trim(batch["response_ids"][rows], batch["response_mask"][rows], left=False)
@@ -979,9 +970,10 @@ def join_rows(rows, pad_id):
 # -----------------------------------------------------------------------------
 # Devices, micro-batches and ranks, after the method: where the method's sums run and how they are split,
 # never what they add up to. The device and bf16 autocast on CUDA; each update's backward accumulated over
-# micro-batches of at most --micro-batch-tokens tokens (loss_plan), so memory follows tokens; and under
-# torchrun the batch's std and the loss's denominators taken over every rank. The denominators are the
-# whole batch's (aggregation), so the gradients add up to the full batch's however it is split.
+# micro-batches of at most --micro-batch-tokens tokens (loss_plan), so memory follows tokens, each scored
+# without the columns that are padding in all its rows (trim, in scored_logprobs); and under torchrun the
+# batch's std and the loss's denominators taken over every rank. The denominators are the whole batch's
+# (aggregation), so the gradients add up to the full batch's however it is split.
 
 
 def pick_device(cfg):
@@ -1011,6 +1003,15 @@ def micro_batch_budget(cfg, device):
     """Tokens per forward/backward. CPU: 256 keeps the matmuls near peak and activations small. GPU: one
     kernel launch per op costs as much as the math of a small micro-batch, so make them 16x larger."""
     return cfg.micro_batch_tokens or (4096 if device.type == "cuda" else 256)
+
+
+def trim(ids, mask, left):
+    """Drop columns that are padding in every row (left padding for prompts, right for responses)."""
+    keep = mask.any(0).nonzero()
+    if len(keep) == 0:
+        return ids[:, :0], mask[:, :0]
+    lo, hi = (keep[0].item(), ids.shape[1]) if left else (0, keep[-1].item() + 1)
+    return ids[:, lo:hi], mask[:, lo:hi]
 
 
 def global_count(count):
