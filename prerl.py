@@ -114,6 +114,8 @@ def opt(default, help):
 
 @dataclass
 class MethodConfig:
+    """The method's knobs; Config, after train(), adds the other flags (prerl.Config is what a run takes)."""
+
     # --- the method: which loss, DSRL's switch, the pre-train-space coefficient, the PPO clip range
     mode: str = opt("dsrl", " | ".join(MODES))
     switch_step: int = opt(10, "DSRL: NSR-PreRL for steps 0..S-1, GRPO from step S on")
