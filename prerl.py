@@ -886,9 +886,9 @@ class Run:
             exit_after_signal(self.stop, self.cfg, self.cfg.steps)
 
 
-def print_result(cfg, accuracy_before, accuracy_after, eval_problems):
+def print_result(cfg, accuracy_before, accuracy_after, eval_count):
     print(f"held-out accuracy: before {accuracy_text(accuracy_before)} -> after {accuracy_text(accuracy_after)} "
-          f"({eval_problems} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
+          f"({eval_count} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
     print(f"metrics: {os.path.join(cfg.out_dir, 'metrics.jsonl')}   checkpoint: {os.path.join(cfg.out_dir, 'checkpoint.pt')}   "
           f"model: {os.path.join(cfg.out_dir, 'model')}")
 
