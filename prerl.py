@@ -17,20 +17,23 @@ Paper: "From P(y|x) to P(y): Investigating Reinforcement Learning in Pre-train S
     python prerl.py --help                                 # every option
     torchrun --nproc_per_node 8 prerl.py --model ...       # several GPUs (or CPU processes): FSDP2
 
-How to read this file. Top to bottom is the method, in the order a step runs: Config (every field is a
-flag), Data (problems and reference answers), Model (loading, the pre-train-space start token),
+How to read this file. Top to bottom is the method, in the order a step runs: Config (the method's
+knobs, every one a flag), Data (problems and reference answers), Model (the pre-train-space start token),
 Sampling (G responses per prompt: a plain decode loop, random numbers keyed per prompt), Scoring
 (per-token log-probs in the two spaces, log P(y|x) and log P(y)), Advantages (the table of every mode:
 which responses, which space, which weight), Losses (PPO-clip surrogate; the ratio and aggregation variants
-are rows of a table), the RL step (DSRL's switch is one line in stage_for_step), Evaluation, Checkpoints,
-and the loop, train(): the method ends there. After train(), not the method: Several updates and dynamic
-sampling (pi_old's pass, DAPO's draws), Loading (JSONL, Parquet and datasets readers with their row checks,
-gradient checkpointing, the embedded model's GGUF conversion), Rewards and samples (--reward,
---format-reward, samples.jsonl), Diagnostics (measured on each step's samples, never trained on),
-Preflight and stall lines (what would make a run learn nothing, said before step 0 and when it persists
-during training), Run safety (every flag checked before anything loads, one run per out-dir, Ctrl-C with a
-checkpoint, a crash-safe log, NaN steps skipped, a model/ folder other tools load; train() calls them at
-the loop's edges) and the command line.
+are rows of a table), the RL step (DSRL's switch is one line in stage_for_step), Evaluation, and the loop,
+train(): the method ends there. After train(), not the method: the rest of Config (the data, evaluation,
+model, speed and file flags), the run's edges (what train() calls around its loop), Several updates and
+dynamic sampling (pi_old's pass, DAPO's draws), Devices, micro-batches and ranks (how the
+sums are split, never what they add up to), Loading (the built-in problem families; JSONL, Parquet and
+datasets readers with their row checks; gradient checkpointing; the embedded model's GGUF conversion),
+Rewards and samples (--reward, --format-reward, samples.jsonl), Step records and diagnostics (each step's
+metrics line; entropy and likelihoods measured on its samples, never trained on), Preflight and stall
+lines (what would make a run learn nothing, said before step 0 and when it persists during training),
+Checkpoints (atomic, exact resume), Run safety (every flag checked before anything loads, one run per
+out-dir, Ctrl-C with a checkpoint, a crash-safe log, NaN steps skipped, a model/ folder other tools load)
+and the command line.
 What only makes it faster, smaller or wider lives in machinery.py, reached from here through one call each
 (marked "machinery:"): a preallocated KV cache for sampling (on a GPU, a static KV cache with the decode
 step replayed as a CUDA graph), a chunked LM head with a hand-written backward for scoring, glibc's
@@ -78,15 +81,13 @@ PLAIN = os.environ.get("PRERL_PLAIN", "0") not in ("", "0")
 DIST = None
 
 # -----------------------------------------------------------------------------
-# Config: every field is a command-line flag (--switch-step etc.; parse_config is at the end of the file).
-# The method's own knobs come first: which loss (--mode), DSRL's switch step S, the pre-train-space
-# coefficient (0.01 in the reference code) and the PPO clip range; then the usual RL-with-verifiable-rewards
-# setup (sampling, optimisation, data); then the engineering flags: speed, memory and files, never the result.
+# Config: every field is a command-line flag (--switch-step etc.). Here, the method's knobs: which loss
+# (--mode), DSRL's switch step S, the pre-train-space coefficient (0.01 in the reference code), the PPO
+# clip range, the loss variants researchers compare against, sampling (G, T) and optimisation. Config,
+# after the method, adds the data, evaluation, model, speed and file flags: parse_config reads them all.
 
 MODES = ("dsrl", "grpo", "psr", "nsr", "w-reinforce", "prerl", "psr-prerl", "nsr-prerl")
-TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand", "twostep")
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."  # reference runs
-EMBEDDED_MODEL = "embedded"
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 # --preset: each paper's published combination of the loss flags; a flag given explicitly wins.
 PRESETS = {
@@ -112,7 +113,9 @@ def opt(default, help):
 
 
 @dataclass
-class Config:
+class MethodConfig:
+    """The method's knobs; Config, after train(), adds the other flags (prerl.Config is what a run takes)."""
+
     # --- the method: which loss, DSRL's switch, the pre-train-space coefficient, the PPO clip range
     mode: str = opt("dsrl", " | ".join(MODES))
     switch_step: int = opt(10, "DSRL: NSR-PreRL for steps 0..S-1, GRPO from step S on")
@@ -154,105 +157,13 @@ class Config:
     lr: float = opt(2e-5, "AdamW learning rate, constant (the paper: 1e-6 for 4B-8B models)")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     grad_clip: float = opt(1.0, "gradient-norm clipping")
-    # --- data and evaluation
-    data: str = opt("", "training problems: JSONL (MATH, GSM8K or verl style), verl Parquet, a datasets folder "
-                        "(save_to_disk) or a hub dataset id with --data-split; empty = built-in generator")
-    eval_data: str = opt("", "held-out problems, in any --data format; empty = built-in held-out set")
-    data_split: str = opt("", "the split of a hub dataset id or a datasets folder for --data, e.g. train")
-    eval_split: str = opt("", "the split of a hub dataset id or a datasets folder for --eval-data, e.g. test")
-    problem_key: str = opt("", "column of the problem (dots reach inside: a.b); default: problem, question, "
-                               "or verl's prompt (chat messages)")
-    answer_key: str = opt("", "column of the reference answer (dots reach inside); default: answer, a solution's "
-                              "\\boxed{}, or verl's reward_model.ground_truth")
-    reward: str = opt("", "your own reward: FILE.py:function or module:function, called as function(completion, "
-                          "answer, row) -> float (> 0.5 counts as right); empty = verify.py")
-    format_reward: float = opt(0.0, "add W x [a final answer was found in the response] to the reward (W < 0.5)")
-    cut_scores_zero: bool = opt(False, "a response cut at --max-new-tokens without EOS scores 0 whatever it holds "
-                                       "(verify.py's unfinished-trace rule; an unclosed <think> always scores 0)")
-    tasks: str = opt("add,mul", "built-in families, comma-separated: " + ",".join(TASK_FAMILIES))
-    difficulty: int = opt(1, "built-in generator: digits per operand (1 = single digit)")
-    eval_size: int = opt(64, "held-out problems per evaluation (at most)")
-    eval_every: int = opt(10, "held-out evaluation every N steps (0 = only at the start and end)")
-    eval_temperature: float = opt(0.0, "evaluation temperature; 0 = greedy")
-    diagnose_every: int = opt(10, "entropy and log P(y), log P(y|x) diagnostics every N steps (a no-grad forward "
-                                  "per space); 0 = never")
-    seed: int = opt(0, "seed for data order, sampling and the built-in problems")
-    # --- the model
-    model: str = opt(EMBEDDED_MODEL, "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)")
-    # --- engineering: device, speed and memory (much of it machinery.py), never the result
-    device: str = opt("auto", "auto | cpu | cuda")
-    plain: bool = opt(False, "run the method exactly as written in prerl.py, without machinery.py (slower)")
-    precision: str = opt("auto", "auto | fp32 | bf16: bf16 weights, gradients and AdamW moments with stochastic "
-                                 "rounding (8 bytes/param); auto = bf16 on CUDA, and on a CPU with AMX-BF16 "
-                                 "where a probe of the model's step has it >= 1.3x faster; --resume keeps the "
-                                 "checkpoint's")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30%% slower)")
-    micro_batch_tokens: int = opt(0, "tokens (rows x longest row) per forward/backward: bounds memory, "
-                                     "not the result; 0 = 256 on CPU, 4096 on a GPU")
-    lora: int = opt(0, "LoRA rank (needs peft); 0 = full fine-tuning. Only the adapters train")
-    lora_alpha: float = opt(0.0, "LoRA alpha; 0 = the rank (scale alpha/rank = 1)")
-    lora_targets: str = opt("all-linear", "LoRA target modules: all-linear (every Linear but the LM head) or "
-                                          "comma-separated names, e.g. q_proj,v_proj")
-    plan_memory: bool = opt(False, "print the memory plan (from the model's config, no weights loaded) and exit")
-    model_config: str = opt("", "--plan-memory: a shape (" + ", ".join(machinery.MODEL_SHAPES) + ") or a "
-                                "folder with config.json instead of --model's")
-    # --- the run's files: out-dir, checkpoints, resume, trackers
-    out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
-    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
-    resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
-    overwrite: bool = opt(False, "start a fresh run in an --out-dir that holds an earlier run's checkpoint")
-    log_samples: int = opt(4, "groups per step written to OUT_DIR/samples.jsonl (problem, responses, answers, "
-                              "rewards); 0 = none")
-    preflight: bool = opt(False, "run the preflight checks (printed before step 0 of every run) alone, then exit")
-    report_to: str = opt("none", "also send the metrics to: none | tensorboard | wandb (offline) | trackio")
 
 
 # -----------------------------------------------------------------------------
 # Data: problems x with exact reference answers. The reward r(x, y) in {0, 1} is 1 when the final answer
-# of response y is equivalent to the reference (verify.py). Built-in generator, or MATH / GSM8K JSONL.
-
-
-NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe")
-ITEMS = ("apples", "pencils", "marbles", "stickers", "cards")
-
-
-def make_problem(family, difficulty, rng):
-    """One problem {'problem', 'answer'} of a family; difficulty = digits per operand."""
-    lo, hi = (1 if difficulty == 1 else 10 ** (difficulty - 1)), 10 ** difficulty - 1
-    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-    if family == "add":
-        return {"problem": f"What is {a} + {b}?", "answer": str(a + b)}
-    if family == "sub":
-        return {"problem": f"What is {a} - {b}?", "answer": str(a - b)}
-    if family == "mul":
-        return {"problem": f"What is {a} \\times {b}?", "answer": str(a * b)}
-    if family == "fraction":
-        c, d = rng.randint(lo, hi) + 1, rng.randint(lo, hi) + 1
-        q = Fraction(a, c) + Fraction(b, d)
-        return {"problem": f"Compute $\\frac{{{a}}}{{{c}}} + \\frac{{{b}}}{{{d}}}$ as a reduced fraction.",
-                "answer": f"\\frac{{{q.numerator}}}{{{q.denominator}}}" if q.denominator > 1 else str(q.numerator)}
-    if family == "percent":
-        p = rng.choice([10, 20, 25, 50, 75])
-        n = 4 * rng.randint(lo, hi) * (10 if difficulty == 1 else 1)
-        return {"problem": f"What is {p}% of {n}?", "answer": str(p * n // 100) if p * n % 100 == 0 else f"{p * n / 100}"}
-    if family == "linear":
-        x = rng.randint(-hi, hi)
-        return {"problem": f"Solve for $x$: ${a}x + {b} = {a * x + b}$.", "answer": str(x)}
-    if family == "expand":
-        return {"problem": f"Expand $(x + {a})(x + {b})$.", "answer": f"x^2 + {a + b}x + {a * b}"}
-    if family == "twostep":  # a word problem of two operations: the first result must be carried into the second
-        name, item, c = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(2, max(2, min(hi, 9)))
-        template = rng.randrange(3)
-        if template == 0:
-            return {"problem": f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} in each. "
-                               f"How many {item} does {name} have now?", "answer": str(a + b * c)}
-        if template == 1:
-            away = min(b, c * a)
-            return {"problem": f"{name} buys {c} boxes with {a} {item} in each and gives away {away} {item}. "
-                               f"How many {item} does {name} have left?", "answer": str(c * a - away)}
-        return {"problem": f"{name} has {a} {item} and finds {b} more. Then the number of {item} is multiplied "
-                           f"by {c}. How many {item} does {name} have now?", "answer": str((a + b) * c)}
-    raise ValueError(f"unknown task family {family!r}")
+# of response y is equivalent to the reference (verify.py). A built-in problem: {"problem": "What is
+# 7 \\times 8?", "answer": "56"}. The generator's families (make_problem) and the readers of --data files
+# (load_problems: MATH, GSM8K or verl JSONL, Parquet, datasets folders) are after the method, in "Loading".
 
 
 def is_held_out(problem_text):
@@ -272,10 +183,6 @@ def make_problems(n, families, difficulty, seed, held_out):
             if len(problems) == n:
                 break
     return problems
-
-
-# load_problems(path, cfg, split), the reader of JSONL (MATH, GSM8K, verl), Parquet and datasets folders,
-# is after the method, in "Loading". A verl row's chat messages are its prompt, as given.
 
 
 def training_problems(cfg):
@@ -302,35 +209,14 @@ def batch_for_step(problems, step, cfg, draw=0):
 # -----------------------------------------------------------------------------
 # Model: a causal LM and its tokenizer (hub id or folder; the embedded default from its GGUF file).
 # The pre-train space needs one more choice: the start token s that stands where the prompt was
-# (the reference code uses <|im_start|>; BOS is the natural general choice).
-
-
-# embedded_model_folder(), the GGUF conversion of the default model, and enable_gradient_checkpointing()
-# (less memory, same result) are after the method, in "Loading".
-
-
-def pick_device(cfg):
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# (the reference code uses <|im_start|>; BOS is the natural general choice). Loading itself (the embedded
+# model's GGUF conversion, gradient checkpointing, one-line errors) is after the method, in "Loading".
 
 
 def load_model(name, device, gradient_checkpointing=False, dtype=torch.float32):
     """(model, tokenizer) in fp32 weights (on CUDA the forward passes then run under bf16 autocast),
     or in bf16 weights with --precision bf16."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = embedded_model_folder() if name == EMBEDDED_MODEL else name
-    if name != EMBEDDED_MODEL and name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        raise SystemExit(f"error: --model {name!r}: no such folder")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --model {name!r} could not be loaded: {e}") from None
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise SystemExit(f"error: --model {name!r}: final-logit soft-capping is not supported by the scorer")
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    model, tokenizer = from_pretrained(name, dtype, gradient_checkpointing)  # run safety: one line if it cannot load
     tokenizer.padding_side = "left"                  # generation appends on the right
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -352,11 +238,6 @@ def eos_token_ids(model, tokenizer):
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
     return sorted(i for i in ids if i is not None)
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU, where bf16 is ~200x slower."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 # -----------------------------------------------------------------------------
@@ -417,11 +298,6 @@ def pick_next_token(logits, temperature, top_p, u=None):
     cdf = probs.double().cumsum(-1)       # float64: a 50k-150k-term running sum stays exact enough
     u = u.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]     # scaled to the kept mass (top-p leaves < 1)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-
-
-def cache_keyword(model):
-    """The forward's keyword for the KV cache: transformers 5 renamed past_key_values to cache."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -556,15 +432,6 @@ def grpo_advantages(rewards, eps=1e-6, scale="group"):
     return centered if std is None else centered / (std + eps)
 
 
-def batch_std(rewards):
-    """Unbiased std of every reward of the step (every rank's under torchrun), as a [1, 1] tensor."""
-    if DIST is None:
-        return rewards.std().reshape(1, 1)
-    sums = torch.stack([torch.tensor(float(rewards.numel())), rewards.sum().cpu(), (rewards ** 2).sum().cpu()]).double()
-    n, total, squares = machinery.all_reduce(sums).tolist()  # machinery: the sums over every rank
-    return torch.tensor(max(squares - total * total / n, 0.0) / max(n - 1, 1), dtype=rewards.dtype).sqrt().reshape(1, 1)
-
-
 def centered_advantages(rewards):
     """PreRL (reference code): A_i = r_i - mean_group(r), no division by the std."""
     return rewards - rewards.mean(1, keepdim=True)
@@ -662,14 +529,6 @@ def aggregation(agg, lengths, counted, max_new_tokens):
     return table[agg]
 
 
-def global_count(count):
-    """A count over the whole batch as a denominator (at least 1): under torchrun every rank's, scaled for
-    FSDP's gradient averaging."""
-    if DIST is not None:  # machinery: count every rank's tokens or rows, scaled for FSDP's gradient averaging
-        return machinery.global_denominator(count, DIST)
-    return count.clamp(min=1)
-
-
 def k3_kl(logprobs, ref_logprobs):
     """k3 estimator of KL(pi || pi_ref) per token: exp(ref - lp) - (ref - lp) - 1 (always >= 0)."""
     delta = ref_logprobs - logprobs
@@ -690,40 +549,11 @@ def policy_loss(token_lp, response_mask, advantages, denominator, cfg, coef, ref
     return coef * (per_token * response_mask).sum() / denominator
 
 
-def clipped_tokens(token_lp, old_lp, advantages, response_mask, cfg):
-    """How many tokens the clip holds back: rho beyond the range on the side the advantage pushes to."""
-    ratio, eps_low, eps_high = log_ratio(cfg.ratio, token_lp, old_lp, response_mask, cfg)
-    rho, advantages = ratio.exp(), advantages[:, None]
-    clipped = ((rho < 1 - eps_low) & (advantages < 0)) | ((rho > 1 + eps_high) & (advantages > 0))
-    return int((clipped * response_mask).sum())
-
-
 # -----------------------------------------------------------------------------
 # The RL step: sample G responses per prompt, reward them, compute the stage's advantages, accumulate
 # the loss's gradient over micro-batches (memory follows tokens, the result does not), one AdamW update
 # (or K passes of M updates, --ppo-epochs / --mini-batches, against pi_old scored once).
 # DSRL's two stages share this step, the optimizer and its state: nothing is reset at the switch.
-
-
-def micro_batches(rows, lengths, max_tokens):
-    """Rows sorted by length and cut so that each micro-batch holds at most max_tokens once padded
-    (rows x its longest row; a longer row goes alone). Memory follows tokens, not rows."""
-    batches, current = [], []
-    for i in sorted(rows, key=lambda i: lengths[i]):
-        if current and (len(current) + 1) * lengths[i] > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    return batches + [current] if current else batches
-
-
-def trim(ids, mask, left):
-    """Drop columns that are padding in every row (left padding for prompts, right for responses)."""
-    keep = mask.any(0).nonzero()
-    if len(keep) == 0:
-        return ids[:, :0], mask[:, :0]
-    lo, hi = (keep[0].item(), ids.shape[1]) if left else (0, keep[-1].item() + 1)
-    return ids[:, lo:hi], mask[:, lo:hi]
 
 
 def scored_logprobs(model, space, batch, rows, start_id):
@@ -733,12 +563,6 @@ def scored_logprobs(model, space, batch, rows, start_id):
         return pretrain_logprobs(model, start_id, response_ids, response_mask), response_mask
     prompt_ids, prompt_mask = trim(batch["prompt_ids"][rows], batch["prompt_mask"][rows], left=True)
     return conditional_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask), response_mask
-
-
-def micro_batch_budget(cfg, device):
-    """Tokens per forward/backward. CPU: 256 keeps the matmuls near peak and activations small. GPU: one
-    kernel launch per op costs as much as the math of a small micro-batch, so make them 16x larger."""
-    return cfg.micro_batch_tokens or (4096 if device.type == "cuda" else 256)
 
 
 def rows_that_count(space, advantages, batch, cfg, rows=None):
@@ -814,14 +638,9 @@ def policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_m
     return loss, grad_norm, updates[0][2], counts["clipped"] / max(scored, 1)
 
 
-def mixed_groups(rewards):
-    """Groups with both right and wrong responses: the only ones with a nonzero GRPO / PreRL advantage."""
-    return (rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)
-
-
 def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_model=None, pool=None):
-    """One RL step: sample G responses per prompt, verify them, the stage's updates. Returns the metrics.
-    pool: where --dynamic-sampling draws more prompts from (the training set)."""
+    """One RL step: sample G responses per prompt, verify them, the stage's updates. Returns the step's
+    metrics record (step_record). pool: where --dynamic-sampling draws more prompts from (the training set)."""
     stage = stage_for_step(cfg.mode, step, cfg.switch_step)
     t0 = time.perf_counter()
     with machinery.rollout_share(model, problems, DIST) as (problems, first):  # machinery: torchrun: this rank's prompts
@@ -833,22 +652,9 @@ def rl_step(model, tokenizer, optimizer, problems, step, cfg, start_id, ref_mode
         batch, rewards, draws = draw_mixed_groups(model, tokenizer, pool or problems, batch, rewards, step, cfg)
     diagnostics = step_diagnostics(model, tokenizer, batch, rewards, step, cfg, start_id)  # measured, never trained on
     t2 = time.perf_counter()
-    loss, grad_norm, kept_tokens, clip_fraction = policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_model)
+    update = policy_updates(model, optimizer, batch, rewards, stage, cfg, start_id, ref_model)
     t3 = time.perf_counter()
-    lengths = batch["response_mask"].sum(1)
-    rewards, lengths, loss, kept_tokens = machinery.step_totals(rewards, lengths, loss, kept_tokens, DIST)  # machinery: all ranks
-    record = {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
-              "accuracy": (rewards > 0.5).float().mean().item(),
-              "mixed_groups": int(mixed_groups(rewards).sum()),
-              "response_length": lengths.float().mean().item(),
-              "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens, "clip_fraction": clip_fraction,
-              "draws": draws, "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
-              "train_s": round(t3 - t2, 3), "reward_timeouts": scored["timeouts"], "precision": cfg.precision, **scored["audit"],
-              **diagnostics,
-              "samples": samples}  # popped into samples.jsonl
-    if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
-        record["skipped"] = nonfinite_reason(loss, grad_norm)
-    return record
+    return step_record(step, stage, batch, rewards, update, draws, scored, diagnostics, samples, (t0, t1, t2, t3), cfg)
 
 
 def optimizer_step(model, optimizer, cfg, loss=0.0):
@@ -894,51 +700,6 @@ def evaluate(model, tokenizer, problems, cfg, batch_size=32, ended=None):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: atomic write (temp file, then rename), exact resume
-
-
-def save_checkpoint(path, model, optimizer, step, cfg):
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    model_state, optimizer_state = machinery.states_to_save(path, model, optimizer, step, rng, cfg.lora > 0, DIST)  # machinery: LoRA, torchrun
-    if model_state is None:  # under torchrun every rank saved its shards; rank 0 alone writes the whole states here
-        return
-    state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": dataclasses.asdict(cfg), "rng": rng}
-    temporary = f"{path}.tmp{os.getpid()}"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path, model, optimizer=None, adapter_only=False):
-    """Restore the model's weights (LoRA: the adapter) and, when resuming a run (optimizer given), the
-    optimizer and RNG. Returns the step to continue from."""
-    if DIST is not None:  # machinery: under torchrun, resume from every rank's shards
-        return machinery.load_sharded(path, model, optimizer, DIST)
-    try:
-        state = load_saved(path)
-        name, saved = next(iter(state["model"].items()))
-        ours = model.state_dict()[name].dtype
-        if saved.dtype != ours:  # load_state_dict would cast silently, and the optimizer state would not fit
-            raise SystemExit(f"error: checkpoint {path} holds {saved.dtype} weights, this run {ours}: resume with "
-                             f"--precision {'bf16' if saved.dtype == torch.bfloat16 else 'fp32'}")
-        if adapter_only:
-            machinery.load_adapter_state(model, state["model"])  # machinery: LoRA
-        else:
-            model.load_state_dict(state["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-    except Exception as e:  # truncated file, pickle garbage, other model's weights: one clear message
-        raise SystemExit(f"error: checkpoint {path} is unreadable or does not fit this model: {type(e).__name__}: {e}") from None
-    if optimizer is not None:
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return step
-
-
-# -----------------------------------------------------------------------------
 # The run: evaluate, then cfg.steps RL steps with periodic evaluation and checkpoints, then evaluate.
 
 
@@ -960,65 +721,182 @@ def train(cfg):
     random.seed(cfg.seed)
     start_id, start_desc = start_token_id(tokenizer)
     optimizer = make_optimizer(model, cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    checkpoint_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    samples_path = os.path.join(cfg.out_dir, "samples.jsonl")
-    # run safety: one live run per out-dir, Ctrl-C stops with a checkpoint, metrics also to --report-to
-    with claim_out_dir(cfg.out_dir), stop_signals() as stop, open_reporter(cfg) as report:
-        resuming = cfg.resume and os.path.exists(checkpoint_path)
-        first_step = load_checkpoint(checkpoint_path, model, optimizer, adapter_only=cfg.lora > 0) if resuming else 0
-        if cfg.resume and first_step == 0:
-            print(f"no checkpoint at {checkpoint_path}; starting from step 0")
-        verify.warmup()
-        print(f"model {cfg.model} on {device} | mode {cfg.mode} (switch at step {cfg.switch_step}) | "
-              f"pre-train-space start token: {start_desc} | {len(train_set)} train / {len(eval_set)} eval problems, "
-              f"{data_description(train_set)} / {data_description(eval_set)}")
-        print_preflight(preflight_lines(cfg, model, tokenizer, train_set))  # reward on each gold, prompt format, decoder
-        ended = []
-        accuracy_before = evaluate(model, tokenizer, eval_set, cfg, ended=ended)
-        print(loss_line(cfg))
-        print(f"held-out accuracy at step {first_step}: {accuracy_text(accuracy_before)}")
-        print_preflight([evaluation_preflight(accuracy_before, ended, cfg)])  # groups predicted to carry no signal
-        report({"step": first_step, "eval_accuracy": accuracy_before})
-        log, nonfinite_in_a_row = open_run_log(metrics_path, first_step), 0  # run safety: cut back to the checkpoint
-        samples_log, history, stalls_said = open_run_log(samples_path, first_step), [], set()  # what the model wrote, cut back likewise
-        progress = tqdm(range(first_step, cfg.steps), initial=first_step, total=cfg.steps, desc="prerl",
-                        disable=DIST is not None and DIST.rank > 0)   # machinery: rank 0 alone shows progress
-        for step in progress:
-            if stop_asked(stop):                      # run safety: Ctrl-C or SIGTERM -- checkpoint, then exit
-                save_run(checkpoint_path, model, tokenizer, optimizer, step, cfg)
-                exit_after_signal(stop, cfg, step, progress)
+    with open_run(cfg, model, tokenizer, optimizer) as run:  # run safety and logging: lock, Ctrl-C, --resume, files
+        run.start(device, start_desc, train_set, eval_set)  # the run's header and the preflight checks
+        accuracy_before = evaluate(model, tokenizer, eval_set, cfg, ended=run.ended)
+        run.evaluated(accuracy_before)            # printed, reported; groups predicted to carry no signal
+        for step in run.steps():                  # from the checkpoint's step; Ctrl-C: checkpoint, then exit
             record = rl_step(model, tokenizer, optimizer, batch_for_step(train_set, step, cfg), step, cfg, start_id, ref_model,
                              train_set)
             if cfg.eval_every and eval_set and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 record["eval_accuracy"] = evaluate(model, tokenizer, eval_set, cfg)
-            write_samples(samples_log, record.pop("samples"))   # samples.jsonl: what the model wrote
-            nonfinite_in_a_row = log_step(log, report, record, nonfinite_in_a_row, cfg)  # run safety: stop at 3 NaN steps
-            history.append(record)
-            stalls_said = print_stall_lines(history, stalls_said, cfg)  # a stalled run says why, once per sign
-            progress.set_postfix(stage=record["stage"], reward=f"{record['reward_mean']:.2f}",
-                                 acc=f"{record['accuracy']:.2f}", len=f"{record['response_length']:.0f}")
-            if "eval_accuracy" in record:
-                tqdm.write(f"step {step + 1}: held-out accuracy {record['eval_accuracy']:.3f}")
-            if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                save_run(checkpoint_path, model, tokenizer, optimizer, step + 1, cfg)
-        log.close()
-        samples_log.close()
-        save_run(checkpoint_path, model, tokenizer, optimizer, cfg.steps, cfg)
-        if stop_asked(stop):
-            exit_after_signal(stop, cfg, cfg.steps)
+            run.log(step, record)                 # metrics.jsonl, samples.jsonl, NaN guard, stall lines, checkpoints
+        run.finish()                              # the last checkpoint and model/
         accuracy_after = evaluate(model, tokenizer, eval_set, cfg)
-        report({"step": cfg.steps, "eval_accuracy": accuracy_after})
-    print(f"held-out accuracy: before {accuracy_text(accuracy_before)} -> after {accuracy_text(accuracy_after)} "
-          f"({len(eval_set)} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
-    print(f"metrics: {metrics_path}   checkpoint: {checkpoint_path}   model: {os.path.join(cfg.out_dir, 'model')}")
+        run.report({"step": cfg.steps, "eval_accuracy": accuracy_after})
+    print_result(cfg, accuracy_before, accuracy_after, len(eval_set))
     return {"before": accuracy_before, "after": accuracy_after}
 
 
 # -----------------------------------------------------------------------------
+# Config, after the method: the data, evaluation, model, speed and file flags. Config extends the
+# method's knobs (MethodConfig, in "Config"); dataclass fields keep their order, base class first, so
+# --help lists the method's flags first and prerl.Config(...) takes every field.
+
+TASK_FAMILIES = ("add", "sub", "mul", "fraction", "percent", "linear", "expand", "twostep")
+EMBEDDED_MODEL = "embedded"
+
+
+@dataclass
+class Config(MethodConfig):
+    # --- data and evaluation
+    data: str = opt("", "training problems: JSONL (MATH, GSM8K or verl style), verl Parquet, a datasets folder "
+                        "(save_to_disk) or a hub dataset id with --data-split; empty = built-in generator")
+    eval_data: str = opt("", "held-out problems, in any --data format; empty = built-in held-out set")
+    data_split: str = opt("", "the split of a hub dataset id or a datasets folder for --data, e.g. train")
+    eval_split: str = opt("", "the split of a hub dataset id or a datasets folder for --eval-data, e.g. test")
+    problem_key: str = opt("", "column of the problem (dots reach inside: a.b); default: problem, question, "
+                               "or verl's prompt (chat messages)")
+    answer_key: str = opt("", "column of the reference answer (dots reach inside); default: answer, a solution's "
+                              "\\boxed{}, or verl's reward_model.ground_truth")
+    reward: str = opt("", "your own reward: FILE.py:function or module:function, called as function(completion, "
+                          "answer, row) -> float (> 0.5 counts as right); empty = verify.py")
+    format_reward: float = opt(0.0, "add W x [a final answer was found in the response] to the reward (W < 0.5)")
+    cut_scores_zero: bool = opt(False, "a response cut at --max-new-tokens without EOS scores 0 whatever it holds "
+                                       "(verify.py's unfinished-trace rule; an unclosed <think> always scores 0)")
+    tasks: str = opt("add,mul", "built-in families, comma-separated: " + ",".join(TASK_FAMILIES))
+    difficulty: int = opt(1, "built-in generator: digits per operand (1 = single digit)")
+    eval_size: int = opt(64, "held-out problems per evaluation (at most)")
+    eval_every: int = opt(10, "held-out evaluation every N steps (0 = only at the start and end)")
+    eval_temperature: float = opt(0.0, "evaluation temperature; 0 = greedy")
+    diagnose_every: int = opt(10, "entropy and log P(y), log P(y|x) diagnostics every N steps (a no-grad forward "
+                                  "per space); 0 = never")
+    seed: int = opt(0, "seed for data order, sampling and the built-in problems")
+    # --- the model
+    model: str = opt(EMBEDDED_MODEL, "hub id, local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)")
+    # --- engineering: device, speed and memory (much of it machinery.py), never the result
+    device: str = opt("auto", "auto | cpu | cuda")
+    plain: bool = opt(False, "run the method exactly as written in prerl.py, without machinery.py (slower)")
+    precision: str = opt("auto", "auto | fp32 | bf16: bf16 weights, gradients and AdamW moments with stochastic "
+                                 "rounding (8 bytes/param); auto = bf16 on CUDA, and on a CPU with AMX-BF16 "
+                                 "where a probe of the model's step has it >= 1.3x faster; --resume keeps the "
+                                 "checkpoint's")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30%% slower)")
+    micro_batch_tokens: int = opt(0, "tokens (rows x longest row) per forward/backward: bounds memory, "
+                                     "not the result; 0 = 256 on CPU, 4096 on a GPU")
+    lora: int = opt(0, "LoRA rank (needs peft); 0 = full fine-tuning. Only the adapters train")
+    lora_alpha: float = opt(0.0, "LoRA alpha; 0 = the rank (scale alpha/rank = 1)")
+    lora_targets: str = opt("all-linear", "LoRA target modules: all-linear (every Linear but the LM head) or "
+                                          "comma-separated names, e.g. q_proj,v_proj")
+    plan_memory: bool = opt(False, "print the memory plan (from the model's config, no weights loaded) and exit")
+    model_config: str = opt("", "--plan-memory: a shape (" + ", ".join(machinery.MODEL_SHAPES) + ") or a "
+                                "folder with config.json instead of --model's")
+    # --- the run's files: out-dir, checkpoints, resume, trackers
+    out_dir: str = opt("runs/prerl", "folder for metrics.jsonl and checkpoint.pt")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    resume: bool = opt(False, "continue from out_dir/checkpoint.pt (model, optimizer, step, RNG)")
+    overwrite: bool = opt(False, "start a fresh run in an --out-dir that holds an earlier run's checkpoint")
+    log_samples: int = opt(4, "groups per step written to OUT_DIR/samples.jsonl (problem, responses, answers, "
+                              "rewards); 0 = none")
+    preflight: bool = opt(False, "run the preflight checks (printed before step 0 of every run) alone, then exit")
+    report_to: str = opt("none", "also send the metrics to: none | tensorboard | wandb (offline) | trackio")
+
+
+# -----------------------------------------------------------------------------
+# The run's edges, after the method: what train() does around the loop that is not the method. open_run
+# holds the out-dir's lock, catches Ctrl-C and SIGTERM, opens the tracker (--report-to) and resumes from
+# the checkpoint; the Run it yields prints the run's lines, writes metrics.jsonl and samples.jsonl
+# (cut back to the checkpoint's step), stops after NONFINITE_LIMIT non-finite steps in a row, says
+# when a run stalls, and saves checkpoint.pt and model/. Each piece is in "Run safety" and the sections
+# before it; this part only calls them, in the order a run needs them.
+
+
+@contextlib.contextmanager
+def open_run(cfg, model, tokenizer, optimizer):
+    """One live run per out-dir, Ctrl-C and SIGTERM caught, the tracker open, resumed from the checkpoint
+    with --resume: yields the Run that train() calls at the loop's edges."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with claim_out_dir(cfg.out_dir), stop_signals() as stop, open_reporter(cfg) as report:
+        yield Run(cfg, model, tokenizer, optimizer, stop, report)
+
+
+class Run:
+    """train()'s run safety and logging: its files, the stop signal, the tracker, the steps' history."""
+
+    def __init__(self, cfg, model, tokenizer, optimizer, stop, report):
+        self.cfg, self.model, self.tokenizer, self.optimizer, self.stop, self.report = cfg, model, tokenizer, optimizer, stop, report
+        self.checkpoint_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+        resuming = cfg.resume and os.path.exists(self.checkpoint_path)
+        self.first_step = load_checkpoint(self.checkpoint_path, model, optimizer, adapter_only=cfg.lora > 0) if resuming else 0
+        if cfg.resume and self.first_step == 0:
+            print(f"no checkpoint at {self.checkpoint_path}; starting from step 0")
+        self.ended = []                           # the first evaluation's responses: which stopped on their own
+
+    def start(self, device, start_desc, train_set, eval_set):
+        """The run's header line and the preflight checks that need no evaluation."""
+        cfg = self.cfg
+        verify.warmup()
+        print(f"model {cfg.model} on {device} | mode {cfg.mode} (switch at step {cfg.switch_step}) | "
+              f"pre-train-space start token: {start_desc} | {len(train_set)} train / {len(eval_set)} eval problems, "
+              f"{data_description(train_set)} / {data_description(eval_set)}")
+        print_preflight(preflight_lines(cfg, self.model, self.tokenizer, train_set))  # reward on each gold, prompt format, decoder
+
+    def evaluated(self, accuracy):
+        """The first evaluation: the loss line, its accuracy, the groups predicted to carry no signal."""
+        print(loss_line(self.cfg))
+        print(f"held-out accuracy at step {self.first_step}: {accuracy_text(accuracy)}")
+        print_preflight([evaluation_preflight(accuracy, self.ended, self.cfg)])
+        self.report({"step": self.first_step, "eval_accuracy": accuracy})
+
+    def steps(self):
+        """The steps from the checkpoint's on, with a progress bar, once metrics.jsonl and samples.jsonl are cut
+        back to that step. A Ctrl-C or SIGTERM stops the run before the next step, with a checkpoint."""
+        cfg = self.cfg
+        self.metrics_log, self.nonfinite_in_a_row = open_run_log(os.path.join(cfg.out_dir, "metrics.jsonl"), self.first_step), 0
+        self.samples_log, self.history, self.stalls_said = open_run_log(os.path.join(cfg.out_dir, "samples.jsonl"), self.first_step), [], set()
+        self.progress = tqdm(range(self.first_step, cfg.steps), initial=self.first_step, total=cfg.steps, desc="prerl",
+                             disable=DIST is not None and DIST.rank > 0)   # machinery: rank 0 alone shows progress
+        for step in self.progress:
+            if stop_asked(self.stop):
+                save_run(self.checkpoint_path, self.model, self.tokenizer, self.optimizer, step, cfg)
+                exit_after_signal(self.stop, cfg, step, self.progress)
+            yield step
+
+    def log(self, step, record):
+        """A finished step: samples.jsonl, its metrics line (and the tracker, the non-finite guard), the stall
+        lines, the progress bar, the held-out accuracy when measured, and a checkpoint every --save-every."""
+        cfg = self.cfg
+        write_samples(self.samples_log, record.pop("samples"))
+        self.nonfinite_in_a_row = log_step(self.metrics_log, self.report, record, self.nonfinite_in_a_row, cfg)  # stop at 3 NaN steps
+        self.history.append(record)
+        self.stalls_said = print_stall_lines(self.history, self.stalls_said, cfg)  # a stalled run says why, once per sign
+        self.progress.set_postfix(stage=record["stage"], reward=f"{record['reward_mean']:.2f}",
+                                  acc=f"{record['accuracy']:.2f}", len=f"{record['response_length']:.0f}")
+        if "eval_accuracy" in record:
+            tqdm.write(f"step {step + 1}: held-out accuracy {record['eval_accuracy']:.3f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_run(self.checkpoint_path, self.model, self.tokenizer, self.optimizer, step + 1, cfg)
+
+    def finish(self):
+        """After the last step: the logs closed, the last checkpoint and model/; a stop asked meanwhile exits."""
+        self.metrics_log.close()
+        self.samples_log.close()
+        save_run(self.checkpoint_path, self.model, self.tokenizer, self.optimizer, self.cfg.steps, self.cfg)
+        if stop_asked(self.stop):
+            exit_after_signal(self.stop, self.cfg, self.cfg.steps)
+
+
+def print_result(cfg, accuracy_before, accuracy_after, eval_count):
+    print(f"held-out accuracy: before {accuracy_text(accuracy_before)} -> after {accuracy_text(accuracy_after)} "
+          f"({eval_count} problems, {'greedy' if cfg.eval_temperature == 0 else f'T={cfg.eval_temperature}'})")
+    print(f"metrics: {os.path.join(cfg.out_dir, 'metrics.jsonl')}   checkpoint: {os.path.join(cfg.out_dir, 'checkpoint.pt')}   "
+          f"model: {os.path.join(cfg.out_dir, 'model')}")
+
+
+# -----------------------------------------------------------------------------
 # Several updates and dynamic sampling, after the method: pi_old's scoring pass (--ppo-epochs, --mini-batches)
-# and DAPO's further draws (--dynamic-sampling), each reached from the RL step through one call.
+# and the tokens its clip holds back (the step's clip_fraction), and DAPO's further draws (--dynamic-sampling)
+# of groups with mixed rewards, each reached from the RL step through one call.
 
 
 @torch.no_grad()
@@ -1037,10 +915,23 @@ def sampling_policy_logprobs(model, batch, rewards, stage, cfg, start_id, mini_b
     return old_lp
 
 
+def clipped_tokens(token_lp, old_lp, advantages, response_mask, cfg):
+    """How many tokens the clip holds back: rho beyond the range on the side the advantage pushes to."""
+    ratio, eps_low, eps_high = log_ratio(cfg.ratio, token_lp, old_lp, response_mask, cfg)
+    rho, advantages = ratio.exp(), advantages[:, None]
+    clipped = ((rho < 1 - eps_low) & (advantages < 0)) | ((rho > 1 + eps_high) & (advantages > 0))
+    return int((clipped * response_mask).sum())
+
+
 def rollout(model, tokenizer, problems, cfg, keys):
     """G responses per prompt and their rewards [prompts, G]."""
     batch = sample(model, tokenizer, problems, cfg, cfg.group_size, keys)
     return batch, score_responses(batch["texts"], problems, cfg, cfg.group_size, cut=~batch["ended"])[0]
+
+
+def mixed_groups(rewards):
+    """Groups with both right and wrong responses: the only ones with a nonzero GRPO / PreRL advantage."""
+    return (rewards.min(1).values < 0.5) & (rewards.max(1).values > 0.5)
 
 
 def draw_mixed_groups(model, tokenizer, pool, batch, rewards, step, cfg):
@@ -1079,10 +970,117 @@ def join_rows(rows, pad_id):
 
 
 # -----------------------------------------------------------------------------
-# Loading, after the method: the problem files users have (every bad row refused with its file, row and
-# field), gradient checkpointing, and the embedded default model's one-time conversion from the GGUF file
-# its package ships.
-#
+# Devices, micro-batches and ranks, after the method: where the method's sums run and how they are split,
+# never what they add up to. The device and bf16 autocast on CUDA; each update's backward accumulated over
+# micro-batches of at most --micro-batch-tokens tokens (loss_plan), so memory follows tokens, each scored
+# without the columns that are padding in all its rows (trim, in scored_logprobs); and under torchrun the
+# batch's std and the loss's denominators taken over every rank. The denominators are the whole batch's
+# (aggregation), so the gradients add up to the full batch's however it is split.
+
+
+def pick_device(cfg):
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU, where bf16 is ~200x slower."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def micro_batches(rows, lengths, max_tokens):
+    """Rows sorted by length and cut so that each micro-batch holds at most max_tokens once padded
+    (rows x its longest row; a longer row goes alone). Memory follows tokens, not rows."""
+    batches, current = [], []
+    for i in sorted(rows, key=lambda i: lengths[i]):
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def micro_batch_budget(cfg, device):
+    """Tokens per forward/backward. CPU: 256 keeps the matmuls near peak and activations small. GPU: one
+    kernel launch per op costs as much as the math of a small micro-batch, so make them 16x larger."""
+    return cfg.micro_batch_tokens or (4096 if device.type == "cuda" else 256)
+
+
+def trim(ids, mask, left):
+    """Drop columns that are padding in every row (left padding for prompts, right for responses)."""
+    keep = mask.any(0).nonzero()
+    if len(keep) == 0:
+        return ids[:, :0], mask[:, :0]
+    lo, hi = (keep[0].item(), ids.shape[1]) if left else (0, keep[-1].item() + 1)
+    return ids[:, lo:hi], mask[:, lo:hi]
+
+
+def global_count(count):
+    """A count over the whole batch as a denominator (at least 1): under torchrun every rank's, scaled for
+    FSDP's gradient averaging."""
+    if DIST is not None:  # machinery: count every rank's tokens or rows, scaled for FSDP's gradient averaging
+        return machinery.global_denominator(count, DIST)
+    return count.clamp(min=1)
+
+
+def batch_std(rewards):
+    """Unbiased std of every reward of the step (every rank's under torchrun), as a [1, 1] tensor."""
+    if DIST is None:
+        return rewards.std().reshape(1, 1)
+    sums = torch.stack([torch.tensor(float(rewards.numel())), rewards.sum().cpu(), (rewards ** 2).sum().cpu()]).double()
+    n, total, squares = machinery.all_reduce(sums).tolist()  # machinery: the sums over every rank
+    return torch.tensor(max(squares - total * total / n, 0.0) / max(n - 1, 1), dtype=rewards.dtype).sqrt().reshape(1, 1)
+
+
+# -----------------------------------------------------------------------------
+# Loading, after the method: the built-in generator's families, the problem files users have (every bad
+# row refused with its file, row and field), gradient checkpointing, and the embedded default model's
+# one-time conversion from the GGUF file its package ships.
+
+NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe")
+ITEMS = ("apples", "pencils", "marbles", "stickers", "cards")
+
+
+def make_problem(family, difficulty, rng):
+    """One problem {'problem', 'answer'} of a family; difficulty = digits per operand."""
+    lo, hi = (1 if difficulty == 1 else 10 ** (difficulty - 1)), 10 ** difficulty - 1
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    if family == "add":
+        return {"problem": f"What is {a} + {b}?", "answer": str(a + b)}
+    if family == "sub":
+        return {"problem": f"What is {a} - {b}?", "answer": str(a - b)}
+    if family == "mul":
+        return {"problem": f"What is {a} \\times {b}?", "answer": str(a * b)}
+    if family == "fraction":
+        c, d = rng.randint(lo, hi) + 1, rng.randint(lo, hi) + 1
+        q = Fraction(a, c) + Fraction(b, d)
+        return {"problem": f"Compute $\\frac{{{a}}}{{{c}}} + \\frac{{{b}}}{{{d}}}$ as a reduced fraction.",
+                "answer": f"\\frac{{{q.numerator}}}{{{q.denominator}}}" if q.denominator > 1 else str(q.numerator)}
+    if family == "percent":
+        p = rng.choice([10, 20, 25, 50, 75])
+        n = 4 * rng.randint(lo, hi) * (10 if difficulty == 1 else 1)
+        return {"problem": f"What is {p}% of {n}?", "answer": str(p * n // 100) if p * n % 100 == 0 else f"{p * n / 100}"}
+    if family == "linear":
+        x = rng.randint(-hi, hi)
+        return {"problem": f"Solve for $x$: ${a}x + {b} = {a * x + b}$.", "answer": str(x)}
+    if family == "expand":
+        return {"problem": f"Expand $(x + {a})(x + {b})$.", "answer": f"x^2 + {a + b}x + {a * b}"}
+    if family == "twostep":  # a word problem of two operations: the first result must be carried into the second
+        name, item, c = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(2, max(2, min(hi, 9)))
+        template = rng.randrange(3)
+        if template == 0:
+            return {"problem": f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} in each. "
+                               f"How many {item} does {name} have now?", "answer": str(a + b * c)}
+        if template == 1:
+            away = min(b, c * a)
+            return {"problem": f"{name} buys {c} boxes with {a} {item} in each and gives away {away} {item}. "
+                               f"How many {item} does {name} have left?", "answer": str(c * a - away)}
+        return {"problem": f"{name} has {a} {item} and finds {b} more. Then the number of {item} is multiplied "
+                           f"by {c}. How many {item} does {name} have now?", "answer": str((a + b) * c)}
+    raise ValueError(f"unknown task family {family!r}")
+
+
 # Rows come from JSONL, Parquet (pyarrow), a `datasets` folder written by save_to_disk, or a hub dataset
 # id with --data-split (both through the datasets package). Each row is read by its own schema:
 #   MATH:  {"problem", "answer"} or {"problem", "solution": "... \\boxed{...}"}
@@ -1220,6 +1218,31 @@ def load_problems(path, cfg=None, split=""):
     return [dict(problem, source=source) for problem in problems]
 
 
+def from_pretrained(name, dtype, gradient_checkpointing=False):
+    """(model, tokenizer) of a hub id, a folder or the embedded model (converted once), as transformers loads
+    them, with gradient checkpointing when asked. Each failure is one line: a missing folder, a model that
+    cannot be loaded, final-logit soft-capping (the scorer does not apply it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = embedded_model_folder() if name == EMBEDDED_MODEL else name
+    if name != EMBEDDED_MODEL and name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise SystemExit(f"error: --model {name!r}: no such folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --model {name!r} could not be loaded: {e}") from None
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise SystemExit(f"error: --model {name!r}: final-logit soft-capping is not supported by the scorer")
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model, tokenizer
+
+
+def cache_keyword(model):
+    """The forward's keyword for the KV cache: transformers 5 renamed past_key_values to cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def enable_gradient_checkpointing(model):
     """Keep only each decoder layer's input for the backward pass and recompute the rest:
     activation memory drops about 20x for about a third more compute."""
@@ -1340,10 +1363,34 @@ def write_samples(log, groups):
 
 
 # -----------------------------------------------------------------------------
-# Diagnostics, after the method: what a step's samples say about the policy that drew them; logged with the step's metrics,
-# never trained on. Every step: how responses end and their reasoning-behaviour phrases (free). Every
-# cfg.diagnose_every steps: the policy's entropy and the likelihood of right vs wrong responses in both
-# spaces -- log P(y) is what NSR-PreRL pushes down -- at the cost of one no-grad forward per space.
+# Step records and diagnostics, after the method: each step's metrics.jsonl line (step_record), and what
+# a step's samples say about the policy that drew them, logged with it and never trained on. Every step:
+# how responses end and their reasoning-behaviour phrases (free). Every cfg.diagnose_every steps: the
+# policy's entropy and the likelihood of right vs wrong responses in both spaces -- log P(y) is what
+# NSR-PreRL pushes down -- at the cost of one no-grad forward per space.
+
+
+def step_record(step, stage, batch, rewards, update, draws, scored, diagnostics, samples, times, cfg):
+    """A step's metrics.jsonl line: the rewards, lengths, loss and kept tokens (summed over torchrun's ranks),
+    the update's numbers, the phases' seconds (times: t0..t3 of rl_step), what scoring saw, the diagnostics,
+    and a non-finite step's reason (its update was skipped). 'samples' is popped into samples.jsonl."""
+    loss, grad_norm, kept_tokens, clip_fraction = update
+    t0, t1, t2, t3 = times
+    lengths = batch["response_mask"].sum(1)
+    rewards, lengths, loss, kept_tokens = machinery.step_totals(rewards, lengths, loss, kept_tokens, DIST)  # machinery: all ranks
+    record = {"step": step, "stage": stage, "reward_mean": rewards.mean().item(),
+              "accuracy": (rewards > 0.5).float().mean().item(),
+              "mixed_groups": int(mixed_groups(rewards).sum()),
+              "response_length": lengths.float().mean().item(),
+              "loss": loss, "grad_norm": grad_norm, "kept_tokens": kept_tokens, "clip_fraction": clip_fraction,
+              "draws": draws, "sample_s": round(t1 - t0, 3), "score_s": round(t2 - t1 - diagnostics["diagnose_s"], 3),
+              "train_s": round(t3 - t2, 3), "reward_timeouts": scored["timeouts"], "precision": cfg.precision, **scored["audit"],
+              **diagnostics,
+              "samples": samples}  # popped into samples.jsonl
+    if nonfinite_reason(loss, grad_norm):            # run safety: the update was skipped; say why
+        record["skipped"] = nonfinite_reason(loss, grad_norm)
+    return record
+
 
 # The paper's keyword lists are not public; these are ours. Matched case-insensitively, whole words.
 TRANSITION_PHRASES = ("alternatively", "however", "instead", "another way", "another approach", "on the other hand",
@@ -1598,6 +1645,52 @@ def print_stall_lines(records, said, cfg):
     for sign in signs.keys() - said:
         tqdm.write(f"stall at step {records[-1]['step']}: {signs[sign]}")
     return said | signs.keys()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, after the method: atomic write (temp file, then rename), exact resume (model, optimizer,
+# step and RNG). train() saves through save_run (with model/, in "Run safety") and resumes in open_run.
+
+
+def save_checkpoint(path, model, optimizer, step, cfg):
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    model_state, optimizer_state = machinery.states_to_save(path, model, optimizer, step, rng, cfg.lora > 0, DIST)  # machinery: LoRA, torchrun
+    if model_state is None:  # under torchrun every rank saved its shards; rank 0 alone writes the whole states here
+        return
+    state = {"model": model_state, "optimizer": optimizer_state, "step": step, "config": dataclasses.asdict(cfg), "rng": rng}
+    temporary = f"{path}.tmp{os.getpid()}"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path, model, optimizer=None, adapter_only=False):
+    """Restore the model's weights (LoRA: the adapter) and, when resuming a run (optimizer given), the
+    optimizer and RNG. Returns the step to continue from."""
+    if DIST is not None:  # machinery: under torchrun, resume from every rank's shards
+        return machinery.load_sharded(path, model, optimizer, DIST)
+    try:
+        state = load_saved(path)
+        name, saved = next(iter(state["model"].items()))
+        ours = model.state_dict()[name].dtype
+        if saved.dtype != ours:  # load_state_dict would cast silently, and the optimizer state would not fit
+            raise SystemExit(f"error: checkpoint {path} holds {saved.dtype} weights, this run {ours}: resume with "
+                             f"--precision {'bf16' if saved.dtype == torch.bfloat16 else 'fp32'}")
+        if adapter_only:
+            machinery.load_adapter_state(model, state["model"])  # machinery: LoRA
+        else:
+            model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    except Exception as e:  # truncated file, pickle garbage, other model's weights: one clear message
+        raise SystemExit(f"error: checkpoint {path} is unreadable or does not fit this model: {type(e).__name__}: {e}") from None
+    if optimizer is not None:
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return step
 
 
 # -----------------------------------------------------------------------------
