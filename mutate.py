@@ -43,7 +43,21 @@ SCORED = {
         "save_checkpoint", "load_checkpoint", "evaluate", "resume_problem", "count_nonfinite_steps",
     ],
     "verify.py": ["_close", "_numbers_equal", "_expressions_equal", "_structures_equal", "_compare_normalized"],
-    "machinery.py": [],
+    "machinery.py": [
+        # precision: the rounding bits and the rounding, the AdamW update's reference, the optimizer's bookkeeping,
+        # the precision decision from the step probe's figures (not the timing itself) and on --resume
+        "mix64", "rounding_key", "element_bits", "stochastic_round_to_bf16", "adamw_update",
+        "StochasticRoundingAdamW.__init__", "StochasticRoundingAdamW.step", "StochasticRoundingAdamW.load_state_dict",
+        "probe_step_seconds", "decide_precision", "run_precision",
+        # LoRA (adapters, the merge with alpha / rank, the merged export) and the model export helpers
+        "lora_targets", "add_lora", "prepare_model", "has_lora", "adapter_state", "load_adapter_state",
+        "merged_state_dict", "states_to_save", "full_state", "whole_model",
+        # the memory plan: its arithmetic, its lines, the refusal on CUDA
+        "model_config", "memory_plan", "size", "plan_line", "plan_table", "refuse_if_it_cannot_fit",
+        # distribution helpers that run in one process (their torchrun halves with a stand-in for the collectives)
+        "rank_share", "sum_over_ranks", "before_optimizer_step", "global_denominator", "match_passes", "step_totals",
+        "sharded_folder", "agree_on_stop", "decoder_layers",
+    ],
     "analyze.py": [],
 }
 
@@ -115,13 +129,24 @@ EQUIVALENT = {
 TARGET = 0.95
 
 
+def mangled(name):
+    """mutmut's name of a scored function: x_f for a function f, xǁClassǁmethod for "Class.method"."""
+    return "xǁ" + name.replace(".", "ǁ") if "." in name else "x_" + name
+
+
+def function_of(mutant):
+    """The SCORED name of a mutant: "f" from prerl.x_f__mutmut_3, "Class.method" from machinery.xǁClassǁmethod__mutmut_3."""
+    name = mutant.split(".", 1)[1].split("__mutmut_")[0]
+    return name[2:] if name.startswith("x_") else name[1:].strip("ǁ").replace("ǁ", ".")
+
+
 def mutant_globs():
-    return [f"{file[:-3]}.x_{name}__mutmut_*" for file, names in SCORED.items() for name in names]
+    return [f"{file[:-3]}.{mangled(name)}__mutmut_*" for file, names in SCORED.items() for name in names]
 
 
 def scored_results():
     """{mutant name: status} for the scored functions, from mutmut's per-file result files."""
-    pattern = re.compile(r"^[a-z]+\.x_(%s)__mutmut_\d+$" % "|".join(re.escape(n) for names in SCORED.values() for n in names))
+    pattern = re.compile(r"^[a-z]+\.(%s)__mutmut_\d+$" % "|".join(re.escape(mangled(n)) for names in SCORED.values() for n in names))
     status = {}
     for file in SCORED:
         with open(os.path.join("mutants", file + ".meta")) as f:
@@ -136,16 +161,16 @@ def scored_results():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--children", type=int, default=2, help="parallel mutant workers (default 2)")
-    parser.add_argument("--only", default="", help="comma-separated function names: mutate just these (start small)")
+    parser.add_argument("--only", default="", help="comma-separated function names (Class.method for a method): mutate just these")
     parser.add_argument("--survivors", action="store_true", help="rerun only the last run's unkilled, unlisted mutants")
     parser.add_argument("--report-only", action="store_true", help="score the last run without running mutmut")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
     if not args.report_only:
-        names = [g for g in mutant_globs() if not only or g.split(".x_")[1].split("__mutmut_")[0] in only]
+        names = [g for g in mutant_globs() if not only or function_of(g) in only]
         if args.survivors:
             names = [m for m, s in scored_results().items() if s not in ("killed", "timeout") and m not in EQUIVALENT
-                     and (not only or m.split(".x_")[1].split("__mutmut_")[0] in only)]
+                     and (not only or function_of(m) in only)]
         # one thread per worker: torch's thread pool would otherwise oversubscribe the cores (and deadlock after fork)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if names:
