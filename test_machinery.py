@@ -458,6 +458,15 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour(value):
             assert 0 < (rounded.abs() == above).double().mean().item() < 1
 
 
+def test_stochastic_rounding_with_a_generator_adds_16_uniform_bits_drawn_from_it():
+    """A generator in place of bits: the rounding adds torch.randint(0, 2^16) drawn from that generator."""
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 0.03
+    bits = torch.randint(0, 1 << 16, x.shape, generator=torch.Generator().manual_seed(2))
+    expected = machinery.stochastic_round_to_bf16(x, bits)
+    assert torch.equal(machinery.stochastic_round_to_bf16(x, torch.Generator().manual_seed(2)), expected)
+    assert expected.dtype == torch.bfloat16
+
+
 def test_stochastic_rounding_adamw_on_fp32_parameters_is_torch_adamw():
     """The optimizer's arithmetic is torch.optim.AdamW's: on fp32 parameters (no rounding) they agree."""
     torch.manual_seed(0)
@@ -658,6 +667,9 @@ def test_memory_plan_head_width_and_kv_heads_default_as_the_models_do():
     for config, kv_width in ((qwen2, 2 * 16), (neox, 4 * 16)):
         plan = machinery.memory_plan(config, "fp32", "cpu", 3, 8, 0, False, prompt_tokens=8)
         assert dict(plan["parts"])["KV cache"] == 3 * 16 * 2 * 2 * kv_width * 4, config.model_type  # rows, tokens, layers, K+V, fp32
+        assert all(type(b) is int for _, b in plan["parts"])                     # whole bytes
+        # by default: no LoRA (every parameter trains), no reference model
+        assert plan["trainable"] == plan["parameters"] and dict(plan["parts"])["reference model (--kl-coef)"] == 0
 
 
 def test_memory_plan_lines_say_the_peak_and_its_phase():
@@ -666,6 +678,8 @@ def test_memory_plan_lines_say_the_peak_and_its_phase():
             "parts": [("weights", gib), ("KV cache", gib // 2)]}
     assert machinery.plan_line(plan, "bf16") == ("memory plan (bf16): peak 3.00 GiB while training (training 3.00 GiB, "
                                                  "sampling 1.00 GiB; 135M parameters, 1.5M trained)")
+    assert machinery.plan_line({**plan, "parameters": 1_234_500_001, "trainable": 1_550_001}, "fp32").endswith(
+        "; 1,235M parameters, 1.6M trained)")                      # rounded to the nearest million / 100k
     assert "peak 3.00 GiB while training (training 3.00 GiB, sampling 3.00 GiB" in machinery.plan_line({**plan, "sampling": 3 * gib}, "fp32")
     assert "while sampling (training 0.50 GiB" in machinery.plan_line({**plan, "training": gib // 2}, "fp32")
     assert machinery.plan_table(plan).splitlines() == ["weights      1.000 GiB", "KV cache     0.500 GiB",
@@ -901,6 +915,9 @@ def test_lora_targets_are_peft_rules_and_alpha_defaults_to_the_rank():
     plan = machinery.memory_plan(model.config, "fp32", "cpu", 1, 1, 0, False, 2, "q_proj,v_proj", prompt_tokens=1)
     assert plan["trainable"] == 2 * 2 * ((32 + 32) + (32 + 16))
     assert plan["trainable"] == sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    every_linear = machinery.add_lora(tiny_model(), 2, None, "all-linear", seed=0)             # the plan's default targets
+    assert machinery.memory_plan(model.config, "fp32", "cpu", 1, 1, 0, False, 2, prompt_tokens=1)["trainable"] == \
+        sum(p.numel() for name, p in every_linear.named_parameters() if "lora_" in name)
 
 
 def test_lora_adapters_are_fp32_seeded_and_leave_the_random_stream_alone():
