@@ -176,6 +176,9 @@ EQUIVALENT = {
     "machinery.x_full_state__mutmut_5": "torchrun only: as mutmut_3",
     "machinery.x_full_state__mutmut_6": "torchrun only: as mutmut_2",
     "machinery.x_full_state__mutmut_7": "torchrun only: as mutmut_3",
+    "machinery.x_full_state__mutmut_1": "torchrun only: options=None, torch's defaults, differ from whole-on-the-CPU only for sharded models",
+    "machinery.x_full_state__mutmut_11": "torchrun only: as mutmut_1",
+    "machinery.x_full_state__mutmut_14": "torchrun only: as mutmut_1",
     "machinery.x_whole_model__mutmut_6": "torchrun only: as full_state's mutmut_2",
     "machinery.x_whole_model__mutmut_7": "torchrun only: as full_state's mutmut_3",
     "machinery.x_whole_model__mutmut_8": "torchrun only: as full_state's mutmut_2",
@@ -190,6 +193,9 @@ EQUIVALENT = {
     "machinery.x_match_passes__mutmut_17": "the token on device None: the CPU, where the tests run",
     "machinery.x_match_passes__mutmut_20": "torch.full without dtype: as mutmut_16",
     "machinery.x_match_passes__mutmut_21": "the token without device: the CPU, where the tests run",
+    "machinery.x_stochastic_round_to_bf16__mutmut_8": "randint(2^16, shape) for randint(0, 2^16, shape): torch's low defaults to 0, the same draws",
+    "machinery.x_model_config__mutmut_5": "for_model(**shape) with model_type left in: passed by keyword, the same config",
+    "machinery.x_match_passes__mutmut_31": "minus a zero for plus a zero: every gradient is still zero",
     "machinery.x_size__mutmut_4": "> for >= GIB / 10: a byte count is an integer and GIB / 10 is not",
 }
 

@@ -347,9 +347,10 @@ def test_auto_at_exactly_the_margin_is_bf16_and_the_line_says_every_figure(monke
     monkeypatch.setattr(machinery, "cpu_has_amx_bf16", lambda: True)
     monkeypatch.setattr(machinery, "step_probe", lambda config, rounds=3: parts)
     assert machinery.choose_precision("auto", "cpu", shape="smollm2-135m")[0] == "bf16"
-    parts = {"fp32": [0.0125, 0.5, 0.0625], "bf16": [0.00625, 0.25, 0.03125]}
-    monkeypatch.setattr(machinery, "step_probe", lambda config, rounds=3: parts)
+    parts, probed = {"fp32": [0.0125, 0.5, 0.0625], "bf16": [0.00625, 0.25, 0.03125]}, []
+    monkeypatch.setattr(machinery, "step_probe", lambda config, rounds=3: probed.append(config) or parts)
     precision, why = machinery.decide_precision("auto", "cpu", False, "smollm2-135m")
+    assert probed[0].to_dict() == machinery.model_config("smollm2-135m").to_dict()      # the run's own shape
     fp32, bf16 = 32 * 0.0125 + 0.5 + 0.0625, 32 * 0.00625 + 0.25 + 0.03125      # 32 decode steps, as the line says
     assert precision == "bf16"
     assert why == (f"auto: AMX-BF16; step probe fp32 / bf16 on 2 of 30 layers: decode 12.5 / 6.2 ms, forward+backward "
