@@ -337,33 +337,33 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
             raise ValueError(f"StochasticRoundingAdamW: rounding {rounding!r}: choose stochastic or nearest")
         self.rounding, self.chunk, self.fused = rounding, chunk, fused and rounding == "stochastic"
 
-    @torch.no_grad()
     def step(self):
-        kernel = adamw_bf16_kernel() if self.fused else None
-        index = -1
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                index += 1                             # the tensor's place in the optimizer: part of its key
-                if p.grad is None:
-                    continue
-                if not p.is_contiguous():
-                    raise ValueError("StochasticRoundingAdamW: parameters must be contiguous")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                state["step"] += 1
-                step = int(state["step"].item())
-                key = rounding_key(group["rounding_seed"], step, index) if self.rounding == "stochastic" else None
-                scalars = (1 - lr * decay, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step))
-                flat = [t.detach().view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-                if kernel and p.device.type == "cpu" and all(t.dtype == torch.bfloat16 for t in flat):
-                    kernel(*flat, key, *scalars, beta1, beta2, eps)   # it rounds the scalars to fp32, as below
-                    continue
-                scalars = [torch.tensor(x, dtype=torch.float32, device=p.device) for x in scalars]
-                for offset in range(0, p.numel(), self.chunk):
-                    adamw_update(*(t[offset:offset + self.chunk] for t in flat), key, offset, *scalars, beta1, beta2, eps)
+        with torch.no_grad():                        # a block, not @torch.no_grad(): mutmut skips decorated methods
+            kernel = adamw_bf16_kernel() if self.fused else None
+            index = -1
+            for group in self.param_groups:
+                lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+                for p in group["params"]:
+                    index += 1                             # the tensor's place in the optimizer: part of its key
+                    if p.grad is None:
+                        continue
+                    if not p.is_contiguous():
+                        raise ValueError("StochasticRoundingAdamW: parameters must be contiguous")
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                    state["step"] += 1
+                    step = int(state["step"].item())
+                    key = rounding_key(group["rounding_seed"], step, index) if self.rounding == "stochastic" else None
+                    scalars = (1 - lr * decay, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step))
+                    flat = [t.detach().view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                    if kernel and p.device.type == "cpu" and all(t.dtype == torch.bfloat16 for t in flat):
+                        kernel(*flat, key, *scalars, beta1, beta2, eps)   # it rounds the scalars to fp32, as below
+                        continue
+                    scalars = [torch.tensor(x, dtype=torch.float32, device=p.device) for x in scalars]
+                    for offset in range(0, p.numel(), self.chunk):
+                        adamw_update(*(t[offset:offset + self.chunk] for t in flat), key, offset, *scalars, beta1, beta2, eps)
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
@@ -451,10 +451,15 @@ def probe_step_seconds(parts):
 
 @functools.lru_cache(maxsize=None)
 def choose_precision(requested, device_type, distributed=False, shape="smollm2-135m"):
+    """(precision, why) for --precision, decided (decide_precision) once per process."""
+    return decide_precision(requested, device_type, distributed, shape)
+
+
+def decide_precision(requested, device_type, distributed, shape):
     """(precision, why) for --precision. auto: bf16 on CUDA; on a CPU with AMX-BF16, bf16 if a probe of
     the model's step (shape: a MODEL_SHAPES name or a config folder) has it >= BF16_STEP_MARGIN faster;
-    else fp32. Probed once per process. Under torchrun auto stays fp32: the stochastic-rounding optimizer
-    has not been tried on FSDP2's sharded parameters."""
+    else fp32. Under torchrun auto stays fp32: the stochastic-rounding optimizer has not been tried on
+    FSDP2's sharded parameters."""
     if requested != "auto":
         return requested, "--precision " + requested
     if distributed:

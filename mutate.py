@@ -12,8 +12,11 @@ data split, the prompts and the sampling keys' random numbers, two run-safety ru
 change, the non-finite guard) and verify.py's comparison core. Each mutant runs only the tests that
 reach its function. A surviving mutant is either a missing test (write it) or equivalent to the original
 (list it in EQUIVALENT with the reason). The score counts killed mutants among the non-equivalent ones; the target is 95%.
-Not mutated: generate() (mutmut 3 leaves decorated functions alone: @torch.no_grad()); machinery.py
-(speed only, checked against the plain path by the tests). Not scored: train() and rl_step(), whose many
+In machinery.py: the precision code (rounding bits and rounding, the AdamW update, the optimizer's bookkeeping,
+the precision decision), LoRA and the model export, the memory plan, and the distribution helpers that run in
+one process; not what needs CUDA or torchrun (the static decoder's graphs, FSDP, collectives, sharded
+checkpoints) or times the probe. Not mutated: generate() (mutmut 3 leaves decorated functions alone:
+@torch.no_grad()). Not scored: train() and rl_step(), whose many
 print, timing and run-safety lines would drown the method; their rules are tested end to end.
 """
 
@@ -43,7 +46,21 @@ SCORED = {
         "save_checkpoint", "load_checkpoint", "evaluate", "resume_problem", "count_nonfinite_steps",
     ],
     "verify.py": ["_close", "_numbers_equal", "_expressions_equal", "_structures_equal", "_compare_normalized"],
-    "machinery.py": [],
+    "machinery.py": [
+        # precision: the rounding bits and the rounding, the AdamW update's reference, the optimizer's bookkeeping,
+        # the precision decision from the step probe's figures (not the timing itself) and on --resume
+        "mix64", "rounding_key", "element_bits", "stochastic_round_to_bf16", "adamw_update",
+        "StochasticRoundingAdamW.__init__", "StochasticRoundingAdamW.step", "StochasticRoundingAdamW.load_state_dict",
+        "probe_step_seconds", "decide_precision", "run_precision",
+        # LoRA (adapters, the merge with alpha / rank, the merged export) and the model export helpers
+        "lora_targets", "add_lora", "prepare_model", "has_lora", "adapter_state", "load_adapter_state",
+        "merged_state_dict", "states_to_save", "full_state", "whole_model",
+        # the memory plan: its arithmetic, its lines, the refusal on CUDA
+        "model_config", "memory_plan", "size", "plan_line", "plan_table", "refuse_if_it_cannot_fit",
+        # distribution helpers that run in one process (their torchrun halves with a stand-in for the collectives)
+        "rank_share", "sum_over_ranks", "before_optimizer_step", "global_denominator", "match_passes", "step_totals",
+        "sharded_folder", "agree_on_stop", "decoder_layers",
+    ],
     "analyze.py": [],
 }
 
@@ -110,18 +127,99 @@ EQUIVALENT = {
     "prerl.x_load_checkpoint__mutmut_6": "no map_location: as above",
     "prerl.x_load_checkpoint__mutmut_10": "weights_only=True: the checkpoint holds only tensors, dicts, tuples, numbers and strings, all allowed",
     "prerl.x_load_checkpoint__mutmut_35": "`or` for `and` before restoring the CUDA RNG: without a GPU both branches skip it",
+    # machinery.py: the tests run on a CPU, where device None (or no device) is the CPU, and torch's defaults are these dtypes
+    "machinery.x_element_bits__mutmut_8": "arange(dtype=None): an integer arange is int64 anyway",
+    "machinery.x_element_bits__mutmut_9": "arange on device None: the CPU, where the tests run",
+    "machinery.x_element_bits__mutmut_11": "arange without dtype: int64 anyway",
+    "machinery.x_element_bits__mutmut_12": "arange without device: the CPU, where the tests run",
+    "machinery.x_stochastic_round_to_bf16__mutmut_5": "randint(dtype=None): int64 draws of the same values (a test compares), cast to int32 before use",
+    "machinery.x_stochastic_round_to_bf16__mutmut_6": "randint on device None: the CPU, where the tests run",
+    "machinery.x_stochastic_round_to_bf16__mutmut_11": "randint without dtype: as mutmut_5",
+    "machinery.x_stochastic_round_to_bf16__mutmut_12": "randint without device: the CPU, where the tests run",
+    "machinery.x_adamw_update__mutmut_29": "element_bits on device None: the CPU, where the tests run",
+    "machinery.x_adamw_update__mutmut_33": "element_bits without device: its default, the CPU",
+    "machinery.xǁStochasticRoundingAdamWǁstep__mutmut_105": "scalar tensors with dtype None: a Python float becomes float32 anyway",
+    "machinery.xǁStochasticRoundingAdamWǁstep__mutmut_106": "scalar tensors on device None: the CPU, where the tests run",
+    "machinery.xǁStochasticRoundingAdamWǁstep__mutmut_108": "scalar tensors without dtype: float32 anyway",
+    "machinery.xǁStochasticRoundingAdamWǁstep__mutmut_109": "scalar tensors without device: the CPU, where the tests run",
+    "machinery.xǁStochasticRoundingAdamWǁ__init____mutmut_3": "default rounding seed 1 for 0: every caller (prerl, the probe's timing) passes a seed or needs none in particular",
+    # machinery.py: torch's Optimizer.load_state_dict reads only "state" and "param_groups"
+    "machinery.xǁStochasticRoundingAdamWǁload_state_dict__mutmut_3": "old checkpoints' rounding_rng not popped: torch's load_state_dict ignores keys besides state and param_groups",
+    "machinery.xǁStochasticRoundingAdamWǁload_state_dict__mutmut_6": "pop of another key: as mutmut_3",
+    "machinery.xǁStochasticRoundingAdamWǁload_state_dict__mutmut_7": "pop of another key: as mutmut_3",
+    # machinery.py: run_precision reads a checkpoint as prerl's resume_problem does (see the prerl entries above)
+    "machinery.x_run_precision__mutmut_11": "map_location None for 'cpu': the same on a machine without a GPU, where the tests run",
+    "machinery.x_run_precision__mutmut_12": "mmap=None: read whole instead of memory-mapped, the same config and weights (memory only)",
+    "machinery.x_run_precision__mutmut_13": "weights_only=None (torch's default, True): a checkpoint holds only allowed types",
+    "machinery.x_run_precision__mutmut_15": "no map_location: as mutmut_11",
+    "machinery.x_run_precision__mutmut_16": "no mmap: as mutmut_12",
+    "machinery.x_run_precision__mutmut_17": "no weights_only: as mutmut_13",
+    "machinery.x_run_precision__mutmut_20": "mmap=False: as mutmut_12",
+    "machinery.x_run_precision__mutmut_21": "weights_only=True: as mutmut_13",
+    "machinery.x_run_precision__mutmut_37": "a recorded fp32 read from the weights instead: an fp32 run's weights and adapters are fp32, the same answer",
+    "machinery.x_run_precision__mutmut_38": "as mutmut_37",
+    # machinery.py: memory_plan of a text-only model, whose get_text_config() is the config itself
+    "machinery.x_memory_plan__mutmut_27": "the config instead of its text config: the same object for a text-only causal LM",
+    "machinery.x_memory_plan__mutmut_28": "get_text_config() always called: every transformers 5 config has it",
+    "machinery.x_memory_plan__mutmut_29": "as mutmut_27",
+    "machinery.x_memory_plan__mutmut_33": "as mutmut_27",
+    "machinery.x_memory_plan__mutmut_34": "as mutmut_27",
+    # machinery.py: add_lora's arguments that restate peft's defaults
+    "machinery.x_add_lora__mutmut_13": "no lora_dropout: peft's default is 0.0, the value given",
+    "machinery.x_add_lora__mutmut_14": "no bias: peft's default is 'none', the value given",
+    "machinery.x_add_lora__mutmut_26": "fork_rng(devices=None): the adapters are drawn on the CPU generator, which is forked either way",
+    "machinery.x_add_lora__mutmut_39": "no autocast_adapter_dtype: peft's default is True, the value given",
+    # machinery.py: in one process the state dicts are whole and on the CPU already; these options act under torchrun only
+    "machinery.x_full_state__mutmut_2": "torchrun only: full_state_dict=None gathers nothing in one process, where nothing is sharded",
+    "machinery.x_full_state__mutmut_3": "torchrun only: cpu_offload=None moves nothing in one process, where the tensors are on the CPU",
+    "machinery.x_full_state__mutmut_4": "torchrun only: as mutmut_2",
+    "machinery.x_full_state__mutmut_5": "torchrun only: as mutmut_3",
+    "machinery.x_full_state__mutmut_6": "torchrun only: as mutmut_2",
+    "machinery.x_full_state__mutmut_7": "torchrun only: as mutmut_3",
+    "machinery.x_full_state__mutmut_1": "torchrun only: options=None, torch's defaults, differ from whole-on-the-CPU only for sharded models",
+    "machinery.x_full_state__mutmut_11": "torchrun only: as mutmut_1",
+    "machinery.x_full_state__mutmut_14": "torchrun only: as mutmut_1",
+    "machinery.x_whole_model__mutmut_6": "torchrun only: as full_state's mutmut_2",
+    "machinery.x_whole_model__mutmut_7": "torchrun only: as full_state's mutmut_3",
+    "machinery.x_whole_model__mutmut_8": "torchrun only: as full_state's mutmut_2",
+    "machinery.x_whole_model__mutmut_9": "torchrun only: as full_state's mutmut_3",
+    "machinery.x_whole_model__mutmut_10": "torchrun only: as full_state's mutmut_2",
+    "machinery.x_whole_model__mutmut_11": "torchrun only: as full_state's mutmut_3",
+    "machinery.x_whole_model__mutmut_3": "torchrun only: options=None, torch's defaults, differ from whole-on-the-CPU only for sharded models",
+    "machinery.x_whole_model__mutmut_5": "torchrun only: as mutmut_3",
+    "machinery.x_load_adapter_state__mutmut_3": "strict=None: torch reads it as false, the same non-strict load",
+    # machinery.py: match_passes' one start token
+    "machinery.x_match_passes__mutmut_16": "torch.full(dtype=None) with an integer fill: int64 anyway",
+    "machinery.x_match_passes__mutmut_17": "the token on device None: the CPU, where the tests run",
+    "machinery.x_match_passes__mutmut_20": "torch.full without dtype: as mutmut_16",
+    "machinery.x_match_passes__mutmut_21": "the token without device: the CPU, where the tests run",
+    "machinery.x_stochastic_round_to_bf16__mutmut_8": "randint(2^16, shape) for randint(0, 2^16, shape): torch's low defaults to 0, the same draws",
+    "machinery.x_model_config__mutmut_5": "for_model(**shape) with model_type left in: passed by keyword, the same config",
+    "machinery.x_match_passes__mutmut_31": "minus a zero for plus a zero: every gradient is still zero",
+    "machinery.x_size__mutmut_4": "> for >= GIB / 10: a byte count is an integer and GIB / 10 is not",
 }
 
 TARGET = 0.95
 
 
+def mangled(name):
+    """mutmut's name of a scored function: x_f for a function f, xǁClassǁmethod for "Class.method"."""
+    return "xǁ" + name.replace(".", "ǁ") if "." in name else "x_" + name
+
+
+def function_of(mutant):
+    """The SCORED name of a mutant: "f" from prerl.x_f__mutmut_3, "Class.method" from machinery.xǁClassǁmethod__mutmut_3."""
+    name = mutant.split(".", 1)[1].split("__mutmut_")[0]
+    return name[2:] if name.startswith("x_") else name[1:].strip("ǁ").replace("ǁ", ".")
+
+
 def mutant_globs():
-    return [f"{file[:-3]}.x_{name}__mutmut_*" for file, names in SCORED.items() for name in names]
+    return [f"{file[:-3]}.{mangled(name)}__mutmut_*" for file, names in SCORED.items() for name in names]
 
 
 def scored_results():
     """{mutant name: status} for the scored functions, from mutmut's per-file result files."""
-    pattern = re.compile(r"^[a-z]+\.x_(%s)__mutmut_\d+$" % "|".join(re.escape(n) for names in SCORED.values() for n in names))
+    pattern = re.compile(r"^[a-z]+\.(%s)__mutmut_\d+$" % "|".join(re.escape(mangled(n)) for names in SCORED.values() for n in names))
     status = {}
     for file in SCORED:
         with open(os.path.join("mutants", file + ".meta")) as f:
@@ -136,16 +234,16 @@ def scored_results():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--children", type=int, default=2, help="parallel mutant workers (default 2)")
-    parser.add_argument("--only", default="", help="comma-separated function names: mutate just these (start small)")
+    parser.add_argument("--only", default="", help="comma-separated function names (Class.method for a method): mutate just these")
     parser.add_argument("--survivors", action="store_true", help="rerun only the last run's unkilled, unlisted mutants")
     parser.add_argument("--report-only", action="store_true", help="score the last run without running mutmut")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
     if not args.report_only:
-        names = [g for g in mutant_globs() if not only or g.split(".x_")[1].split("__mutmut_")[0] in only]
+        names = [g for g in mutant_globs() if not only or function_of(g) in only]
         if args.survivors:
             names = [m for m, s in scored_results().items() if s not in ("killed", "timeout") and m not in EQUIVALENT
-                     and (not only or m.split(".x_")[1].split("__mutmut_")[0] in only)]
+                     and (not only or function_of(m) in only)]
         # one thread per worker: torch's thread pool would otherwise oversubscribe the cores (and deadlock after fork)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if names:

@@ -458,6 +458,15 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour(value):
             assert 0 < (rounded.abs() == above).double().mean().item() < 1
 
 
+def test_stochastic_rounding_with_a_generator_adds_16_uniform_bits_drawn_from_it():
+    """A generator in place of bits: the rounding adds torch.randint(0, 2^16) drawn from that generator."""
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 0.03
+    bits = torch.randint(0, 1 << 16, x.shape, generator=torch.Generator().manual_seed(2))
+    expected = machinery.stochastic_round_to_bf16(x, bits)
+    assert torch.equal(machinery.stochastic_round_to_bf16(x, torch.Generator().manual_seed(2)), expected)
+    assert expected.dtype == torch.bfloat16
+
+
 def test_stochastic_rounding_adamw_on_fp32_parameters_is_torch_adamw():
     """The optimizer's arithmetic is torch.optim.AdamW's: on fp32 parameters (no rounding) they agree."""
     torch.manual_seed(0)
@@ -593,6 +602,117 @@ def test_memory_plan_refuses_on_cuda_naming_the_flags(monkeypatch):
     with pytest.raises(SystemExit, match="--gradient-checkpointing.*--lora"):
         machinery.refuse_if_it_cannot_fit(plan, torch.device("cuda"))
     machinery.refuse_if_it_cannot_fit(plan, torch.device("cpu"))  # CPU: the plan is printed, never enforced
+
+
+def hand_plan(h, i, layers, heads, kv_heads, head_dim, vocab, tied, precision, device, checkpointing, lora, targets,
+              reference, rows, prompt, new, budget):
+    """The memory plan by hand, part by part, as docs/memory.md and the comment above memory_plan state it."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    linears = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+               "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    parameters = vocab * h * (1 if tied else 2) + layers * (sum(a * b for a, b in linears.values()) + 2 * h) + h
+    adapter = layers * sum(lora * (a + b) for name, (a, b) in linears.items() if targets == "all-linear" or name in targets)
+    weight = 2 if precision == "bf16" else 4
+    act = 2 if precision == "bf16" or device == "cuda" else 4
+    trainable = adapter if lora else parameters
+    state = 8 if lora or precision == "fp32" else 4
+    gradient = 4 if lora else weight
+    sequence = prompt + new
+    tokens = max(sequence, budget)                                          # a longer row goes alone
+    per_layer = 2 * (4 * h + 2 * act * h) + act * (7 * q + 4 * kv + 4 * i)
+    scratch = act * 3 * i
+    activations = tokens * (layers * act * h + per_layer + scratch) if checkpointing else tokens * (layers * per_layer + scratch)
+    base = {"weights": parameters * weight + adapter * 4, "reference model (--kl-coef)": parameters * weight if reference else 0,
+            "optimizer state": trainable * state}
+    sampling = {"KV cache": rows * sequence * layers * 2 * kv * act, "decode step softmax + CDF": rows * vocab * (act + 20)}
+    training = {"gradients": trainable * gradient,
+                "activations" + (" (checkpointed)" if checkpointing else ""): activations,
+                "LM head: saved softmax + fp32 chunk": tokens * vocab * act + 256 * vocab * 4,
+                "LM head / embedding gradient transients": 0 if lora else (3 if tied else 1) * vocab * h * gradient,
+                "optimizer temporaries": 14 * 4 * min(1 << 22, trainable) if precision == "bf16" and not lora and device != "cpu" else 0}
+    peak_sampling, peak_training = sum(base.values()) + sum(sampling.values()), sum(base.values()) + sum(training.values())
+    return {"parts": list({**base, **sampling, **training}.items()), "sampling": peak_sampling, "training": peak_training,
+            "peak": max(peak_sampling, peak_training), "parameters": parameters, "trainable": trainable,
+            "tokens": tokens, "sequence": sequence}
+
+
+@pytest.mark.parametrize("precision,device,checkpointing,lora,targets,reference,tied,budget", [
+    ("fp32", "cpu", False, 0, "all-linear", False, False, 0),
+    ("bf16", "cpu", True, 0, "all-linear", True, True, 500),
+    ("fp32", "cuda", False, 2, "q_proj,v_proj", False, False, 40),
+    ("bf16", "cuda", True, 0, "all-linear", False, True, 0),
+    ("bf16", "cuda", False, 3, "all-linear", True, True, 0),
+])
+def test_memory_plan_is_each_part_as_counted_by_hand(precision, device, checkpointing, lora, targets, reference, tied, budget):
+    """Every part, peak and count of the plan against a hand count, on a shape whose head width is not
+    hidden / heads and whose key-value heads are fewer than the query heads."""
+    from transformers import AutoConfig
+    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=24, vocab_size=200, tie_word_embeddings=tied)
+    config = AutoConfig.for_model("llama", **shape)
+    plan = machinery.memory_plan(config, precision, device, 6, 10, budget, checkpointing, lora, targets,
+                                 reference_model=reference, prompt_tokens=20)
+    assert plan == hand_plan(64, 96, 3, 4, 2, 24, 200, tied, precision, device, checkpointing, lora, targets,
+                             reference, rows=6, prompt=20, new=10, budget=budget)
+
+
+def test_memory_plan_head_width_and_kv_heads_default_as_the_models_do():
+    """Qwen2's config has no head_dim (each head is hidden / heads wide), GPT-NeoX's no num_key_value_heads
+    (every head keeps its keys and values): the KV cache by hand for both."""
+    from transformers import AutoConfig
+    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=200)
+    qwen2 = AutoConfig.for_model("qwen2", num_key_value_heads=2, **shape)
+    neox = AutoConfig.for_model("gpt_neox", **shape)
+    assert not hasattr(qwen2, "head_dim") and not hasattr(neox, "num_key_value_heads")
+    for config, kv_width in ((qwen2, 2 * 16), (neox, 4 * 16)):
+        plan = machinery.memory_plan(config, "fp32", "cpu", 3, 8, 0, False, prompt_tokens=8)
+        assert dict(plan["parts"])["KV cache"] == 3 * 16 * 2 * 2 * kv_width * 4, config.model_type  # rows, tokens, layers, K+V, fp32
+        assert all(type(b) is int for _, b in plan["parts"])                     # whole bytes
+        # by default: no LoRA (every parameter trains), no reference model
+        assert plan["trainable"] == plan["parameters"] and dict(plan["parts"])["reference model (--kl-coef)"] == 0
+
+
+def test_memory_plan_lines_say_the_peak_and_its_phase():
+    gib = 2 ** 30
+    plan = {"peak": 3 * gib, "training": 3 * gib, "sampling": gib, "parameters": 134_515_008, "trainable": 1_540_000,
+            "parts": [("weights", gib), ("KV cache", gib // 2)]}
+    assert machinery.plan_line(plan, "bf16") == ("memory plan (bf16): peak 3.00 GiB while training (training 3.00 GiB, "
+                                                 "sampling 1.00 GiB; 135M parameters, 1.5M trained)")
+    assert machinery.plan_line({**plan, "parameters": 1_234_500_001, "trainable": 1_550_001}, "fp32").endswith(
+        "; 1,235M parameters, 1.6M trained)")                      # rounded to the nearest million / 100k
+    assert "peak 3.00 GiB while training (training 3.00 GiB, sampling 3.00 GiB" in machinery.plan_line({**plan, "sampling": 3 * gib}, "fp32")
+    assert "while sampling (training 0.50 GiB" in machinery.plan_line({**plan, "training": gib // 2}, "fp32")
+    assert machinery.plan_table(plan).splitlines() == ["weights      1.000 GiB", "KV cache     0.500 GiB",
+                                                       "peak while sampling     1.000 GiB", "peak while training     3.000 GiB"]
+    assert [machinery.size(n) for n in (gib // 10 + 1, gib // 10 - 2 ** 19, 3 * 2 ** 20)] == ["0.10 GiB", "101.9 MiB", "3.0 MiB"]
+
+
+def test_memory_plan_refusal_is_one_line_with_the_figures(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (2 * 2 ** 30, 24 * 2 ** 30))
+    with pytest.raises(SystemExit) as refusal:
+        machinery.refuse_if_it_cannot_fit({"peak": 3 * 2 ** 30}, torch.device("cuda", 1))
+    assert str(refusal.value) == ("error: the memory plan's peak 3.0 GiB exceeds the free 2.0 GiB on cuda:1. Lower it with "
+                                  "--precision bf16, --gradient-checkpointing, --micro-batch-tokens, --prompts-per-step, "
+                                  "--group-size, --max-new-tokens or --lora RANK (see python prerl.py --plan-memory ...)")
+    assert asked == [torch.device("cuda", 1)]
+    machinery.refuse_if_it_cannot_fit({"peak": 2 * 2 ** 30}, torch.device("cuda"))   # exactly what is free: it fits
+
+
+def test_model_config_from_a_shape_or_a_folder_and_a_one_line_error(tmp_path):
+    config = machinery.model_config("qwen2.5-0.5b")
+    assert config.model_type == "qwen2" and machinery.MODEL_SHAPES["qwen2.5-0.5b"]["model_type"] == "qwen2"
+    assert {k: getattr(config, k) for k in machinery.MODEL_SHAPES["qwen2.5-0.5b"] if k != "model_type"} == \
+        {k: v for k, v in machinery.MODEL_SHAPES["qwen2.5-0.5b"].items() if k != "model_type"}
+    config.save_pretrained(tmp_path / "folder")
+    loaded = machinery.model_config(str(tmp_path / "folder")).to_dict()
+    assert {**loaded, "_name_or_path": ""} == config.to_dict()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as refusal:
+        machinery.model_config(str(tmp_path / "empty"))
+    message = (f"error: model config {str(tmp_path / 'empty')!r}: not a shape (smollm2-135m, qwen2.5-0.5b, "
+               "qwen2.5-1.5b, qwen3-4b) and no readable config.json")
+    assert str(refusal.value) in (message + " (OSError)", message + " (ValueError)")    # by transformers version
 
 
 MEMORY_STEP = """
@@ -763,3 +883,276 @@ def test_lora_run_checkpoints_only_the_adapter_and_resumes(tiny_model_folder, tm
     assert full["model"] and all("lora_" in name for name in full["model"])
     for name, tensor in full["model"].items():
         assert torch.equal(tensor, part["model"][name]), name
+
+
+def adapted_modules(model):
+    return {name for name, module in model.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A}
+
+
+def test_lora_targets_are_peft_rules_and_alpha_defaults_to_the_rank():
+    """Comma-separated targets adapt the Linears whose name is, or ends in ".", a target; "all-linear" every
+    Linear but the LM head. Without --lora-alpha the scale alpha / rank is 1: the merge adds B A."""
+    pytest.importorskip("peft")
+    head, linear = torch.nn.Linear(2, 3), torch.nn.Linear(2, 3)
+    assert machinery.lora_targets("model.layers.0.self_attn.q_proj", linear, "q_proj,v_proj", head)
+    assert machinery.lora_targets("v_proj", linear, "q_proj,v_proj", head)
+    assert not machinery.lora_targets("model.layers.0.self_attn.xq_proj", linear, "q_proj,v_proj", head)
+    assert not machinery.lora_targets("model.layers.0.q_proj", torch.nn.Embedding(2, 3), "q_proj", head)
+    assert not machinery.lora_targets("model.layers.0.q_proj", torch.nn.Embedding(2, 3), "all-linear", head)
+    assert machinery.lora_targets("lm_head", linear, "all-linear", head)
+    assert not machinery.lora_targets("lm_head", head, "all-linear", head)
+    model = machinery.add_lora(tiny_model(), 2, None, "q_proj,v_proj", seed=0)
+    assert adapted_modules(model) == {f"model.layers.{n}.self_attn.{t}" for n in (0, 1) for t in ("q_proj", "v_proj")}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    merged, base = machinery.merged_state_dict(model), tiny_model().state_dict()
+    a, b = (model.get_parameter(f"model.layers.1.self_attn.v_proj.lora_{x}.default.weight") for x in "AB")
+    torch.testing.assert_close(merged["model.layers.1.self_attn.v_proj.weight"],
+                               base["model.layers.1.self_attn.v_proj.weight"] + b @ a, rtol=1e-6, atol=1e-6)
+    # the plan counts the same adapters: r (in + out) for q (32 -> 32) and v (32 -> 16) in each of 2 layers
+    plan = machinery.memory_plan(model.config, "fp32", "cpu", 1, 1, 0, False, 2, "q_proj,v_proj", prompt_tokens=1)
+    assert plan["trainable"] == 2 * 2 * ((32 + 32) + (32 + 16))
+    assert plan["trainable"] == sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    every_linear = machinery.add_lora(tiny_model(), 2, None, "all-linear", seed=0)             # the plan's default targets
+    assert machinery.memory_plan(model.config, "fp32", "cpu", 1, 1, 0, False, 2, prompt_tokens=1)["trainable"] == \
+        sum(p.numel() for name, p in every_linear.named_parameters() if "lora_" in name)
+
+
+def test_lora_adapters_are_fp32_seeded_and_leave_the_random_stream_alone():
+    pytest.importorskip("peft")
+    base = tiny_model(torch.float32).to(torch.bfloat16)
+    state = torch.get_rng_state()
+    first = machinery.add_lora(base, 4, 8.0, "all-linear", seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    again = machinery.add_lora(tiny_model(torch.float32).to(torch.bfloat16), 4, 8.0, "all-linear", seed=5)
+    other = machinery.add_lora(tiny_model(torch.float32).to(torch.bfloat16), 4, 8.0, "all-linear", seed=6)
+    name = "model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert first.get_parameter(name).dtype == torch.float32
+    assert first.get_parameter("model.layers.0.self_attn.q_proj.base_layer.weight").dtype == torch.bfloat16
+    assert torch.equal(first.get_parameter(name), again.get_parameter(name))
+    assert not torch.equal(first.get_parameter(name), other.get_parameter(name))
+    # no dropout on the adapters: training mode computes what evaluation mode does
+    model = lora_model()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ids = torch.randint(4, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.train()
+        training = model(input_ids=ids).logits
+        model.eval()
+        torch.testing.assert_close(training, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_lora_refusals_name_the_flag(monkeypatch):
+    pytest.importorskip("peft")
+    with pytest.raises(SystemExit) as refusal:
+        machinery.add_lora(tiny_model(), 4, None, "nope_proj", seed=0)
+    prefix = "error: --lora-targets 'nope_proj': "
+    assert str(refusal.value).startswith(prefix) and "nope_proj" in str(refusal.value)[len(prefix):]   # then peft's why
+    monkeypatch.setitem(sys.modules, "peft", None)                 # peft not installed
+    with pytest.raises(SystemExit) as refusal:
+        machinery.add_lora(tiny_model(), 4, None, "all-linear", seed=0)
+    assert str(refusal.value) == "error: --lora needs the optional peft package: pip install peft"
+
+
+def test_prepare_model_adds_lora_only_for_a_rank_and_shards_only_under_torchrun(monkeypatch):
+    pytest.importorskip("peft")
+    model = tiny_model()
+    assert machinery.prepare_model(model, 0, None, "all-linear", 0, None) is model and not machinery.has_lora(model)
+    adapted = machinery.prepare_model(tiny_model(), 4, 16.0, "all-linear", 0, None)
+    assert machinery.has_lora(adapted) and adapted.model.layers[0].self_attn.q_proj.scaling["default"] == 4.0
+    sharded = []
+    monkeypatch.setattr(machinery, "shard_model", lambda m, dist: sharded.append((m, dist)))
+    dist = machinery.Distributed(0, 2, "gloo", torch.device("cpu"), None)
+    assert machinery.prepare_model(model, 0, None, "all-linear", 0, dist) is model and sharded == [(model, dist)]
+
+
+def test_adapter_state_is_the_adapters_and_loads_back_only_when_it_fits():
+    pytest.importorskip("peft")
+    model = lora_model()
+    lora_names = {name for name in model.state_dict() if "lora_A" in name or "lora_B" in name}
+    state = machinery.adapter_state(model)
+    assert set(state) == lora_names and len(lora_names) == 2 * 7 * 2
+    assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in state.items())
+    other = lora_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    machinery.load_adapter_state(other, state)
+    assert all(torch.equal(other.state_dict()[name], tensor) for name, tensor in state.items())
+    missing = dict(list(state.items())[5:])
+    with pytest.raises(ValueError) as refusal:
+        machinery.load_adapter_state(other, missing)
+    names = list(state)[:5]
+    assert str(refusal.value) == f"adapter does not fit: unexpected [], missing {names[:3]}"
+    with pytest.raises(ValueError, match=r"^adapter does not fit: unexpected \['x.lora_A', 'y', 'z'\], missing \[\]$"):
+        machinery.load_adapter_state(other, {**state, "x.lora_A": torch.zeros(1), "y": torch.zeros(1), "z": torch.zeros(1),
+                                             "w": torch.zeros(1)})
+    assert machinery.has_lora(model) and not machinery.has_lora(tiny_model())
+
+
+def test_lora_merge_keeps_the_base_dtype_and_no_autograd_graph():
+    pytest.importorskip("peft")
+    model = machinery.add_lora(tiny_model(torch.float32).to(torch.bfloat16), 4, 8.0, "all-linear", seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    merged = machinery.merged_state_dict(model)
+    weight = merged["model.layers.0.mlp.up_proj.weight"]
+    assert weight.dtype == torch.bfloat16 and not weight.requires_grad and weight.grad_fn is None
+    a, b = (model.get_parameter(f"model.layers.0.mlp.up_proj.lora_{x}.default.weight") for x in "AB")
+    base = model.get_parameter("model.layers.0.mlp.up_proj.base_layer.weight")
+    assert torch.equal(weight, (base.float() + 2.0 * (b @ a)).to(torch.bfloat16))    # added in fp32, then rounded once
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint and export helpers, and the distribution helpers, in one process
+
+
+def test_states_to_save_are_the_state_dicts_or_the_adapter_and_rank_0_gets_the_whole(monkeypatch, tmp_path):
+    pytest.importorskip("peft")
+    model = lora_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model_state, optimizer_state = machinery.states_to_save(tmp_path / "c.pt", model, optimizer, 3, {}, False, None)
+    assert set(model_state) == set(model.state_dict()) and optimizer_state == optimizer.state_dict()
+    model_state, _ = machinery.states_to_save(tmp_path / "c.pt", model, optimizer, 3, {}, True, None)
+    assert set(model_state) == set(machinery.adapter_state(model))
+    saved = []
+    monkeypatch.setattr(machinery, "save_sharded", lambda *a: saved.append(a))
+    gathered = []
+    monkeypatch.setattr(machinery, "full_state", lambda m, o: gathered.append((m, o)) or ("whole model", "whole optimizer"))
+    for rank, expected in ((0, ("whole model", "whole optimizer")), (1, (None, None))):
+        dist = machinery.Distributed(rank, 2, "gloo", torch.device("cpu"), None)
+        assert machinery.states_to_save("c.pt", model, optimizer, 3, {"r": 1}, True, dist) == expected
+        assert saved.pop() == ("c.pt", model, optimizer, 3, {"r": 1}, dist)
+        assert gathered.pop() == (model, optimizer)                 # every rank gathers (a collective)
+
+
+def test_full_state_in_one_process_is_the_single_process_format():
+    model = tiny_model(torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    model_state, optimizer_state = machinery.full_state(model, optimizer)
+    assert set(model_state) == set(model.state_dict())
+    assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in model_state.items())
+    expected = optimizer.state_dict()
+    assert sorted(optimizer_state["state"]) == sorted(expected["state"]) == list(range(len(list(model.parameters()))))
+    for index, slot in expected["state"].items():
+        assert all(torch.equal(torch.as_tensor(optimizer_state["state"][index][k]), torch.as_tensor(v)) for k, v in slot.items())
+    assert [g["params"] for g in optimizer_state["param_groups"]] == [g["params"] for g in expected["param_groups"]]
+    assert optimizer_state["param_groups"][0]["lr"] == 1e-3
+
+
+def test_whole_model_saves_with_the_transformers_class_not_a_wrapper():
+    model = tiny_model(torch.float32)
+    transformers_class = type(model)
+    model.__class__ = type("FSDPLlamaForCausalLM", (transformers_class,), {})   # as fully_shard renames the class
+    state, empty = machinery.whole_model(model)
+    assert type(empty) is transformers_class and next(empty.parameters()).device.type == "meta"
+    assert empty.config.to_dict() == model.config.to_dict() and empty.generation_config is model.generation_config
+    assert set(state) == set(model.state_dict())
+    assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in state.items())
+
+
+def fake_ranks(rank=0, world_size=2):
+    return machinery.Distributed(rank, world_size, "gloo", torch.device("cpu"), None)
+
+
+def test_one_process_distribution_helpers_change_nothing():
+    loss, stop = torch.tensor(2.5), type("Stop", (), {"signal": None})()
+    model = tiny_model()
+    assert machinery.sum_over_ranks(7, None) == 7
+    assert machinery.before_optimizer_step(model, loss, None) is loss
+    rewards, lengths = torch.ones(2, 4), torch.arange(8)
+    assert machinery.step_totals(rewards, lengths, 1.5, 9, None) == (rewards, lengths, 1.5, 9)
+    machinery.match_passes(model, 3, 1, None)
+    assert all(p.grad is None for p in model.parameters())
+    machinery.agree_on_stop(stop, None)
+    assert stop.signal is None
+    assert machinery.rank_share([1, 2, 3], None) == ([1, 2, 3], 0)
+    assert machinery.sharded_folder(os.path.join("out.v2", "checkpoint.pt")) == os.path.join("out.v2", "checkpoint.dcp")
+
+
+def test_rank_helpers_combine_the_ranks_figures(monkeypatch):
+    """The torchrun halves with a stand-in for the collectives: the sums, maxima and gathers they ask for,
+    and what they make of the other ranks' figures."""
+    asked = []
+    others = {"sum": 10.0, "max": 15.0}
+
+    def all_reduce(value, op="sum"):
+        asked.append((op, value.tolist() if torch.is_tensor(value) else value))
+        return max(value, others["max"]) if op == "max" else value + others["sum"]
+    monkeypatch.setattr(machinery, "all_reduce", all_reduce)
+    assert machinery.sum_over_ranks(7, fake_ranks()) == 17.0 and asked.pop() == ("sum", 7)
+    released = []
+    monkeypatch.setattr(machinery, "release_root", released.append)
+    model = tiny_model()
+    assert machinery.before_optimizer_step(model, torch.tensor(1.5), fake_ranks()).item() == 11.5
+    assert released == [model] and asked.pop() == ("sum", 1.5)
+    # the token mean's denominator: every rank's tokens over the world size, never below 1 / world size
+    for mine, theirs, world, expected in ((6.0, 10.0, 2, 8.0), (1.0, 0.0, 2, 0.5), (0.0, 0.0, 4, 0.25), (3.0, 3.0, 3, 2.0)):
+        others["sum"] = theirs
+        assert machinery.global_denominator(torch.tensor(mine), fake_ranks(0, world)).item() == expected
+    # a stop signal on any rank stops every rank; a rank's own signal is kept
+    stop = type("Stop", (), {"signal": None})()
+    machinery.agree_on_stop(stop, fake_ranks())
+    assert stop.signal == 15 and asked.pop() == ("max", 0.0)
+    stop.signal = 2
+    machinery.agree_on_stop(stop, fake_ranks())
+    assert stop.signal == 2 and asked.pop() == ("max", 2.0)
+    others["max"] = 0.0
+    stop.signal = None
+    machinery.agree_on_stop(stop, fake_ranks())
+    assert stop.signal is None
+
+
+def test_match_passes_runs_the_busiest_ranks_count_of_zero_gradient_passes(monkeypatch):
+    busiest = []
+    monkeypatch.setattr(machinery, "all_reduce", lambda value, op="sum": busiest.append((op, value)) or 3.0)
+    model = tiny_model()
+    inputs = []
+    model.model.register_forward_hook(lambda module, args, kwargs, out: inputs.append(
+        (kwargs["input_ids"].tolist(), kwargs.get("use_cache"))), with_kwargs=True)
+    machinery.match_passes(model, 1, 5, fake_ranks())
+    assert busiest == [("max", 1.0)]
+    assert inputs == [([[5]], False)] * 2                          # 3 - 1 passes of one start token
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    inputs.clear()
+    machinery.match_passes(model, 3, 5, fake_ranks())
+    assert inputs == []
+
+
+def test_step_totals_gather_every_ranks_figures_in_rank_order(monkeypatch):
+    ranks = [(torch.tensor([[1.0, 0.0]]), torch.tensor([3, 4]), 0.5, 7),
+             (torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([1, 2, 5, 6]), 1.5, 3),
+             (torch.tensor([[1.0, 1.0]]), torch.tensor([8, 9]), -0.5, 2)]
+    gathered = []
+    monkeypatch.setattr(machinery, "gather_objects", lambda value: gathered.append(value) or ranks)
+    rewards, lengths, loss, kept = machinery.step_totals(*ranks[0], fake_ranks(0, 3))
+    assert torch.equal(rewards, torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+    assert torch.equal(lengths, torch.tensor([3, 4, 1, 2, 5, 6, 8, 9]))
+    assert loss == (0.5 + 1.5 - 0.5) / 3 and kept == 12
+    assert len(gathered) == 1 and all(torch.equal(a, b) if torch.is_tensor(a) else a == b
+                                      for a, b in zip(gathered[0], ranks[0]))
+
+
+def test_decoder_layers_are_the_models_unsplittable_blocks():
+    model = tiny_model()
+    assert machinery.decoder_layers(model) == list(model.model.layers)
+    with pytest.raises(SystemExit) as refusal:
+        machinery.decoder_layers(torch.nn.Linear(2, 2))
+    assert str(refusal.value) == "error: torchrun: cannot find the decoder layers of Linear to shard"
+
+
+def test_rank_share_refusal_names_the_flag_and_the_ranks():
+    with pytest.raises(SystemExit) as refusal:
+        machinery.rank_share([0, 1, 2], fake_ranks(3, 4))
+    assert str(refusal.value) == ("error: torchrun: 3 prompts per step leave some of the 4 ranks without a prompt; "
+                                  "use --prompts-per-step 4 or more")

@@ -156,6 +156,94 @@ def test_resumed_optimizer_rounds_bit_equal_to_an_uninterrupted_one():
 
 
 # ---------------------------------------------------------------------------
+# The optimizer's bookkeeping: each tensor's key, step and scalars, which path updates it
+
+
+def hand_steps(params, grads, steps, groups, seed):
+    """What StochasticRoundingAdamW does to `params`, listed by hand: for step s and the tensor at place i
+    in the optimizer (counting tensors without a gradient too), torch AdamW's scalars of step s and the
+    rounding key (seed, s, i), through the op-by-op reference update; tensors without a gradient untouched."""
+    weights = [p.detach().clone() for p in params]
+    moments = [(torch.zeros_like(w), torch.zeros_like(w)) for w in weights]
+    for step in range(1, steps + 1):
+        for i, (w, (m, v)) in enumerate(zip(weights, moments)):
+            if grads[step][i] is None:
+                continue
+            lr, wd = groups[i]
+            scalars = [torch.tensor(x, dtype=torch.float32) for x in
+                       (1 - lr * wd, lr / (1 - 0.9 ** step), math.sqrt(1 - 0.999 ** step))]
+            machinery.adamw_update(w.view(-1), grads[step][i].view(-1), m.view(-1), v.view(-1),
+                                   machinery.rounding_key(seed, step, i), 0, *scalars, 0.9, 0.999, 1e-8)
+    return weights, moments
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_optimizer_keys_each_tensor_by_seed_step_and_place_and_uses_torch_adamw_scalars(fused):
+    """Two param groups (their own lr and weight decay), a tensor without a gradient in between, bf16 and
+    fp32 tensors, three steps: every weight and moment bit-equal to the hand listing (hand_steps)."""
+    shapes = [(300,), (50,), (7, 9), (20,)]
+    generator = torch.Generator().manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(torch.bfloat16)) for shape in shapes]
+    params[3] = torch.nn.Parameter(params[3].detach().float())                  # an fp32 tensor (LoRA's adapters)
+    grads = {step: [(torch.randn(shape, generator=generator) * 1e-2).to(p.dtype) if i != 1 else None
+                    for i, (shape, p) in enumerate(zip(shapes, params))] for step in (1, 2, 3)}
+    expected, moments = hand_steps(params, grads, 3, {0: (1e-3, 0.1), 1: (1e-3, 0.1), 2: (3e-3, 0.2), 3: (3e-3, 0.2)}, 7)
+    optimizer = machinery.StochasticRoundingAdamW([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3,
+                                                   "weight_decay": 0.2}], lr=1e-3, weight_decay=0.1, seed=7,
+                                                  fused=fused, chunk=64)
+    for step in (1, 2, 3):
+        for p, g in zip(params, grads[step]):
+            p.grad = g
+        optimizer.step()
+    for i, p in enumerate(params):
+        assert torch.equal(p.detach(), expected[i]), i
+        if i == 1:
+            assert not optimizer.state[p]                                        # never had a gradient
+            continue
+        assert optimizer.state[p]["step"].item() == 3
+        for got, want in zip((optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"]), moments[i]):
+            assert torch.equal(got, want), i
+
+
+def test_optimizer_takes_the_kernel_for_cpu_bf16_tensors_only():
+    """fused=True (the default): bf16 CPU tensors through the one-pass kernel, fp32 ones through the op-by-op
+    update; fused=False and rounding="nearest": never the kernel."""
+    if machinery.adamw_bf16_kernel() is None:
+        pytest.skip("the C++ kernel cannot build on this machine (no compiler): the reference path runs")
+    calls = []
+    real_update, real_kernel = machinery.adamw_update, machinery.adamw_bf16_kernel()
+
+    def run(**options):
+        calls.clear()
+        params = bf16_params([(64,), (8,)])
+        params[1] = torch.nn.Parameter(params[1].detach().float())
+        optimizer = machinery.StochasticRoundingAdamW(params, lr=1e-3, **options)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        return sorted(calls)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(machinery, "adamw_bf16_kernel", lambda: lambda *a: calls.append(("kernel", str(a[0].dtype))) or real_kernel(*a))
+        patch.setattr(machinery, "adamw_update", lambda *a: calls.append(("op by op", str(a[0].dtype))) or real_update(*a))
+        assert run() == [("kernel", "torch.bfloat16"), ("op by op", "torch.float32")]
+        assert run(fused=False) == [("op by op", "torch.bfloat16"), ("op by op", "torch.float32")]
+        assert run(rounding="nearest") == [("op by op", "torch.bfloat16"), ("op by op", "torch.float32")]
+
+
+def test_optimizer_defaults_are_torch_adamw_and_bad_settings_are_refused():
+    p = torch.nn.Parameter(torch.zeros(4, 6, dtype=torch.bfloat16))
+    ours, torchs = machinery.StochasticRoundingAdamW([p], lr=1e-3).defaults, torch.optim.AdamW([p], lr=1e-3).defaults
+    assert {k: ours[k] for k in ("lr", "betas", "eps", "weight_decay")} == \
+        {k: torchs[k] for k in ("lr", "betas", "eps", "weight_decay")}
+    with pytest.raises(ValueError, match="^StochasticRoundingAdamW: rounding 'down': choose stochastic or nearest$"):
+        machinery.StochasticRoundingAdamW([p], lr=1e-3, rounding="down")
+    q = torch.nn.Parameter(torch.zeros(4, 6, dtype=torch.bfloat16).t())              # a transposed view
+    q.grad = torch.ones_like(q)
+    with pytest.raises(ValueError, match="^StochasticRoundingAdamW: parameters must be contiguous$"):
+        machinery.StochasticRoundingAdamW([q], lr=1e-3).step()
+
+
+# ---------------------------------------------------------------------------
 # --precision auto: hardware, then a probe of the model's own step
 
 
@@ -249,6 +337,55 @@ def test_compare_decides_the_precision_once_for_the_whole_study(tmp_path, monkey
     monkeypatch.setattr(prerl, "PLAIN", True)
     assert analyze.study_precision(*analyze.parse_args([*argv, "--out-dir", str(tmp_path / "new")])).precision == "fp32"
     assert len(calls) == 1                                       # the plain path trains fp32: nothing to decide
+
+
+def test_auto_at_exactly_the_margin_is_bf16_and_the_line_says_every_figure(monkeypatch, fresh_choice):
+    """bf16 needs a step >= BF16_STEP_MARGIN faster: at exactly the margin it is chosen. The line gives each
+    part in ms for fp32 / bf16, the layers probed of the model's, the step estimate and the ratio."""
+    parts = {"fp32": [0.0, 1.3, 0.0], "bf16": [0.0, 1.0, 0.0]}                   # 1.3 / 1.0 = the margin
+    assert parts["fp32"][1] / parts["bf16"][1] == machinery.BF16_STEP_MARGIN
+    monkeypatch.setattr(machinery, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(machinery, "step_probe", lambda config, rounds=3: parts)
+    assert machinery.choose_precision("auto", "cpu", shape="smollm2-135m")[0] == "bf16"
+    parts, probed = {"fp32": [0.0125, 0.5, 0.0625], "bf16": [0.00625, 0.25, 0.03125]}, []
+    monkeypatch.setattr(machinery, "step_probe", lambda config, rounds=3: probed.append(config) or parts)
+    precision, why = machinery.decide_precision("auto", "cpu", False, "smollm2-135m")
+    assert probed[0].to_dict() == machinery.model_config("smollm2-135m").to_dict()      # the run's own shape
+    fp32, bf16 = 32 * 0.0125 + 0.5 + 0.0625, 32 * 0.00625 + 0.25 + 0.03125      # 32 decode steps, as the line says
+    assert precision == "bf16"
+    assert why == (f"auto: AMX-BF16; step probe fp32 / bf16 on 2 of 30 layers: decode 12.5 / 6.2 ms, forward+backward "
+                   f"500.0 / 250.0 ms, update 62.5 / 31.2 ms; step of 32 tokens {fp32:.2f} / {bf16:.2f} s = "
+                   f"{fp32 / bf16:.2f}x (bf16 needs >= 1.3x)")
+
+
+def test_auto_says_why_it_did_not_probe(monkeypatch, fresh_choice):
+    monkeypatch.setattr(machinery, "cpu_has_amx_bf16", lambda: True)                # even with AMX:
+    monkeypatch.setattr(machinery, "step_probe", lambda *a, **k: pytest.fail("probed"))
+    assert machinery.decide_precision("auto", "cuda", False, "smollm2-135m") == ("bf16", "auto: CUDA (bf16 tensor cores)")
+    assert machinery.decide_precision("auto", "cpu", True, "smollm2-135m") == \
+        ("fp32", "auto: fp32 under torchrun (bf16 with stochastic rounding is not yet tried on FSDP2)")
+    assert machinery.decide_precision("auto", "mps", False, "smollm2-135m") == \
+        ("fp32", "auto: fp32 (mps without AMX-BF16: bf16 matmuls are not in hardware tiles here)")
+    assert machinery.decide_precision("fp32", "cuda", False, "smollm2-135m") == ("fp32", "--precision fp32")
+
+
+def test_resume_precision_reads_the_record_first_and_falls_back_to_deciding(tmp_path, monkeypatch):
+    """--resume under auto: the recorded precision wins over the weights' dtype (a bf16 LoRA run saves fp32
+    adapters); no checkpoint, an unreadable one, torchrun or an explicit --precision: choose_precision."""
+    decided = []
+    monkeypatch.setattr(machinery, "choose_precision", lambda *a: decided.append(a) or ("fp32", "decided"))
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"config": {"precision": "bf16"}, "model": {"lora_A": torch.zeros(2)}}, path)
+    assert machinery.run_precision("auto", "cpu", False, "shape", str(path)) == \
+        ("bf16", f"the checkpoint's ({path}; --resume never decides again)")
+    assert not decided
+    assert machinery.run_precision("auto", "cpu", True, "shape", str(path)) == ("fp32", "decided")       # torchrun
+    assert machinery.run_precision("bf16", "cpu", False, "shape", str(path)) == ("fp32", "decided")      # explicit
+    assert machinery.run_precision("auto", "cpu", False, "shape", str(tmp_path / "none.pt")) == ("fp32", "decided")
+    assert machinery.run_precision("auto", "cpu", False, "shape", None) == ("fp32", "decided")
+    path.write_bytes(b"not a checkpoint")
+    assert machinery.run_precision("auto", "cpu", False, "shape", str(path)) == ("fp32", "decided")
+    assert decided == [("auto", "cpu", True, "shape"), ("bf16", "cpu", False, "shape")] + [("auto", "cpu", False, "shape")] * 3
 
 
 # ---------------------------------------------------------------------------
