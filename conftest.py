@@ -189,3 +189,13 @@ def verifier_in_process_under_mutmut(request, monkeypatch):
         pytest.skip("needs the verifier's worker processes; not run under mutmut")
     monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: job() if callable(job) else verify._compare_normalized(*job))
     monkeypatch.setattr(verify, "warmup", lambda workers=None: None)   # no idle workers left behind per mutant
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutmut, the quickest tests first (their times from its first, recording pass): a mutant's run
+    stops at its first failing test (-x), so a killed mutant costs its quickest killing test, not a study."""
+    if not under_mutmut() or not os.path.exists("mutmut-stats.json"):
+        return
+    with open("mutmut-stats.json") as f:
+        seconds = json.load(f)["duration_by_test"]
+    items.sort(key=lambda item: seconds.get(item.nodeid, 0.0))

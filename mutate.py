@@ -1,17 +1,25 @@
 """
-Mutation testing of the method and of the verifier's comparison core (development only; not in CI).
+Mutation testing of the method, the verifier and the study bookkeeping (development only; not in CI).
 
     pip install mutmut                  # 3.x, into the development venv; not in requirements.txt
     python mutate.py                    # mutate, run the covering tests of each mutant, print the score
     python mutate.py --children 1       # fewer parallel workers on a busy machine
+    python mutate.py --files verify.py,analyze.py --children 1    # just these files, against just their tests
     mutmut show prerl.x_trim__mutmut_3  # what one mutant changed
 
 mutmut (configured in pyproject.toml) mutates whole files; the functions below are the ones scored:
 the method (advantages, masks, losses, scoring in both spaces, the DSRL switch, sampling, checkpoints), the
 data split, the prompts and the sampling keys' random numbers, two run-safety rules (what --resume may
-change, the non-finite guard) and verify.py's comparison core. Each mutant runs only the tests that
-reach its function. A surviving mutant is either a missing test (write it) or equivalent to the original
+change, the non-finite guard); verify.py's extraction, normalisation and comparison core and grade();
+analyze.py's study bookkeeping (curves, steps to a threshold, t-intervals, per-mode rows, the lr choice).
+Each mutant runs only the tests that reach its function, the quickest first (conftest.py). A surviving mutant is either a missing test (write it) or equivalent to the original
 (list it in EQUIVALENT with the reason). The score counts killed mutants among the non-equivalent ones; the target is 95%.
+Not scored in verify.py: the expression parser (_tokenize, _parse_expression: ~500 mutants of their own,
+reached through every algebraic case; a pass of its own), the answer-structure parser (_structure,
+_relation, _scalar, _split_top_level; likewise), the worker processes and the time bound (replaced by
+in-process calls under mutmut, see conftest.py), batches (grades, rewards), the audit and a caller's
+own reward function. In analyze.py: the commands, model loading, training runs and plots (their
+tests train models: minutes per mutant).
 Not mutated: generate() (mutmut 3 leaves decorated functions alone: @torch.no_grad()); machinery.py
 (speed only, checked against the plain path by the tests). Not scored: train() and rl_step(), whose many
 print, timing and run-safety lines would drown the method; their rules are tested end to end.
@@ -42,9 +50,34 @@ SCORED = {
         # checkpoints, evaluation, run safety (what --resume may change, the non-finite guard)
         "save_checkpoint", "load_checkpoint", "evaluate", "resume_problem", "count_nonfinite_steps",
     ],
-    "verify.py": ["_close", "_numbers_equal", "_expressions_equal", "_structures_equal", "_compare_normalized"],
+    "verify.py": [
+        # extraction: the end of the turn and of the reasoning (`</think>`), boxes, `####`, answer phrases,
+        # a last line or the whole of a short completion, a bold value, the last number or math span
+        "_match_brace", "_boxes", "_last_boxed", "_final_part", "_strip_turn", "_math_spans", "_answer_in_segment",
+        "_after_phrase", "_sentence_denies", "_set_aside", "_is_prose_free", "_whole_answer", "_last_line_math",
+        "_justifies", "_joined_spans", "_text_values", "_last_value", "_last_bold", "extract_answer", "_extract",
+        "_chosen_letter", "_last_line_a", "reference_answer",
+        # normalisation: percent, signs, fractions, decimals, bases, times, letters, decimal commas
+        "_repeating_to_fraction", "_general_solution", "_normalize", "_fast_number", "_decimal_places",
+        "_rounds_rational", "_letters", "_special_forms",
+        # the equivalence checks, grade() and its Verdict
+        "_close", "_numbers_equal", "_expressions_equal", "_as_equation", "_values", "_sequence", "_as_matrix",
+        "_unordered_equal", "_structures_equal", "_compare_normalized", "is_equiv", "_top_level_parts", "grade", "reward",
+    ],
     "machinery.py": [],
-    "analyze.py": [],
+    # the study's bookkeeping: curves at their steps, steps to a threshold, t-intervals, per-mode rows, lr choice
+    "analyze.py": ["pass_at_k", "t_quantile_975", "mean_ci", "steps_to_threshold", "held_out_curve", "mean_step_seconds",
+                   "choose_lr", "summarize", "format_ci", "paired_differences", "format_differences", "format_table",
+                   "diagnostics_table", "curve_band", "is_validation", "run_folder"],
+}
+
+# The test files that reach each file's scored functions: `--files verify.py,analyze.py` runs mutmut on just
+# those files, against just these tests (its first pass runs the whole selection under call recording).
+TESTS_OF = {
+    "prerl.py": ["test_prerl.py", "test_losses.py", "test_data_and_rewards.py", "test_run_safety.py"],
+    "verify.py": ["test_verify.py", "test_verify_formats.py"],
+    "machinery.py": ["test_machinery.py", "test_precision.py"],
+    "analyze.py": ["test_analyze.py"],
 }
 
 # Mutants that behave exactly like the original (one line each: why no test can tell them apart).
@@ -115,16 +148,19 @@ EQUIVALENT = {
 TARGET = 0.95
 
 
-def mutant_globs():
-    return [f"{file[:-3]}.x_{name}__mutmut_*" for file, names in SCORED.items() for name in names]
+def mutant_globs(files):
+    return [f"{file[:-3]}.x_{name}__mutmut_*" for file in files for name in SCORED[file]]
 
 
-def scored_results():
-    """{mutant name: status} for the scored functions, from mutmut's per-file result files."""
-    pattern = re.compile(r"^[a-z]+\.x_(%s)__mutmut_\d+$" % "|".join(re.escape(n) for names in SCORED.values() for n in names))
+def scored_results(files, root="."):
+    """{mutant name: status} for the scored functions of files, from mutmut's per-file result files."""
     status = {}
-    for file in SCORED:
-        with open(os.path.join("mutants", file + ".meta")) as f:
+    for file in files:
+        pattern = re.compile(r"^%s\.x_(%s)__mutmut_\d+$" % (file[:-3], "|".join(map(re.escape, SCORED[file]))))
+        path = os.path.join(root, "mutants", file + ".meta")
+        if not SCORED[file] or not os.path.exists(path):
+            continue
+        with open(path) as f:
             codes = json.load(f)["exit_code_by_key"]
         for name, code in codes.items():
             if pattern.match(name):
@@ -133,43 +169,86 @@ def scored_results():
     return status
 
 
+def prepared_copy(files):
+    """.mutate/<files>/: this checkout's top-level Python files and a pyproject.toml whose [tool.mutmut] is
+    this one's, but mutates only files and selects only their tests (TESTS_OF). mutmut reads its
+    configuration from the folder it runs in, so a narrower run runs there; its results stay there."""
+    import shutil
+    import tomllib
+    root = os.path.join(".mutate", "+".join(file[:-3] for file in files))
+    os.makedirs(root, exist_ok=True)
+    with open("pyproject.toml", "rb") as f:
+        config = tomllib.load(f)["tool"]["mutmut"]
+    others = sorted(name for name in os.listdir(".") if name.endswith(".py") and name not in files)
+    for name in [*files, *others]:
+        shutil.copy2(name, os.path.join(root, name))   # mtimes kept: mutmut regenerates only what changed
+    config.update(source_paths=list(files), also_copy=[name for name in others if not name.startswith("test_")],
+                  pytest_add_cli_args_test_selection=[test for file in files for test in TESTS_OF[file]],
+                  use_git_change_detection=False)   # the copy is no git checkout of its own
+    text = "[tool.mutmut]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in config.items())
+    path = os.path.join(root, "pyproject.toml")
+    old = None
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+    if old != text:
+        with open(path, "w") as f:
+            f.write(text)
+    return root
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--children", type=int, default=2, help="parallel mutant workers (default 2)")
+    parser.add_argument("--files", default="", help="comma-separated files, e.g. verify.py,analyze.py: mutate only "
+                        "these, against only their tests, in .mutate/<files>/ (default: every file, here)")
     parser.add_argument("--only", default="", help="comma-separated function names: mutate just these (start small)")
     parser.add_argument("--survivors", action="store_true", help="rerun only the last run's unkilled, unlisted mutants")
     parser.add_argument("--report-only", action="store_true", help="score the last run without running mutmut")
     args = parser.parse_args()
+    files = list(filter(None, args.files.split(","))) or list(SCORED)
+    unknown = [file for file in files if file not in SCORED]
+    if unknown:
+        parser.error(f"--files: {', '.join(unknown)} not among {', '.join(SCORED)}")
+    root = prepared_copy(files) if args.files else "."
     only = set(filter(None, args.only.split(",")))
+
+    def function(mutant):
+        return mutant.split(".x_")[1].split("__mutmut_")[0]
     if not args.report_only:
-        names = [g for g in mutant_globs() if not only or g.split(".x_")[1].split("__mutmut_")[0] in only]
+        names = [g for g in mutant_globs(files) if not only or function(g) in only]
         if args.survivors:
-            names = [m for m, s in scored_results().items() if s not in ("killed", "timeout") and m not in EQUIVALENT
-                     and (not only or m.split(".x_")[1].split("__mutmut_")[0] in only)]
+            names = [m for m, s in scored_results(files, root).items() if s not in ("killed", "timeout")
+                     and m not in EQUIVALENT and (not only or function(m) in only)]
         # one thread per worker: torch's thread pool would otherwise oversubscribe the cores (and deadlock after fork)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if names:
-            subprocess.run(["mutmut", "run", "--max-children", str(args.children), *names], env=env)
-    status = scored_results()
-    stale = sorted(set(EQUIVALENT) - set(status))
-    equivalent = {m: s for m, s in status.items() if m in EQUIVALENT}
+            subprocess.run(["mutmut", "run", "--max-children", str(args.children), *names], env=env, cwd=root)
+    status = scored_results(files, root)
+    run_files = {m.split(".")[0] for m in status}
+    stale = sorted(m for m in set(EQUIVALENT) - set(status) if m.split(".")[0] in run_files)
     unchecked = sorted(m for m, s in status.items() if s == "not checked")
-    counted = {m: s for m, s in status.items() if m not in EQUIVALENT and s != "not checked"}
-    killed = sum(s in ("killed", "timeout") for s in counted.values())
-    survivors = sorted(m for m, s in counted.items() if s not in ("killed", "timeout"))
-    killed_equivalent = sorted(m for m, s in equivalent.items() if s in ("killed", "timeout"))
-    print(f"\n{len(status)} mutants in the scored functions, {len(equivalent)} listed as equivalent, "
-          f"{len(unchecked)} not run yet (--only, or an interrupted run)")
-    for m in survivors:
-        print(f"  {counted[m]:>11}  {m}")
-    for m in killed_equivalent:
-        print(f"  listed as equivalent but killed (remove it from EQUIVALENT): {m}")
+    print(f"\n{len(status)} mutants in the scored functions, {len(unchecked)} not run yet (--only, or an interrupted run)"
+          + (f"; what one changed: (cd {root} && mutmut show NAME)" if root != "." else ""))
+    scores = []
+    for file in files:
+        mine = {m: s for m, s in status.items() if m.startswith(file[:-3] + ".")}
+        equivalent = {m: s for m, s in mine.items() if m in EQUIVALENT}
+        counted = {m: s for m, s in mine.items() if m not in EQUIVALENT and s != "not checked"}
+        killed = sum(s in ("killed", "timeout") for s in counted.values())
+        survivors = sorted(m for m, s in counted.items() if s not in ("killed", "timeout"))
+        for m in survivors:
+            print(f"  {counted[m]:>11}  {m}")
+        for m in sorted(m for m, s in equivalent.items() if s in ("killed", "timeout")):
+            print(f"  listed as equivalent but killed (remove it from EQUIVALENT): {m}")
+        if mine:
+            scores.append(killed / max(1, len(counted)))
+            print(f"{file}: {len(mine)} mutants, {killed} killed, {len(equivalent)} equivalent, {len(survivors)} surviving, "
+                  f"{len(mine) - len(counted) - len(equivalent)} not run: {killed}/{len(counted)} = "
+                  f"{100 * scores[-1]:.1f}% of non-equivalent mutants killed (target {100 * TARGET:.0f}%)")
     for m in stale if not unchecked else []:
         print(f"  listed as equivalent but no longer generated (remove it from EQUIVALENT): {m}")
-    score = killed / max(1, len(counted))
-    print(f"mutation score: {killed}/{len(counted)} = {100 * score:.1f}% of non-equivalent mutants killed "
-          f"(target {100 * TARGET:.0f}%)")
-    return 0 if score >= TARGET else 1
+    return 0 if scores and min(scores) >= TARGET else 1
 
 
 if __name__ == "__main__":
