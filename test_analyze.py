@@ -43,7 +43,7 @@ def test_pass_at_k_edges():
     assert analyze.pass_at_k(8, 8, 1) == 1.0        # all correct
     assert analyze.pass_at_k(8, 5, 4) == 1.0        # k > n - c: every subset holds a correct one
     assert analyze.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pass@5 needs at least 5 samples, got 4"):
         analyze.pass_at_k(4, 1, 5)
 
 
@@ -101,7 +101,7 @@ def test_t_interval_hand_worked():
     # [1..5]: mean 3, s = sqrt(2.5), s / sqrt(5) = 0.707107, t(0.975, 4) = 2.776445 -> half-width 1.963243
     assert analyze.mean_ci([1, 2, 3, 4, 5]) == pytest.approx((3.0, 3 - 1.963243, 3 + 1.963243), abs=1e-6)
     assert analyze.mean_ci([0.4]) == (0.4, None, None)            # one seed: no interval
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 1 degree of freedom"):
         analyze.t_quantile_975(0)
 
 
@@ -115,7 +115,7 @@ def test_intervals_are_cut_to_the_range_the_quantity_can_take():
 
 def test_paired_differences_by_seed_hand_worked():
     def run(seed, pass1, greedy):
-        return {"seed": seed, "eval": {"pass_at_k": {"1": pass1}}, "curve": [(0, 0.3), (20, greedy)]}
+        return {"seed": seed, "eval": {"pass_at_k": {"1": pass1}}, "curve": [(0, 0.3), (10, 0.99), (20, greedy)]}
     runs = {"grpo": [run(0, 0.5, 0.50), run(1, 0.6, 0.40), run(2, 0.7, 0.90)],
             "dsrl": [run(2, 1.0, 0.85), run(0, 0.6, 0.60), run(1, 0.8, 0.50), run(7, 0.0, 0.0)]}   # seed 7: unpaired
     d = analyze.paired_differences(runs, "grpo")
@@ -196,7 +196,8 @@ def test_summarize_gives_each_modes_seed_means_and_intervals_hand_worked():
                      study_result(6, {"1": 0.3, "8": 0.9, "16": 0.6}, [(0, 0.1), (4, 0.2), (8, 0.6)], 2.0),
                      study_result(7, {"1": 0.4, "8": 0.9, "16": 1.0}, [(0, 0.9), (4, 0.2), (8, 0.8)], 6.0)],
             "dsrl": [study_result(5, {"1": 0.5, "16": 0.5}, [(0, 0.1), (8, 0.2)], 3.0, lr=5e-5),
-                     study_result(6, {"1": 0.7, "16": 0.5}, [(0, 0.1), (4, 0.6), (8, 0.7)], 5.0, lr=5e-5)]}
+                     study_result(6, {"1": 0.7, "16": 0.5}, [(0, 0.1), (4, 0.6), (8, 0.7)], 5.0, lr=5e-5)],
+            "nsr": [study_result(0, {"1": 0.25, "2": 0.5}, [(0, 0.5), (8, 0.75)], 2.0, lr=1e-6)]}    # one seed
     rows = analyze.summarize(runs, 0.5, budget=8)
     grpo, dsrl = rows["grpo"], rows["dsrl"]
     assert (grpo["lr"], grpo["seeds"], grpo["k"], grpo["budget"]) == (2e-5, [5, 6, 7], 16, 8)
@@ -207,6 +208,9 @@ def test_summarize_gives_each_modes_seed_means_and_intervals_hand_worked():
     assert (grpo["steps_reached"], grpo["steps_lower_bound"], grpo["step_seconds"]) == (3, 4.0, 3.0)
     assert (dsrl["lr"], dsrl["seeds"], dsrl["k"], dsrl["steps"], dsrl["steps_reached"]) == (5e-5, [5, 6], 16, None, 1)
     assert (dsrl["steps_lower_bound"], dsrl["step_seconds"]) == ((8 + 4) / 2, 4.0)      # the budget for seed 5
+    assert rows["nsr"] == {"lr": 1e-6, "seeds": [0], "k": 2, "pass@1": (0.25, None, None), "pass@k": (0.5, None, None),
+                           "greedy": (0.75, None, None), "steps": (0, None, None), "steps_lower_bound": 0,
+                           "steps_reached": 1, "budget": 8, "step_seconds": 2.0}
 
 
 def test_format_table_hand_worked():
@@ -224,11 +228,11 @@ def test_format_table_hand_worked():
 
 
 def test_format_differences_cuts_each_interval_to_minus_one_to_one():
-    differences = {"dsrl": {"seeds": 3, "pass@1": (0.2, -0.05, 0.45), "greedy": (-0.1, -1.5, 1.2)},
+    differences = {"dsrl": {"seeds": 3, "pass@1": (0.2, -1.25, 1.5), "greedy": (-0.1, -1.5, 1.2)},
                    "nsr": {"seeds": 2, "pass@1": (0.0, None, None), "greedy": (0.5, 0.25, 0.75)}}
     assert analyze.format_differences(differences, "grpo") == "\n".join([
         "| paired by seed | pass@1 difference | greedy held-out acc. difference |", "|---|---|---|",
-        "| dsrl - grpo (3 seeds) | +0.200 [-0.050, +0.450] | -0.100 [-1.000, +1.000] |",
+        "| dsrl - grpo (3 seeds) | +0.200 [-1.000, +1.000] | -0.100 [-1.000, +1.000] |",
         "| nsr - grpo (2 seeds) | +0.000 | +0.500 [+0.250, +0.750] |"])
 
 
