@@ -325,6 +325,35 @@ def test_boxes_one_per_blank_are_read_together_only_for_a_reference_of_several_a
         verify.Verdict(1.0, "C", "correct")
 
 
+@pytest.mark.parametrize("reference,parts", [
+    ("2, 3", 2), ("\\{2, 3\\}", 2), ("x = 1 \\text{ or } x = 2", 2), ("1; 2, 3", 2), ("(1, 2)", 1),
+    ("[10, 20] \\cup \\{5\\}", 1), ("\\{5\\}", 1), ("7", 1)])
+def test_a_reference_lists_its_top_level_answers(reference, parts):
+    assert verify._top_level_parts(reference) == parts
+
+
+def test_a_set_reference_takes_one_box_per_member():
+    assert verify.grade("So $\\boxed{2}$ and $\\boxed{3}$.", "\\{2, 3\\}") == verify.Verdict(1.0, "2, 3", "correct")
+
+
+MATRIX = "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"
+
+
+@pytest.mark.parametrize("rows", ["[[1, 2], [3, 4]]", "[1, 2], [3, 4]", "((1, 2), (3, 4))", "1, 2; 3, 4"])
+def test_a_matrix_written_as_rows_in_brackets_equals_the_matrix(rows):
+    assert verify.is_equiv(rows, MATRIX) and verify.is_equiv(MATRIX, rows)
+
+
+def test_only_a_one_row_or_one_column_matrix_is_a_tuple():
+    assert verify.is_equiv("(1, 2)", "\\begin{pmatrix}1&2\\end{pmatrix}")
+    assert verify.is_equiv("(1, 3)", "\\begin{pmatrix}1\\\\3\\end{pmatrix}")
+    assert not verify.is_equiv("(1, 2, 3, 4)", MATRIX) and not verify.is_equiv(MATRIX, "(1, 2, 3, 4)")
+
+
+def test_sets_of_different_sizes_differ():
+    assert not verify.is_equiv("\\{1, 2\\}", "\\{1, 2, 3\\}") and not verify.is_equiv("\\{1, 2, 3\\}", "\\{1, 2\\}")
+
+
 def test_reward_is_the_verdicts_reward_on_every_format_case():
     rows = [row for rows in FORMAT_CASES.values() for row in rows]
     verdicts = verify.grades([c for c, _, _ in rows], [g for _, g, _ in rows])
