@@ -94,7 +94,7 @@ EQUIVALENT = {
     "verify.x__as_equation__mutmut_5": "`or` for `and`: an equation with a text side equals only one with the same text sides, never the equation or labelled value it meets here",
     "verify.x__unordered_equal__mutmut_8": "next() without a default: StopIteration when nothing matches, which the comparison turns into not equal, as the None does",
     "verify.x__sequence__mutmut_8": "`or` for `and`: other kinds reach it only with a payload that makes no sequence, or a one-character one (a relation's `<`) that equals nothing",
- [rows, vocabulary], where dim 1 is dim -1
+    # prerl.py: the sampler gets 2-D logits [rows, vocabulary], where dim 1 is dim -1
     # prerl.py: rewards are 0 or 1 (verify.rewards), never exactly 0.5
     "prerl.x_advantages_for__mutmut_3": ">= 0.5 for > 0.5 as 'correct': differs only for a reward of exactly 0.5",
     # prerl.py: optimizer_step's loss is only tested for being finite
