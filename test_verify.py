@@ -678,3 +678,25 @@ def test_a_completion_that_ends_right_after_its_reasoning_is_read_inside_it(end)
     assert verify.reward(completion, "7") == 1.0 and verify.reward(completion, "8") == 0.0
     # text after the reasoning still wins over a guess inside it
     assert verify.extract_answer("<think>maybe \\boxed{5}</think>\nSo the answer is \\boxed{7}." + end) == "7"
+
+
+# --- bounds and tie-breaks of the last-value rule, and which roundings count
+
+def test_the_last_value_is_searched_in_the_last_20000_characters_and_50_math_spans():
+    assert verify._last_value("5" + " " * 19_999) == "5" and verify._last_value("5" + " " * 20_000) is None
+    # only the last 50 spans are read: behind 50 denied ones, an earlier undenied span is out of reach
+    assert verify._last_value("$1$. " + "It is not $2$. " * 49) == "1"
+    assert verify._last_value("$1$. " + "It is not $2$. " * 50) is None
+
+
+def test_at_equal_ends_the_formula_beats_the_number_inside_it():
+    assert verify._last_value("Each one gets 2/5") == "2/5"
+    assert verify._last_value("It takes 2 3/4") == "2 3/4"
+
+
+def test_a_rounded_decimal_never_matches_a_fraction_with_an_exact_decimal():
+    from fractions import Fraction
+    assert not verify.is_equiv("1.602", "\\frac{1001}{625}")            # 1001/625 = 1.6016 exactly (5^4)
+    assert verify.is_equiv("1.667", "\\frac{5}{3}")                     # 5/3 has none: the rounding counts
+    # exact decimals are found in integer arithmetic, also for a long one (1/5^30 has 30 digits)
+    assert not verify._rounds_rational("0.00000000000000000000107", Fraction(107, 10 ** 23), Fraction(1, 5 ** 30))
