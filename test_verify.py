@@ -700,3 +700,17 @@ def test_a_rounded_decimal_never_matches_a_fraction_with_an_exact_decimal():
     assert verify.is_equiv("1.667", "\\frac{5}{3}")                     # 5/3 has none: the rounding counts
     # exact decimals are found in integer arithmetic, also for a long one (1/5^30 has 30 digits)
     assert not verify._rounds_rational("0.00000000000000000000107", Fraction(107, 10 ** 23), Fraction(1, 5 ** 30))
+
+
+def test_the_last_value_skips_denied_and_checking_clauses_in_order():
+    assert verify._last_value("So $1$, hence $2$. It is not $3$.") == "2"        # the last span not set aside
+    assert verify._last_value("So $z$. It is not $x, y$.") == "z"                # a span's clause is where it starts
+    assert verify._last_value("So \\(x\\)5") == "5"                              # a value right after the math ends later
+    assert verify._last_value("1. " + "It is not 2. " * 49) == "1"               # 50 values are read, no more
+    assert verify._last_value("1. " + "It is not 2. " * 50) is None
+
+
+def test_when_every_value_only_checks_the_last_math_still_counts_unless_denied():
+    assert verify._last_value("Check: $1$. It is not $2$. Check: $3$.") == "3"
+    assert verify._last_value("Check: $1$. It is not $3$.") is None
+    assert verify._last_value("It is not $x, y$") is None
