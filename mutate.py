@@ -99,6 +99,8 @@ EQUIVALENT = {
     "verify.x__rounds_rational__mutmut_10": "early False for denominator 2 instead of 1: the exact-decimal check below returns False for both",
     "verify.x__rounds_rational__mutmut_31": "< for <= 1: a difference of exactly half a unit makes `other` an exact decimal, refused before",
     "verify.x__text_values__mutmut_8": "end + start for a formula's length: still above any number's length at the same end, so the formula still comes first",
+    "verify.x__decimal_places__mutmut_22": "lstrip(\"XX-XX\") for lstrip(\"-\"): lstrip takes a set of characters, and a decimal holds no X",
+    "verify.x__decimal_places__mutmut_25": "lstrip(\"XX0XX\") for lstrip(\"0\"): as above",
     # prerl.py: the sampler gets 2-D logits [rows, vocabulary], where dim 1 is dim -1
     # prerl.py: rewards are 0 or 1 (verify.rewards), never exactly 0.5
     "prerl.x_advantages_for__mutmut_3": ">= 0.5 for > 0.5 as 'correct': differs only for a reward of exactly 0.5",

@@ -714,3 +714,19 @@ def test_when_every_value_only_checks_the_last_math_still_counts_unless_denied()
     assert verify._last_value("Check: $1$. It is not $2$. Check: $3$.") == "3"
     assert verify._last_value("Check: $1$. It is not $3$.") is None
     assert verify._last_value("It is not $x, y$") is None
+
+
+def test_significant_digits_ignore_the_sign_and_the_spaces():
+    assert verify.is_equiv("-0.577", "-\\frac{\\sqrt{3}}{3}") and verify.is_equiv("- 0.3333", "-\\frac{1}{3}")
+    assert not verify.is_equiv("-0.58", "-\\frac{\\sqrt{3}}{3}")          # two digits prove too little, signed or not
+    assert verify._decimal_places("- 0.0123") == (4, 3)
+
+
+def test_a_reference_in_an_fbox_is_its_content():
+    assert verify.reference_answer("so \\fbox{5}") == "5"
+
+
+def test_reward_hands_its_time_bound_to_the_worker(monkeypatch):
+    seen = []
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: seen.append(timeout) or verify._compare_normalized(*job))
+    assert verify.reward("\\boxed{x+1}", "1+x", timeout=0.25) == 1.0 and seen == [0.25]
