@@ -722,8 +722,11 @@ def test_significant_digits_ignore_the_sign_and_the_spaces():
     assert verify._decimal_places("- 0.0123") == (4, 3)
 
 
-def test_a_reference_in_an_fbox_is_its_content():
+def test_a_reference_in_an_fbox_or_in_math_delimiters_is_its_content():
     assert verify.reference_answer("so \\fbox{5}") == "5"
+    for wrapped in ("$$\\frac12$$", "$\\frac12$", "\\(\\frac12\\)", "\\[\\frac12\\]", " $ \\frac12 $ "):
+        assert verify.reference_answer(wrapped) == "\\frac12", wrapped
+    assert verify.reference_answer("$$") == "$$" and verify.reference_answer(7) == "7"
 
 
 def test_reward_hands_its_time_bound_to_the_worker(monkeypatch):
