@@ -727,9 +727,16 @@ def test_a_reference_in_an_fbox_or_in_math_delimiters_is_its_content():
     for wrapped in ("$$\\frac12$$", "$\\frac12$", "\\(\\frac12\\)", "\\[\\frac12\\]", " $ \\frac12 $ "):
         assert verify.reference_answer(wrapped) == "\\frac12", wrapped
     assert verify.reference_answer("$$") == "$$" and verify.reference_answer(7) == "7"
+    assert verify.reference_answer("$5") == "$5"                              # a dollar sign, not math
 
 
 def test_reward_hands_its_time_bound_to_the_worker(monkeypatch):
     seen = []
     monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: seen.append(timeout) or verify._compare_normalized(*job))
     assert verify.reward("\\boxed{x+1}", "1+x", timeout=0.25) == 1.0 and seen == [0.25]
+
+
+def test_boxes_skip_spaces_before_their_brace_and_a_box_at_the_very_end_is_none():
+    assert verify._boxes("so \\boxed  {5} and \\fbox{6}") == [(3, 14, "5"), (19, 27, "6")]
+    assert verify._boxes("so \\boxed 7.") == [(3, 12, "7.")] and verify._boxes("\\boxed{ }") == []
+    assert verify.extract_answer("#### 5\n\\boxed") == "5" and verify.extract_answer("#### 5\n\\boxed  ") == "5"
