@@ -101,6 +101,8 @@ EQUIVALENT = {
     "verify.x__as_equation__mutmut_5": "`or` for `and`: an equation with a text side equals only one with the same text sides, never the equation or labelled value it meets here",
     "verify.x__unordered_equal__mutmut_8": "next() without a default: StopIteration when nothing matches, which the comparison turns into not equal, as the None does",
     "verify.x__sequence__mutmut_8": "`or` for `and`: other kinds reach it only with a payload that makes no sequence, or a one-character one (a relation's `<`) that equals nothing",
+    "verify.x__boxes__mutmut_24": "end >= 0 for end > 0: _match_brace gives -1 or the closing brace's index, past `\\boxed`, never 0",
+    "verify.x__boxes__mutmut_25": "end > 1 for end > 0: as above, never 1",
     "verify.x__match_brace__mutmut_25": "+1 for -1 (unbalanced): _boxes then reads text[i + 1:1], empty, and _structure's `== len - 1` needs len 2, whose inner part is empty",
     "verify.x__match_brace__mutmut_26": "-2 for -1 (unbalanced): callers test end > 0 and end == len - 1, which -2 fails as -1 does",
     "verify.x__rounds_rational__mutmut_10": "early False for denominator 2 instead of 1: the exact-decimal check below returns False for both",

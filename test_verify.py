@@ -739,4 +739,5 @@ def test_reward_hands_its_time_bound_to_the_worker(monkeypatch):
 def test_boxes_skip_spaces_before_their_brace_and_a_box_at_the_very_end_is_none():
     assert verify._boxes("so \\boxed  {5} and \\fbox{6}") == [(3, 14, "5"), (19, 27, "6")]
     assert verify._boxes("so \\boxed 7.") == [(3, 12, "7.")] and verify._boxes("\\boxed{ }") == []
+    assert verify._boxes("\\boxed " + "7" * 300)[0][2] == "7" * 200          # a brace-less box reads 200 characters
     assert verify.extract_answer("#### 5\n\\boxed") == "5" and verify.extract_answer("#### 5\n\\boxed  ") == "5"
