@@ -355,11 +355,9 @@ def study_run(cfg, args, mode, lr, seed, data, validate, n_samples):
         start = time.perf_counter()
         accuracy = prerl.train(run_cfg)
         metrics = prerl.read_metrics(os.path.join(out_dir, "metrics.jsonl"))
-        curve = [(0, start_accuracy(cfg, data["heldout"]))] + [(m["step"] + 1, m["eval_accuracy"]) for m in metrics
-                                                               if "eval_accuracy" in m] + [(cfg.steps, accuracy["after"])]
+        curve = held_out_curve(start_accuracy(cfg, data["heldout"]), metrics, cfg.steps, accuracy["after"])
         result = {"mode": mode, "lr": lr, "seed": seed, "curve": curve, "metrics": metrics,
-                  "step_seconds": statistics.mean(m["sample_s"] + m["score_s"] + m["diagnose_s"] + m["train_s"] for m in metrics),
-                  "train_seconds": time.perf_counter() - start}
+                  "step_seconds": mean_step_seconds(metrics), "train_seconds": time.perf_counter() - start}
     wanted = {"validation": validate, "eval": bool(n_samples)}
     missing = [key for key, asked in wanted.items() if asked and key not in result]
     if missing:
@@ -377,6 +375,18 @@ def study_run(cfg, args, mode, lr, seed, data, validate, n_samples):
     if missing or not os.path.exists(result_path):
         write_atomically(result_path, json.dumps(result))
     return json.load(open(result_path))   # read back: a resumed study sees exactly what a fresh one sees
+
+
+def held_out_curve(start, metrics, steps, final):
+    """A run's greedy held-out accuracy as (step, accuracy) points, each at the number of optimizer steps
+    the weights it measured had taken: the start model at 0, the evaluation logged by record step s (made
+    after that step's update) at s + 1, the final one at --steps."""
+    return [(0, start)] + [(m["step"] + 1, m["eval_accuracy"]) for m in metrics if "eval_accuracy" in m] + [(steps, final)]
+
+
+def mean_step_seconds(metrics):
+    """Wall seconds of a step, averaged over a run's records: sampling, scoring, diagnostics and the update."""
+    return statistics.mean(m["sample_s"] + m["score_s"] + m["diagnose_s"] + m["train_s"] for m in metrics)
 
 
 def start_accuracy(cfg, eval_path, loaded=None):

@@ -185,7 +185,21 @@ def verifier_in_process_under_mutmut(request, monkeypatch):
     need the workers and are skipped there (the bound is not what the mutants change)."""
     if not under_mutmut():
         return
-    if request.node.name.startswith(("test_hostile_input", "test_time_bound")):
+    if request.node.name.startswith(("test_hostile_input", "test_time_bound", "test_second_opinion_is_time_bounded")):
         pytest.skip("needs the verifier's worker processes; not run under mutmut")
-    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: job() if callable(job) else verify._compare_normalized(*job))
+    def in_process(job, timeout):   # the jobs _serve runs: a caller's function, math-verify's opinion, a comparison
+        if callable(job):
+            return job()
+        return verify._math_verify_reward(*job[1:]) if job[0] is None else verify._compare_normalized(*job)
+    monkeypatch.setattr(verify, "_run_in_worker", in_process)
     monkeypatch.setattr(verify, "warmup", lambda workers=None: None)   # no idle workers left behind per mutant
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutmut, the quickest tests first (their times from its first, recording pass): a mutant's run
+    stops at its first failing test (-x), so a killed mutant costs its quickest killing test, not a study."""
+    if not under_mutmut() or not os.path.exists("mutmut-stats.json"):
+        return
+    with open("mutmut-stats.json") as f:
+        seconds = json.load(f)["duration_by_test"]
+    items.sort(key=lambda item: seconds.get(item.nodeid, 0.0))

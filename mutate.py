@@ -1,22 +1,30 @@
 """
-Mutation testing of the method and of the verifier's comparison core (development only; not in CI).
+Mutation testing of the method, the verifier and the study bookkeeping (development only; not in CI).
 
     pip install mutmut                  # 3.x, into the development venv; not in requirements.txt
     python mutate.py                    # mutate, run the covering tests of each mutant, print the score
     python mutate.py --children 1       # fewer parallel workers on a busy machine
+    python mutate.py --files verify.py,analyze.py --children 1    # just these files, against just their tests
     mutmut show prerl.x_trim__mutmut_3  # what one mutant changed
 
 mutmut (configured in pyproject.toml) mutates whole files; the functions below are the ones scored:
 the method (advantages, masks, losses, scoring in both spaces, the DSRL switch, sampling, checkpoints), the
 data split, the prompts and the sampling keys' random numbers, two run-safety rules (what --resume may
-change, the non-finite guard) and verify.py's comparison core. Each mutant runs only the tests that
-reach its function. A surviving mutant is either a missing test (write it) or equivalent to the original
+change, the non-finite guard); verify.py's extraction, normalisation and comparison core and grade();
+analyze.py's study bookkeeping (curves, steps to a threshold, t-intervals, per-mode rows, the lr choice).
+Each mutant runs only the tests that reach its function, the quickest first (conftest.py). A surviving mutant is either a missing test (write it) or equivalent to the original
 (list it in EQUIVALENT with the reason). The score counts killed mutants among the non-equivalent ones; the target is 95%.
 In machinery.py: the precision code (rounding bits and rounding, the AdamW update, the optimizer's bookkeeping,
 the precision decision), LoRA and the model export, the memory plan, and the distribution helpers that run in
 one process; not what needs CUDA or torchrun (the static decoder's graphs, FSDP, collectives, sharded
-checkpoints) or times the probe. Not mutated: generate() (mutmut 3 leaves decorated functions alone:
-@torch.no_grad()). Not scored: train() and rl_step(), whose many
+checkpoints) or times the probe.
+Not scored in verify.py: the expression parser (_tokenize, _parse_expression: ~500 mutants of their own,
+reached through every algebraic case; a pass of its own), the answer-structure parser (_structure,
+_relation, _scalar, _split_top_level; likewise), the worker processes and the time bound (replaced by
+in-process calls under mutmut, see conftest.py), batches (grades, rewards), the audit and a caller's
+own reward function. In analyze.py: the commands, model loading, training runs and plots (their
+tests train models: minutes per mutant).
+Not mutated: generate() (mutmut 3 leaves decorated functions alone: @torch.no_grad()). Not scored: train() and rl_step(), whose many
 print, timing and run-safety lines would drown the method; their rules are tested end to end.
 """
 
@@ -45,7 +53,20 @@ SCORED = {
         # checkpoints, evaluation, run safety (what --resume may change, the non-finite guard)
         "save_checkpoint", "load_checkpoint", "evaluate", "resume_problem", "count_nonfinite_steps",
     ],
-    "verify.py": ["_close", "_numbers_equal", "_expressions_equal", "_structures_equal", "_compare_normalized"],
+    "verify.py": [
+        # extraction: the end of the turn and of the reasoning (`</think>`), boxes, `####`, answer phrases,
+        # a last line or the whole of a short completion, a bold value, the last number or math span
+        "_match_brace", "_boxes", "_last_boxed", "_final_part", "_strip_turn", "_math_spans", "_answer_in_segment",
+        "_after_phrase", "_sentence_denies", "_set_aside", "_is_prose_free", "_whole_answer", "_last_line_math",
+        "_justifies", "_joined_spans", "_text_values", "_last_value", "_last_bold", "extract_answer", "_extract",
+        "_chosen_letter", "_last_line_a", "reference_answer",
+        # normalisation: percent, signs, fractions, decimals, bases, times, letters, decimal commas
+        "_repeating_to_fraction", "_general_solution", "_normalize", "_fast_number", "_decimal_places",
+        "_rounds_rational", "_letters", "_special_forms",
+        # the equivalence checks, grade() and its Verdict
+        "_close", "_numbers_equal", "_expressions_equal", "_as_equation", "_values", "_sequence", "_as_matrix",
+        "_unordered_equal", "_structures_equal", "_compare_normalized", "is_equiv", "_top_level_parts", "grade", "reward",
+    ],
     "machinery.py": [
         # precision: the rounding bits and the rounding, the AdamW update's reference, the optimizer's bookkeeping,
         # the precision decision from the step probe's figures (not the timing itself) and on --resume
@@ -61,7 +82,26 @@ SCORED = {
         "rank_share", "sum_over_ranks", "before_optimizer_step", "global_denominator", "match_passes", "step_totals",
         "sharded_folder", "agree_on_stop", "decoder_layers",
     ],
-    "analyze.py": [],
+    # the study's bookkeeping: curves at their steps, steps to a threshold, t-intervals, per-mode rows, lr choice
+    "analyze.py": ["pass_at_k", "t_quantile_975", "mean_ci", "steps_to_threshold", "held_out_curve", "mean_step_seconds",
+                   "choose_lr", "summarize", "format_ci", "paired_differences", "format_differences", "format_table",
+                   "diagnostics_table", "curve_band", "is_validation", "run_folder"],
+}
+
+# The test files that reach each file's scored functions: `--files verify.py,analyze.py` runs mutmut on just
+# those files, against just these tests (its first pass runs the whole selection under call recording).
+TESTS_OF = {
+    "prerl.py": ["test_prerl.py", "test_losses.py", "test_data_and_rewards.py", "test_run_safety.py"],
+    "verify.py": ["test_verify.py", "test_verify_formats.py"],
+    "machinery.py": ["test_machinery.py", "test_precision.py"],
+    "analyze.py": ["test_analyze.py"],
+}
+# Tests left out of a --files run: the studies train several models per test (minutes per mutant); the study
+# bookkeeping they reach has direct tests of its own in the same file.
+LEFT_OUT = {
+    "analyze.py": ["test_analyze.py::test_study_resumes_per_mode_and_seed_to_the_same_table",
+                   "test_analyze.py::test_a_studys_held_out_curve_puts_each_evaluation_at_the_steps_trained_before_it",
+                   "test_analyze.py::test_lr_sweep_study_in_two_processes_matches_one_and_shares_the_first_seed"],
 }
 
 # Mutants that behave exactly like the original (one line each: why no test can tell them apart).
@@ -72,6 +112,30 @@ EQUIVALENT = {
     "verify.x__close__mutmut_3": "< for <=: differs only when the difference equals the tolerance exactly",
     "verify.x__close__mutmut_9": "max(1, |b|) for max(1, |a|, |b|): within 1e-8 of each other |a| and |b| give the same bound",
     "verify.x__close__mutmut_10": "max(1, |a|) for max(1, |a|, |b|): as above, with a and b swapped",
+    # verify.py: extraction and comparison helpers
+    "verify.x_extract_answer__mutmut_1": "`and` for `or` in the guard: an empty or non-string completion extracts None by the later rules (nothing found, or the except)",
+    "verify.x__top_level_parts__mutmut_6": "`XX,XX` for `,` as what and/or become: it holds one comma, so the count of parts is the same",
+    "verify.x__as_equation__mutmut_5": "`or` for `and`: an equation with a text side equals only one with the same text sides, never the equation or labelled value it meets here",
+    "verify.x__unordered_equal__mutmut_8": "next() without a default: StopIteration when nothing matches, which the comparison turns into not equal, as the None does",
+    "verify.x__sequence__mutmut_8": "`or` for `and`: other kinds reach it only with a payload that makes no sequence, or a one-character one (a relation's `<`) that equals nothing",
+    "verify.x__boxes__mutmut_24": "end >= 0 for end > 0: _match_brace gives -1 or the closing brace's index, past `\\boxed`, never 0",
+    "verify.x__boxes__mutmut_25": "end > 1 for end > 0: as above, never 1",
+    "verify.x__match_brace__mutmut_25": "+1 for -1 (unbalanced): _boxes then reads text[i + 1:1], empty, and _structure's `== len - 1` needs len 2, whose inner part is empty",
+    "verify.x__match_brace__mutmut_26": "-2 for -1 (unbalanced): callers test end > 0 and end == len - 1, which -2 fails as -1 does",
+    "verify.x__rounds_rational__mutmut_10": "early False for denominator 2 instead of 1: the exact-decimal check below returns False for both",
+    "verify.x__rounds_rational__mutmut_31": "< for <= 1: a difference of exactly half a unit makes `other` an exact decimal, refused before",
+    "verify.x__text_values__mutmut_8": "end + start for a formula's length: still above any number's length at the same end, so the formula still comes first",
+    "verify.x__decimal_places__mutmut_22": "lstrip(\"XX-XX\") for lstrip(\"-\"): lstrip takes a set of characters, and a decimal holds no X",
+    "verify.x__decimal_places__mutmut_25": "lstrip(\"XX0XX\") for lstrip(\"0\"): as above",
+    # analyze.py
+    "analyze.x_format_differences__mutmut_14": "pass@1's upper bound left to format_ci's default: that default is 1, the bound given",
+    "analyze.x_format_differences__mutmut_28": "the greedy difference's upper bound left to the default: as above",
+    "analyze.x_pass_at_k__mutmut_3": "n + c < k for n - c < k: the early 1.0 is a shortcut, math.comb(n - c, k) is 0 when k > n - c",
+    # the validation split is a fixed fifth by a salted hash; which fifth is no rule of the study
+    "analyze.x_is_validation__mutmut_8": "salt `XXvalidation:XX`: another fixed fifth, as independent of the held-out quarter",
+    "analyze.x_is_validation__mutmut_9": "salt `VALIDATION:`: as above",
+    "analyze.x_is_validation__mutmut_10": "hash read in base 17: another fixed fifth",
+    "analyze.x_is_validation__mutmut_13": "remainder 1 for 0: another fixed fifth",
     # prerl.py: the sampler gets 2-D logits [rows, vocabulary], where dim 1 is dim -1
     # prerl.py: rewards are 0 or 1 (verify.rewards), never exactly 0.5
     "prerl.x_advantages_for__mutmut_3": ">= 0.5 for > 0.5 as 'correct': differs only for a reward of exactly 0.5",
@@ -213,16 +277,19 @@ def function_of(mutant):
     return name[2:] if name.startswith("x_") else name[1:].strip("ǁ").replace("ǁ", ".")
 
 
-def mutant_globs():
-    return [f"{file[:-3]}.{mangled(name)}__mutmut_*" for file, names in SCORED.items() for name in names]
+def mutant_globs(files):
+    return [f"{file[:-3]}.{mangled(name)}__mutmut_*" for file in files for name in SCORED[file]]
 
 
-def scored_results():
-    """{mutant name: status} for the scored functions, from mutmut's per-file result files."""
-    pattern = re.compile(r"^[a-z]+\.(%s)__mutmut_\d+$" % "|".join(re.escape(mangled(n)) for names in SCORED.values() for n in names))
+def scored_results(files, root="."):
+    """{mutant name: status} for the scored functions of files, from mutmut's per-file result files."""
     status = {}
-    for file in SCORED:
-        with open(os.path.join("mutants", file + ".meta")) as f:
+    for file in files:
+        pattern = re.compile(r"^%s\.(%s)__mutmut_\d+$" % (file[:-3], "|".join(re.escape(mangled(n)) for n in SCORED[file])))
+        path = os.path.join(root, "mutants", file + ".meta")
+        if not SCORED[file] or not os.path.exists(path):
+            continue
+        with open(path) as f:
             codes = json.load(f)["exit_code_by_key"]
         for name, code in codes.items():
             if pattern.match(name):
@@ -231,43 +298,85 @@ def scored_results():
     return status
 
 
+def prepared_copy(files):
+    """.mutate/<files>/: this checkout's top-level Python files and a pyproject.toml whose [tool.mutmut] is
+    this one's, but mutates only files and selects only their tests (TESTS_OF). mutmut reads its
+    configuration from the folder it runs in, so a narrower run runs there; its results stay there."""
+    import shutil
+    import tomllib
+    root = os.path.join(".mutate", "+".join(file[:-3] for file in files))
+    os.makedirs(root, exist_ok=True)
+    with open("pyproject.toml", "rb") as f:
+        config = tomllib.load(f)["tool"]["mutmut"]
+    others = sorted(name for name in os.listdir(".") if name.endswith(".py") and name not in files)
+    for name in [*files, *others]:
+        shutil.copy2(name, os.path.join(root, name))   # mtimes kept: mutmut regenerates only what changed
+    config.update(source_paths=list(files), also_copy=[name for name in others if not name.startswith("test_")],
+                  pytest_add_cli_args_test_selection=[test for file in files for test in TESTS_OF[file]],
+                  pytest_add_cli_args=config.get("pytest_add_cli_args", []) + [
+                      arg for file in files for test in LEFT_OUT.get(file, []) for arg in ("--deselect", test)],
+                  use_git_change_detection=False)   # the copy is no git checkout of its own
+    text = "[tool.mutmut]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in config.items())
+    path = os.path.join(root, "pyproject.toml")
+    old = None
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+    if old != text:
+        with open(path, "w") as f:
+            f.write(text)
+    return root
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--children", type=int, default=2, help="parallel mutant workers (default 2)")
+    parser.add_argument("--files", default="", help="comma-separated files, e.g. verify.py,analyze.py: mutate only "
+                        "these, against only their tests, in .mutate/<files>/ (default: every file, here)")
     parser.add_argument("--only", default="", help="comma-separated function names (Class.method for a method): mutate just these")
     parser.add_argument("--survivors", action="store_true", help="rerun only the last run's unkilled, unlisted mutants")
     parser.add_argument("--report-only", action="store_true", help="score the last run without running mutmut")
     args = parser.parse_args()
+    files = list(filter(None, args.files.split(","))) or list(SCORED)
+    unknown = [file for file in files if file not in SCORED]
+    if unknown:
+        parser.error(f"--files: {', '.join(unknown)} not among {', '.join(SCORED)}")
+    root = prepared_copy(files) if args.files else "."
     only = set(filter(None, args.only.split(",")))
     if not args.report_only:
-        names = [g for g in mutant_globs() if not only or function_of(g) in only]
+        names = [g for g in mutant_globs(files) if not only or function_of(g) in only]
         if args.survivors:
-            names = [m for m, s in scored_results().items() if s not in ("killed", "timeout") and m not in EQUIVALENT
-                     and (not only or function_of(m) in only)]
+            names = [m for m, s in scored_results(files, root).items() if s not in ("killed", "timeout")
+                     and m not in EQUIVALENT and (not only or function_of(m) in only)]
         # one thread per worker: torch's thread pool would otherwise oversubscribe the cores (and deadlock after fork)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if names:
-            subprocess.run(["mutmut", "run", "--max-children", str(args.children), *names], env=env)
-    status = scored_results()
-    stale = sorted(set(EQUIVALENT) - set(status))
-    equivalent = {m: s for m, s in status.items() if m in EQUIVALENT}
+            subprocess.run(["mutmut", "run", "--max-children", str(args.children), *names], env=env, cwd=root)
+    status = scored_results(files, root)
+    run_files = {m.split(".")[0] for m in status}
+    stale = sorted(m for m in set(EQUIVALENT) - set(status) if m.split(".")[0] in run_files)
     unchecked = sorted(m for m, s in status.items() if s == "not checked")
-    counted = {m: s for m, s in status.items() if m not in EQUIVALENT and s != "not checked"}
-    killed = sum(s in ("killed", "timeout") for s in counted.values())
-    survivors = sorted(m for m, s in counted.items() if s not in ("killed", "timeout"))
-    killed_equivalent = sorted(m for m, s in equivalent.items() if s in ("killed", "timeout"))
-    print(f"\n{len(status)} mutants in the scored functions, {len(equivalent)} listed as equivalent, "
-          f"{len(unchecked)} not run yet (--only, or an interrupted run)")
-    for m in survivors:
-        print(f"  {counted[m]:>11}  {m}")
-    for m in killed_equivalent:
-        print(f"  listed as equivalent but killed (remove it from EQUIVALENT): {m}")
+    print(f"\n{len(status)} mutants in the scored functions, {len(unchecked)} not run yet (--only, or an interrupted run)"
+          + (f"; what one changed: (cd {root} && mutmut show NAME)" if root != "." else ""))
+    scores = []
+    for file in files:
+        mine = {m: s for m, s in status.items() if m.startswith(file[:-3] + ".")}
+        equivalent = {m: s for m, s in mine.items() if m in EQUIVALENT}
+        counted = {m: s for m, s in mine.items() if m not in EQUIVALENT and s != "not checked"}
+        killed = sum(s in ("killed", "timeout") for s in counted.values())
+        survivors = sorted(m for m, s in counted.items() if s not in ("killed", "timeout"))
+        for m in survivors:
+            print(f"  {counted[m]:>11}  {m}")
+        for m in sorted(m for m, s in equivalent.items() if s in ("killed", "timeout")):
+            print(f"  listed as equivalent but killed (remove it from EQUIVALENT): {m}")
+        if mine:
+            scores.append(killed / max(1, len(counted)))
+            print(f"{file}: {len(mine)} mutants, {killed} killed, {len(equivalent)} equivalent, {len(survivors)} surviving, "
+                  f"{len(mine) - len(counted) - len(equivalent)} not run: {killed}/{len(counted)} = "
+                  f"{100 * scores[-1]:.1f}% of non-equivalent mutants killed (target {100 * TARGET:.0f}%)")
     for m in stale if not unchecked else []:
         print(f"  listed as equivalent but no longer generated (remove it from EQUIVALENT): {m}")
-    score = killed / max(1, len(counted))
-    print(f"mutation score: {killed}/{len(counted)} = {100 * score:.1f}% of non-equivalent mutants killed "
-          f"(target {100 * TARGET:.0f}%)")
-    return 0 if score >= TARGET else 1
+    return 0 if scores and min(scores) >= TARGET else 1
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def test_pass_at_k_edges():
     assert analyze.pass_at_k(8, 8, 1) == 1.0        # all correct
     assert analyze.pass_at_k(8, 5, 4) == 1.0        # k > n - c: every subset holds a correct one
     assert analyze.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pass@5 needs at least 5 samples, got 4"):
         analyze.pass_at_k(4, 1, 5)
 
 
@@ -101,7 +101,7 @@ def test_t_interval_hand_worked():
     # [1..5]: mean 3, s = sqrt(2.5), s / sqrt(5) = 0.707107, t(0.975, 4) = 2.776445 -> half-width 1.963243
     assert analyze.mean_ci([1, 2, 3, 4, 5]) == pytest.approx((3.0, 3 - 1.963243, 3 + 1.963243), abs=1e-6)
     assert analyze.mean_ci([0.4]) == (0.4, None, None)            # one seed: no interval
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 1 degree of freedom"):
         analyze.t_quantile_975(0)
 
 
@@ -115,7 +115,7 @@ def test_intervals_are_cut_to_the_range_the_quantity_can_take():
 
 def test_paired_differences_by_seed_hand_worked():
     def run(seed, pass1, greedy):
-        return {"seed": seed, "eval": {"pass_at_k": {"1": pass1}}, "curve": [(0, 0.3), (20, greedy)]}
+        return {"seed": seed, "eval": {"pass_at_k": {"1": pass1}}, "curve": [(0, 0.3), (10, 0.99), (20, greedy)]}
     runs = {"grpo": [run(0, 0.5, 0.50), run(1, 0.6, 0.40), run(2, 0.7, 0.90)],
             "dsrl": [run(2, 1.0, 0.85), run(0, 0.6, 0.60), run(1, 0.8, 0.50), run(7, 0.0, 0.0)]}   # seed 7: unpaired
     d = analyze.paired_differences(runs, "grpo")
@@ -162,6 +162,102 @@ def test_curve_band_is_the_per_step_interval():
     assert steps == [0, 5]
     assert cis[0] == (0.2, pytest.approx(0.2), pytest.approx(0.2))
     assert cis[1] == pytest.approx((0.6, 0.6 - 12.706205 * 0.1, 0.6 + 12.706205 * 0.1))
+
+
+def test_t_quantile_reads_its_table_to_30_degrees_of_freedom_and_the_expansion_beyond():
+    assert [analyze.t_quantile_975(df) for df in range(1, 31)] == list(analyze.T_975)
+    # beyond 30: Cornish-Fisher (Abramowitz & Stegun 26.7.5) up to its 1/df^3 term, written out here
+    z = 1.959963984540054
+    g1, g2 = (z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    for df in (31, 50, 1000):
+        assert analyze.t_quantile_975(df) == pytest.approx(z + g1 / df + g2 / df ** 2 + g3 / df ** 3, abs=1e-12)
+
+
+def test_held_out_curve_puts_each_evaluation_after_the_steps_it_saw():
+    metrics = [{"step": 0}, {"step": 1, "eval_accuracy": 0.3}, {"step": 2}, {"step": 3, "eval_accuracy": 0.5}]
+    assert analyze.held_out_curve(0.1, metrics, 6, 0.7) == [(0, 0.1), (2, 0.3), (4, 0.5), (6, 0.7)]
+    assert analyze.held_out_curve(0.1, [], 2, 0.2) == [(0, 0.1), (2, 0.2)]
+
+
+def test_mean_step_seconds_adds_the_four_phases_of_each_step():
+    metrics = [{"sample_s": 1, "score_s": 2, "diagnose_s": 4, "train_s": 8, "eval_s": 1000},
+               {"sample_s": 16, "score_s": 32, "diagnose_s": 64, "train_s": 128}]
+    assert analyze.mean_step_seconds(metrics) == (15 + 240) / 2
+
+
+def study_result(seed, pass_at_k, curve, step_seconds, lr=2e-5):
+    return {"seed": seed, "lr": lr, "eval": {"pass_at_k": pass_at_k}, "curve": curve, "step_seconds": step_seconds}
+
+
+def test_summarize_gives_each_modes_seed_means_and_intervals_hand_worked():
+    # pass@k keys are strings after JSON: k is the largest by value (16), not by spelling ("8")
+    runs = {"grpo": [study_result(5, {"1": 0.2, "8": 0.9, "16": 0.5}, [(0, 0.1), (4, 0.5), (8, 0.4)], 1.0),
+                     study_result(6, {"1": 0.3, "8": 0.9, "16": 0.6}, [(0, 0.1), (4, 0.2), (8, 0.6)], 2.0),
+                     study_result(7, {"1": 0.4, "8": 0.9, "16": 1.0}, [(0, 0.9), (4, 0.2), (8, 0.8)], 6.0)],
+            "dsrl": [study_result(5, {"1": 0.5, "16": 0.5}, [(0, 0.1), (8, 0.2)], 3.0, lr=5e-5),
+                     study_result(6, {"1": 0.7, "16": 0.5}, [(0, 0.1), (4, 0.6), (8, 0.7)], 5.0, lr=5e-5)],
+            "nsr": [study_result(0, {"1": 0.25, "2": 0.5}, [(0, 0.5), (8, 0.75)], 2.0, lr=1e-6)]}    # one seed
+    rows = analyze.summarize(runs, 0.5, budget=8)
+    grpo, dsrl = rows["grpo"], rows["dsrl"]
+    assert (grpo["lr"], grpo["seeds"], grpo["k"], grpo["budget"]) == (2e-5, [5, 6, 7], 16, 8)
+    assert grpo["pass@1"] == pytest.approx(analyze.mean_ci([0.2, 0.3, 0.4]))
+    assert grpo["pass@k"] == pytest.approx(analyze.mean_ci([0.5, 0.6, 1.0]))
+    assert grpo["greedy"] == pytest.approx(analyze.mean_ci([0.4, 0.6, 0.8]))             # each curve's last point
+    assert grpo["steps"] == pytest.approx(analyze.mean_ci([4, 8, 0]))                     # every seed got there
+    assert (grpo["steps_reached"], grpo["steps_lower_bound"], grpo["step_seconds"]) == (3, 4.0, 3.0)
+    assert (dsrl["lr"], dsrl["seeds"], dsrl["k"], dsrl["steps"], dsrl["steps_reached"]) == (5e-5, [5, 6], 16, None, 1)
+    assert (dsrl["steps_lower_bound"], dsrl["step_seconds"]) == ((8 + 4) / 2, 4.0)      # the budget for seed 5
+    assert rows["nsr"] == {"lr": 1e-6, "seeds": [0], "k": 2, "pass@1": (0.25, None, None), "pass@k": (0.5, None, None),
+                           "greedy": (0.75, None, None), "steps": (0, None, None), "steps_lower_bound": 0,
+                           "steps_reached": 1, "budget": 8, "step_seconds": 2.0}
+
+
+def test_format_table_hand_worked():
+    rows = {"grpo": {"lr": 2e-5, "seeds": [0, 1], "k": 8, "pass@1": (0.5, 0.4, 0.6), "pass@k": (0.7, 0.5, 1.2),
+                     "greedy": (0.25, None, None), "steps": (3.0, -1.0, 7.5), "steps_reached": 2,
+                     "steps_lower_bound": 3.0, "budget": 6},
+            "dsrl": {"lr": 5e-5, "seeds": [0, 1], "k": 8, "pass@1": (0.125, None, None), "pass@k": (0.5, None, None),
+                     "greedy": (0.75, None, None), "steps": None, "steps_reached": 1, "steps_lower_bound": 4.5, "budget": 6}}
+    base = {"pass_at_k": {"1": 0.125, "8": 0.5, "16": 0.9}, "greedy": 0.25}
+    header = ["| mode | lr | seeds | pass@1 | pass@8 | greedy held-out acc. | steps to 0.5 |", "|---|---|---|---|---|---|---|"]
+    lines = ["| grpo | 2e-05 | 2 | 0.500 [0.400, 0.600] | 0.700 [0.500, 1.000] | 0.250 | 3.0 [0.0, 6.0] |",
+             "| dsrl | 5e-05 | 2 | 0.125 | 0.500 | 0.750 | >= 4.5 (1/2 reached) |"]
+    assert analyze.format_table(rows, 0.5, base) == "\n".join(header + ["| base model | - | - | 0.125 | 0.500 | 0.250 | - |"] + lines)
+    assert analyze.format_table(rows, 0.5) == "\n".join(header + lines)
+
+
+def test_format_differences_cuts_each_interval_to_minus_one_to_one():
+    differences = {"dsrl": {"seeds": 3, "pass@1": (0.2, -1.25, 1.5), "greedy": (-0.1, -1.5, 1.2)},
+                   "nsr": {"seeds": 2, "pass@1": (0.0, None, None), "greedy": (0.5, 0.25, 0.75)}}
+    assert analyze.format_differences(differences, "grpo") == "\n".join([
+        "| paired by seed | pass@1 difference | greedy held-out acc. difference |", "|---|---|---|",
+        "| dsrl - grpo (3 seeds) | +0.200 [-1.000, +1.000] | -0.100 [-1.000, +1.000] |",
+        "| nsr - grpo (2 seeds) | +0.000 | +0.500 [+0.250, +0.750] |"])
+
+
+def test_diagnostics_table_gives_the_seed_mean_at_the_first_and_last_logged_step():
+    first = {"metrics": [{"entropy": None, "eos_share": 0.25}, {"entropy": 1.0}, {"entropy": 3.0}]}
+    second = {"metrics": [{"entropy": 2.0}, {}, {"entropy": 5.12345, "eos_share": 0.5}]}
+    table = analyze.diagnostics_table({"grpo": [first, second], "nsr": [{"metrics": []}]}).split("\n")
+    assert table[0] == "| mode | " + " | ".join(analyze.DIAGNOSTICS) + " |"
+    assert table[1] == "|---" * 10 + "|"
+    cells = {key: "- -> -" for key in analyze.DIAGNOSTICS}
+    cells.update(entropy="1.5 -> 4.06", eos_share="0.375 -> 0.375")   # (1 + 2) / 2 -> (3 + 5.12345) / 2
+    assert table[2] == "| grpo | " + " | ".join(cells[key] for key in analyze.DIAGNOSTICS) + " |"
+    assert table[3] == "| nsr | " + " | ".join(["- -> -"] * 9) + " |" and len(table) == 4
+
+
+def test_run_folders_are_mode_then_lr_then_seed(tmp_path):
+    assert analyze.run_folder(str(tmp_path), "dsrl", 2e-5, 3) == str(tmp_path / "dsrl" / "lr2e-05" / "seed3")
+
+
+def test_validation_is_a_fixed_fifth_of_the_problems_independent_of_the_held_out_quarter():
+    problems = [f"what is {i} + {i % 7}?" for i in range(4000)]
+    chosen = [p for p in problems if analyze.is_validation(p)]
+    assert 0.18 < len(chosen) / len(problems) < 0.22
+    assert chosen == [p for p in problems if analyze.is_validation(p)]                  # the same on every call
+    assert 0.21 < sum(map(prerl.is_held_out, chosen)) / len(chosen) < 0.29             # salted apart from the split
 
 
 def hand_scores(model, context, response, temperature):
@@ -307,6 +403,13 @@ def test_choose_lr_ranks_validation_then_late_training_accuracy_then_the_smaller
     # steps 0-5 (before the last quarter) do not count: only the tie-break on lr is left
     assert analyze.choose_lr({2e-5: sweep_result(0.5, 0.5, 0.0), 1e-5: sweep_result(0.5, 0.5, 0.0)}) == 1e-5
     assert analyze.choose_lr({1e-5: sweep_result(0.25, 0.5, 0.0), 2e-5: sweep_result(0.5, 0.0, 0.0)}) == 2e-5
+
+
+def test_choose_lr_reads_training_accuracy_over_exactly_the_last_quarter_of_the_steps():
+    # steps 4-5 (before the last quarter) were good for 1e-3 only; steps 6-7 favour 1e-2
+    early_good = {"validation": 0.5, "metrics": [{"accuracy": 1.0 if s in (4, 5) else 0.0} for s in range(8)]}
+    steady = {"validation": 0.5, "metrics": [{"accuracy": 0.25} for s in range(8)]}
+    assert analyze.choose_lr({1e-3: early_good, 1e-2: steady}) == 1e-2
 
 
 def test_lr_sweep_study_in_two_processes_matches_one_and_shares_the_first_seed(tiny_model_folder, tmp_path, monkeypatch):

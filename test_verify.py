@@ -678,3 +678,66 @@ def test_a_completion_that_ends_right_after_its_reasoning_is_read_inside_it(end)
     assert verify.reward(completion, "7") == 1.0 and verify.reward(completion, "8") == 0.0
     # text after the reasoning still wins over a guess inside it
     assert verify.extract_answer("<think>maybe \\boxed{5}</think>\nSo the answer is \\boxed{7}." + end) == "7"
+
+
+# --- bounds and tie-breaks of the last-value rule, and which roundings count
+
+def test_the_last_value_is_searched_in_the_last_20000_characters_and_50_math_spans():
+    assert verify._last_value("5" + " " * 19_999) == "5" and verify._last_value("5" + " " * 20_000) is None
+    # only the last 50 spans are read: behind 50 denied ones, an earlier undenied span is out of reach
+    assert verify._last_value("$1$. " + "It is not $2$. " * 49) == "1"
+    assert verify._last_value("$1$. " + "It is not $2$. " * 50) is None
+
+
+def test_at_equal_ends_the_formula_beats_the_number_inside_it():
+    assert verify._last_value("Each one gets 2/5") == "2/5"
+    assert verify._last_value("It takes 2 3/4") == "2 3/4"
+
+
+def test_a_rounded_decimal_never_matches_a_fraction_with_an_exact_decimal():
+    from fractions import Fraction
+    assert not verify.is_equiv("1.602", "\\frac{1001}{625}")            # 1001/625 = 1.6016 exactly (5^4)
+    assert verify.is_equiv("1.667", "\\frac{5}{3}")                     # 5/3 has none: the rounding counts
+    # exact decimals are found in integer arithmetic, also for a long one (1/5^30 has 30 digits)
+    assert not verify._rounds_rational("0.00000000000000000000107", Fraction(107, 10 ** 23), Fraction(1, 5 ** 30))
+
+
+def test_the_last_value_skips_denied_and_checking_clauses_in_order():
+    assert verify._last_value("So $1$, hence $2$. It is not $3$.") == "2"        # the last span not set aside
+    assert verify._last_value("So $z$. It is not $x, y$.") == "z"                # a span's clause is where it starts
+    assert verify._last_value("So \\(x\\)5") == "5"                              # a value right after the math ends later
+    assert verify._last_value("1. " + "It is not 2. " * 49) == "1"               # 50 values are read, no more
+    assert verify._last_value("1. " + "It is not 2. " * 50) is None
+
+
+def test_when_every_value_only_checks_the_last_math_still_counts_unless_denied():
+    assert verify._last_value("Check: $1$. It is not $2$. Check: $3$.") == "3"
+    assert verify._last_value("Check: $1$. It is not $3$.") is None
+    assert verify._last_value("It is not $x, y$") is None
+
+
+def test_significant_digits_ignore_the_sign_and_the_spaces():
+    assert verify.is_equiv("-0.577", "-\\frac{\\sqrt{3}}{3}") and verify.is_equiv("- 0.3333", "-\\frac{1}{3}")
+    assert not verify.is_equiv("-0.58", "-\\frac{\\sqrt{3}}{3}")          # two digits prove too little, signed or not
+    assert verify._decimal_places("- 0.0123") == (4, 3)
+
+
+def test_a_reference_in_an_fbox_or_in_math_delimiters_is_its_content():
+    assert verify.reference_answer("so \\fbox{5}") == "5"
+    for wrapped in ("$$\\frac12$$", "$\\frac12$", "\\(\\frac12\\)", "\\[\\frac12\\]", " $ \\frac12 $ "):
+        assert verify.reference_answer(wrapped) == "\\frac12", wrapped
+    assert verify.reference_answer("$$") == "$$" and verify.reference_answer(7) == "7"
+    assert verify.reference_answer("$5") == "$5"                              # a dollar sign, not math
+
+
+def test_reward_hands_its_time_bound_to_the_worker(monkeypatch):
+    seen = []
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: seen.append(timeout) or verify._compare_normalized(*job))
+    assert verify.reward("\\boxed{x+1}", "1+x", timeout=0.25) == 1.0 and seen == [0.25]
+
+
+def test_boxes_skip_spaces_before_their_brace_and_a_box_at_the_very_end_is_none():
+    assert verify._boxes("so \\boxed  {5} and \\fbox{6}") == [(3, 14, "5"), (19, 27, "6")]
+    assert verify._boxes("so \\boxed 7.") == [(3, 12, "7.")] and verify._boxes("\\boxed{ }") == []
+    assert verify._boxes("\\boxed " + "7" * 300)[0][2] == "7" * 200          # a brace-less box reads 200 characters
+    assert verify.extract_answer("#### 5\n\\boxed") == "5" and verify.extract_answer("#### 5\n\\boxed  ") == "5"

@@ -282,6 +282,78 @@ def test_verdicts_say_why():
     assert verify.grade("I am not sure.", "C").status == "no_answer"
 
 
+def test_an_internal_failure_is_a_zero_never_an_exception(monkeypatch):
+    """Nothing in verify.py raises: should a rule fail inside (a bug, sympy's internals), the answer is not
+    found, not equal, and the verdict a zero with no answer."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a rule failed")
+    assert verify.is_equiv("1", "1.0") and verify.grade("\\boxed{1}", "1").reward == 1.0
+    with monkeypatch.context() as m:
+        m.setattr(verify, "reference_answer", broken)
+        assert verify.grade("\\boxed{1}", "1") == verify.Verdict(0.0, None, "no_answer")
+    with monkeypatch.context() as m:
+        m.setattr(verify, "_strip_turn", broken)
+        assert verify.extract_answer("\\boxed{1}") is None
+    with monkeypatch.context() as m:
+        m.setattr(verify, "_last_boxed", broken)
+        assert verify._extract("\\boxed{1}") is None
+    with monkeypatch.context() as m:
+        m.setattr(verify, "_special_forms", broken)
+        assert verify.is_equiv("1", "1.0") is False
+    with monkeypatch.context() as m:
+        m.setattr(verify, "_structure", broken)
+        assert verify._compare_normalized("1", "1", False) is False
+
+
+def test_the_comparison_parses_answers_of_at_most_max_answer_chars():
+    longest = "1" + "+0" * ((verify.MAX_ANSWER_CHARS - 1) // 2)           # 999 characters, equal to 1
+    assert len(longest) == verify.MAX_ANSWER_CHARS - 1
+    assert verify._compare_normalized(longest, "1", False) and verify._compare_normalized("1", longest, False)
+    assert verify._compare_normalized(longest + "+0", "1", False) is False          # 1001: never parsed
+    assert verify._compare_normalized("1", longest + "+0", False) is False
+    exactly = longest + " "                                                        # 1000 characters: still parsed
+    assert len(exactly) == verify.MAX_ANSWER_CHARS and verify._compare_normalized(exactly, "1", False)
+
+
+def test_boxes_one_per_blank_are_read_together_only_for_a_reference_of_several_answers():
+    assert verify.grade("So $\\boxed{2}$ and $\\boxed{3}$.", "2, 3") == verify.Verdict(1.0, "2, 3", "correct")
+    assert verify.grade("$\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$", "2, 3") == verify.Verdict(1.0, "2, 3", "correct")
+    assert verify.grade("So $\\boxed{2}$ and $\\boxed{5}$.", "2, 3") == verify.Verdict(0.0, "5", "wrong")
+    assert verify.grade("So $\\boxed{2}$ and $\\boxed{3, 4}$.", "2, 3").reward == 0.0   # a box with two answers
+    # a one-answer reference: the last box alone, and a choice letter is still read from its sentence
+    assert verify.grade("First \\boxed{10}. Then the answer is option C: \\boxed{12}.", "C") == \
+        verify.Verdict(1.0, "C", "correct")
+
+
+@pytest.mark.parametrize("reference,parts", [
+    ("2, 3", 2), ("\\{2, 3\\}", 2), ("x = 1 \\text{ or } x = 2", 2), ("1; 2, 3", 2), ("(1, 2)", 1),
+    ("[10, 20] \\cup \\{5\\}", 1), ("\\{5\\}", 1), ("7", 1)])
+def test_a_reference_lists_its_top_level_answers(reference, parts):
+    assert verify._top_level_parts(reference) == parts
+
+
+def test_a_set_reference_takes_one_box_per_member():
+    assert verify.grade("So $\\boxed{2}$ and $\\boxed{3}$.", "\\{2, 3\\}") == verify.Verdict(1.0, "2, 3", "correct")
+
+
+MATRIX = "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"
+
+
+@pytest.mark.parametrize("rows", ["[[1, 2], [3, 4]]", "[1, 2], [3, 4]", "((1, 2), (3, 4))", "1, 2; 3, 4"])
+def test_a_matrix_written_as_rows_in_brackets_equals_the_matrix(rows):
+    assert verify.is_equiv(rows, MATRIX) and verify.is_equiv(MATRIX, rows)
+
+
+def test_only_a_one_row_or_one_column_matrix_is_a_tuple():
+    assert verify.is_equiv("(1, 2)", "\\begin{pmatrix}1&2\\end{pmatrix}")
+    assert verify.is_equiv("(1, 3)", "\\begin{pmatrix}1\\\\3\\end{pmatrix}")
+    assert not verify.is_equiv("(1, 2, 3, 4)", MATRIX) and not verify.is_equiv(MATRIX, "(1, 2, 3, 4)")
+
+
+def test_sets_of_different_sizes_differ():
+    assert not verify.is_equiv("\\{1, 2\\}", "\\{1, 2, 3\\}") and not verify.is_equiv("\\{1, 2, 3\\}", "\\{1, 2\\}")
+
+
 def test_reward_is_the_verdicts_reward_on_every_format_case():
     rows = [row for rows in FORMAT_CASES.values() for row in rows]
     verdicts = verify.grades([c for c, _, _ in rows], [g for _, g, _ in rows])

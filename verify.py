@@ -1245,9 +1245,8 @@ def _as_equation(labelled):
 
 
 def _values(p):
-    """The values of labelled answers, without their labels."""
-    if p[0] == "labelled":
-        return p[2]
+    """The values of several labelled answers, without their labels (one labelled answer never gets here:
+    _structures_equal compares it by its value first)."""
     if p[0] == "labels":
         return ("set" if p[2] else "list", [item[2] for item in p[1]])
     return p
