@@ -185,7 +185,8 @@ def verifier_in_process_under_mutmut(request, monkeypatch):
     need the workers and are skipped there (the bound is not what the mutants change)."""
     if not under_mutmut():
         return
-    if request.node.name.startswith(("test_hostile_input", "test_time_bound", "test_second_opinion_is_time_bounded")):
+    if request.node.name.startswith(("test_hostile_input", "test_time_bound", "test_second_opinion_is_time_bounded",
+                                  "test_a_user_reward_that_times_out")):
         pytest.skip("needs the verifier's worker processes; not run under mutmut")
     def in_process(job, timeout):   # the jobs _serve runs: a caller's function, math-verify's opinion, a comparison
         if callable(job):
