@@ -298,6 +298,9 @@ def scored_results(files, root="."):
     return status
 
 
+DATA_FOLDERS = ["results"]   # read by tests; copied beside the code of a --files run
+
+
 def prepared_copy(files):
     """.mutate/<files>/: this checkout's top-level Python files and a pyproject.toml whose [tool.mutmut] is
     this one's, but mutates only files and selects only their tests (TESTS_OF). mutmut reads its
@@ -311,7 +314,10 @@ def prepared_copy(files):
     others = sorted(name for name in os.listdir(".") if name.endswith(".py") and name not in files)
     for name in [*files, *others]:
         shutil.copy2(name, os.path.join(root, name))   # mtimes kept: mutmut regenerates only what changed
-    config.update(source_paths=list(files), also_copy=[name for name in others if not name.startswith("test_")],
+    folders = [name for name in DATA_FOLDERS if os.path.isdir(name)]
+    for name in folders:                               # data the tests read (a recorded study's results)
+        shutil.copytree(name, os.path.join(root, name), dirs_exist_ok=True)
+    config.update(source_paths=list(files), also_copy=[name for name in others if not name.startswith("test_")] + folders,
                   pytest_add_cli_args_test_selection=[test for file in files for test in TESTS_OF[file]],
                   pytest_add_cli_args=config.get("pytest_add_cli_args", []) + [
                       arg for file in files for test in LEFT_OUT.get(file, []) for arg in ("--deselect", test)],
