@@ -22,6 +22,7 @@ Sections, printed as one table with ratios at the end:
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -240,6 +241,7 @@ def bench_precision(model, tokenizer, problems, rows, repeat):
         for precision, m in models.items():
             seconds = {}
             start = time.perf_counter()
+            cfg = dataclasses.replace(cfg, precision=precision)  # the micro-batch budget follows it (2048 tokens in bf16)
             batch = prerl.sample(m, tokenizer, problems, cfg, cfg.group_size, [f"bench-{round}-{i}" for i in range(len(problems))])
             seconds["sample"] = time.perf_counter() - start
             for name, optimizer in (("optimizer step", optimizers[precision]),     # the reference: last round only
@@ -254,7 +256,8 @@ def bench_precision(model, tokenizer, problems, rows, repeat):
                 seconds[name] = time.perf_counter() - start
                 optimizer.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            prerl.rl_step(m, tokenizer, optimizers[precision], rl_problems, round, rl_cfg, start_id)
+            prerl.rl_step(m, tokenizer, optimizers[precision], rl_problems, round, dataclasses.replace(rl_cfg, precision=precision),
+                          start_id)
             seconds["RL step"] = time.perf_counter() - start
             if round:
                 best[precision] = {k: min(v, seconds.get(k, v)) for k, v in best[precision].items()}
@@ -286,7 +289,8 @@ def bench_e2e(model, tokenizer, cfg, problems, rows, initial_weights, steps=3):
         # already changed the model, and what it samples (how long, how often it stops) sets the step time.
         model.load_state_dict(initial_weights)
         torch.manual_seed(0)
-        run_cfg = prerl.Config(**{**vars(cfg), "mode": mode})
+        precision = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
+        run_cfg = prerl.Config(**{**vars(cfg), "mode": mode, "precision": precision})  # as prerl.py decides it
         optimizer = prerl.make_optimizer(model, run_cfg)
         times = []
         for step in range(steps):
@@ -294,7 +298,6 @@ def bench_e2e(model, tokenizer, cfg, problems, rows, initial_weights, steps=3):
             record = prerl.rl_step(model, tokenizer, optimizer, problems, step, run_cfg, start_id)
             times.append(time.perf_counter() - start)
         mean = seconds_per_step[mode] = statistics.mean(times[1:])
-        precision = "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "fp32"
         rows.append((f"RL step, prerl {mode}, {precision} ({len(problems)}x{cfg.group_size}, {cfg.max_new_tokens} new tokens)",
                      f"{mean:.1f} s/step", f"mean of steps 2-{steps}; last: sample {record['sample_s']} s, "
                      f"score {record['score_s']} s, train {record['train_s']} s"))

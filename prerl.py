@@ -783,7 +783,7 @@ class Config(MethodConfig):
                                  "checkpoint's")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30%% slower)")
     micro_batch_tokens: int = opt(0, "tokens (rows x longest row) per forward/backward: bounds memory, "
-                                     "not the result; 0 = 256 on CPU, 4096 on a GPU")
+                                     "not the result; 0 = 256 on CPU (2048 in bf16), 4096 on a GPU")
     lora: int = opt(0, "LoRA rank (needs peft); 0 = full fine-tuning. Only the adapters train")
     lora_alpha: float = opt(0.0, "LoRA alpha; 0 = the rank (scale alpha/rank = 1)")
     lora_targets: str = opt("all-linear", "LoRA target modules: all-linear (every Linear but the LM head) or "
@@ -1002,9 +1002,11 @@ def micro_batches(rows, lengths, max_tokens):
 
 
 def micro_batch_budget(cfg, device):
-    """Tokens per forward/backward. CPU: 256 keeps the matmuls near peak and activations small. GPU: one
-    kernel launch per op costs as much as the math of a small micro-batch, so make them 16x larger."""
-    return cfg.micro_batch_tokens or (4096 if device.type == "cuda" else 256)
+    """Tokens per forward/backward. CPU fp32: 256 keeps the matmuls near peak and activations small. CPU
+    bf16: AMX tiles pay off only on tall matmuls (a grpo step's forward+backward 1.7x faster at 2048 than
+    at 256, docs/precision.md), and bf16 activations take half the bytes. GPU: one kernel launch per op
+    costs as much as the math of a small micro-batch, so make them 16x larger."""
+    return cfg.micro_batch_tokens or (4096 if device.type == "cuda" else 2048 if cfg.precision == "bf16" else 256)
 
 
 def trim(ids, mask, left):
