@@ -5,9 +5,11 @@ resumable run, non-finite steps skipped, an exported model folder, plots and tra
     python -m pytest -q test_run_safety.py
 """
 
+import dataclasses
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -177,6 +179,128 @@ def test_resume_checks_only_a_resumed_run_and_steps_may_equal_the_checkpoints(tm
     unreadable = prerl.resume_problem(cfg)        # names the error torch raised (mmap's, or pickle's without mmap)
     assert unreadable.startswith(f"--resume: checkpoint {tmp_path / 'checkpoint.pt'} is unreadable (")
     assert unreadable.split(" is unreadable (")[1].split(":")[0] in ("RuntimeError", "UnpicklingError"), unreadable
+
+# --- Checkpoints in one process: what save_checkpoint writes and load_checkpoint puts back (the resume
+# tests above and below run prerl as a command; these call the two functions directly).
+
+def updated_once(dtype=torch.float32, seed=0, lora=0):
+    """A tiny model (LoRA's adapters on it with lora > 0), its optimizer and config after one update, so
+    that the AdamW moments and step count are not their initial values."""
+    import machinery
+    cfg = prerl.Config(lora=lora, lr=1e-2)
+    model = tiny_model(dtype, seed=seed)
+    if lora:
+        model = machinery.add_lora(model, lora, 8.0, "all-linear", seed=seed)
+    optimizer = prerl.make_optimizer(model, cfg)
+    batch = toy_batch(seed=seed)
+    prerl.conditional_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                               batch["response_mask"]).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model, optimizer, cfg
+
+
+def same(a, b):
+    """Equal nested states: tensors bit for bit (and dtype), everything else by ==."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def draws():
+    """The next numbers of Python's and torch's random streams (what a resumed run draws next)."""
+    return random.random(), torch.rand(3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_checkpoint_restores_the_weights_optimizer_step_and_random_streams(dtype, tmp_path):
+    """save_checkpoint at step 5, then load_checkpoint into another model and optimizer: the same weights,
+    AdamW moments and step count, step 5 returned, and both random streams continue where the save left
+    them; nothing but checkpoint.pt is left in the folder (written to a temporary, then renamed)."""
+    model, optimizer, cfg = updated_once(dtype)
+    path = str(tmp_path / "checkpoint.pt")
+    random.seed(7)
+    torch.manual_seed(7)
+    prerl.save_checkpoint(path, model, optimizer, 5, cfg)
+    after_save = draws()
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["step"] == 5 and state["config"] == dataclasses.asdict(cfg) and state["rng"]["cuda"] is None
+    other, other_optimizer, _ = updated_once(dtype, seed=1)          # other weights, other moments
+    assert not same(other.state_dict(), model.state_dict())
+    random.seed(99)
+    torch.manual_seed(99)
+    assert prerl.load_checkpoint(path, other, other_optimizer) == 5
+    assert same(draws(), after_save)
+    assert same(other.state_dict(), model.state_dict())
+    assert same(other_optimizer.state_dict(), optimizer.state_dict())
+    assert other_optimizer.state_dict()["state"][0]["exp_avg"].abs().sum() > 0     # moments, not zeros
+
+
+def test_loading_weights_alone_leaves_the_random_streams_and_returns_the_step(tmp_path):
+    """Without an optimizer (evaluation, export) only the weights load: the caller's random streams go on
+    as they were, and the step is still returned."""
+    model, optimizer, cfg = updated_once()
+    path = str(tmp_path / "checkpoint.pt")
+    prerl.save_checkpoint(path, model, optimizer, 3, cfg)
+    other = tiny_model(torch.float32, seed=2)          # (seeds torch itself: built before the streams are set)
+    random.seed(11)
+    torch.manual_seed(11)
+    expected = draws()
+    random.seed(11)
+    torch.manual_seed(11)
+    assert prerl.load_checkpoint(path, other) == 3
+    assert same(draws(), expected) and same(other.state_dict(), model.state_dict())
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(tmp_path):
+    """Weights of the other precision name the --precision to resume with; another model's weights, or a
+    file that is not a checkpoint, name the file; the model is left as it was."""
+    path = str(tmp_path / "checkpoint.pt")
+    for saved, loaded, flag in ((torch.bfloat16, torch.float32, "--precision bf16"), (torch.float32, torch.bfloat16, "--precision fp32")):
+        model, optimizer, cfg = updated_once(saved)
+        prerl.save_checkpoint(path, model, optimizer, 1, cfg)
+        other = tiny_model(loaded, seed=1)
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(SystemExit, match=f"error: checkpoint {path} holds {saved} weights, this run {loaded}: resume with {flag}$"):
+            prerl.load_checkpoint(path, other, prerl.make_optimizer(other, cfg))
+        assert same(other.state_dict(), before)
+    model, optimizer, cfg = updated_once()
+    prerl.save_checkpoint(path, model, optimizer, 1, cfg)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    bigger = LlamaForCausalLM(LlamaConfig(vocab_size=model.config.vocab_size, hidden_size=48, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(SystemExit, match=f"error: checkpoint {path} is unreadable or does not fit this model: RuntimeError: "):
+        prerl.load_checkpoint(path, bigger, prerl.make_optimizer(bigger, cfg))
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=f"error: checkpoint {path} is unreadable or does not fit this model: "):
+        prerl.load_checkpoint(path, tiny_model(torch.float32))
+
+
+def test_a_lora_checkpoint_holds_the_adapter_alone_and_loads_into_the_base_model(tmp_path):
+    """With --lora the checkpoint holds only the adapter's tensors (and their moments); adapter_only loads
+    them into a LoRA model whose base weights stay as loaded, and refuses a model without adapters."""
+    pytest.importorskip("peft")
+    model, optimizer, cfg = updated_once(lora=4)
+    path = str(tmp_path / "checkpoint.pt")
+    prerl.save_checkpoint(path, model, optimizer, 2, cfg)
+    saved = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    adapter = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert saved.keys() == adapter.keys() and same(saved, adapter)
+    other, other_optimizer, _ = updated_once(lora=4, seed=1)
+    base = {k: v.clone() for k, v in other.state_dict().items() if "lora_" not in k}
+    assert prerl.load_checkpoint(path, other, other_optimizer, adapter_only=True) == 2
+    state = other.state_dict()
+    assert same({k: v for k, v in state.items() if "lora_" in k}, adapter)
+    assert same({k: v for k, v in state.items() if "lora_" not in k}, base)
+    assert same(other_optimizer.state_dict(), optimizer.state_dict())
+    with pytest.raises(SystemExit, match=f"error: checkpoint {path} is unreadable or does not fit this model: KeyError: .*lora_A"):
+        prerl.load_checkpoint(path, tiny_model(torch.float32), adapter_only=True)
+
 
 def test_a_held_lock_refuses_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
     """A child process holds run.lock as a live run does (lockf + its PID); while it lives, a run into the
