@@ -240,8 +240,8 @@ def bench_precision(model, tokenizer, problems, rows, repeat):
     for round in range(repeat + 1):
         for precision, m in models.items():
             seconds = {}
-            start = time.perf_counter()
             cfg = dataclasses.replace(cfg, precision=precision)  # the micro-batch budget follows it (2048 tokens in bf16)
+            start = time.perf_counter()
             batch = prerl.sample(m, tokenizer, problems, cfg, cfg.group_size, [f"bench-{round}-{i}" for i in range(len(problems))])
             seconds["sample"] = time.perf_counter() - start
             for name, optimizer in (("optimizer step", optimizers[precision]),     # the reference: last round only
