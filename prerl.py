@@ -1686,7 +1686,8 @@ def load_checkpoint(path, model, optimizer=None, adapter_only=False):
             optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
     except Exception as e:  # truncated file, pickle garbage, other model's weights: one clear message
-        raise SystemExit(f"error: checkpoint {path} is unreadable or does not fit this model: {type(e).__name__}: {e}") from None
+        raise SystemExit(f"error: checkpoint {path} is unreadable or does not fit this model: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())}") from None   # one line: torch's load errors span several
     if optimizer is not None:
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])

@@ -23,7 +23,8 @@ from conftest import (flat_grad, hand_loss, real_prompt, reference_logprobs, run
 # ---------------------------------------------------------------------------
 # Scoring in both spaces, sampling
 
-def test_pretrain_logprobs_equal_hand_computation_and_differ_from_conditional():
+def test_pretrain_logprobs_equal_hand_computation_and_differ_from_conditional(path):
+    """Both spaces against one plain forward per token, through the plain log_softmax and machinery's chunked LM head."""
     model = tiny_model()
     response, prompt = [10, 11, 12, 13, 2], [20, 21, 22]
     ids, mask = torch.tensor([response]), torch.ones(1, len(response), dtype=torch.long)
@@ -630,6 +631,27 @@ def test_evaluation_is_greedy_by_default_and_averages_over_batches(tiny_model_fo
     calls.clear()
     prerl.evaluate(model, tokenizer, problems[:1], prerl.Config(max_new_tokens=8, eval_temperature=0.9))
     assert calls[0][2] == 0.9
+
+
+def test_evaluation_counts_right_answers_alone_and_keys_each_problem_by_its_index(monkeypatch):
+    """Held-out accuracy is the share of right answers: the format bonus of training (--format-reward) is
+    not added. Each problem's sampling key is its index in the held-out set, so the chunk size changes
+    no draw; `ended` collects whether each response stopped on its own."""
+    problems = [{"problem": f"what is {i}+0?", "answer": str(i)} for i in range(5)]
+    keys_seen = []
+
+    def fake_sample(model, tokenizer, chunk, cfg, group_size, keys, temperature=None):
+        keys_seen.append(keys)
+        right = [int(p["answer"]) % 2 == 0 for p in chunk]      # problems 0, 2 and 4 answered right
+        return {"texts": [f"so \\boxed{{{p['answer'] if r else 99}}}" for p, r in zip(chunk, right)],
+                "ended": torch.tensor(right)}
+    monkeypatch.setattr(prerl, "sample", fake_sample)
+    ended = []
+    cfg = prerl.Config(seed=3, format_reward=0.5)
+    assert prerl.evaluate(None, None, problems, cfg, batch_size=2, ended=ended) == 3 / 5
+    assert keys_seen == [["3-eval-0", "3-eval-1"], ["3-eval-2", "3-eval-3"], ["3-eval-4"]]
+    assert ended == [True, False, True, False, True]
+    assert prerl.score_responses(["so \\boxed{99}"], problems[:1], cfg)[0].item() == 0.5   # the bonus training pays
 
 
 # --- 5. periodic checkpoints: the step they record, and a resume from one

@@ -257,6 +257,27 @@ def test_loading_weights_alone_leaves_the_random_streams_and_returns_the_step(tm
     assert same(draws(), expected) and same(other.state_dict(), model.state_dict())
 
 
+def test_a_checkpoint_carries_the_cuda_generators_where_cuda_is_present(tmp_path, monkeypatch):
+    """On a GPU machine the checkpoint also holds every CUDA generator's state and a resume puts it back
+    (CUDA stubbed here: its generator states are a stand-in list, their restores recorded). A checkpoint
+    saved without CUDA restores none, and one loaded without CUDA leaves the saved states alone."""
+    model, optimizer, cfg = updated_once()
+    cuda_states, restored = [torch.arange(8, dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    for cuda, name in [(True, "gpu.pt"), (False, "cpu.pt")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        prerl.save_checkpoint(str(tmp_path / name), model, optimizer, 1, cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert same(torch.load(tmp_path / "gpu.pt", weights_only=True)["rng"]["cuda"], cuda_states)
+    assert prerl.load_checkpoint(str(tmp_path / "gpu.pt"), model, optimizer) == 1       # CUDA present
+    assert len(restored) == 1 and same(restored[0], cuda_states)
+    prerl.load_checkpoint(str(tmp_path / "cpu.pt"), model, optimizer)                  # saved without CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    prerl.load_checkpoint(str(tmp_path / "gpu.pt"), model, optimizer)                  # loaded without CUDA
+    assert len(restored) == 1
+
+
 def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(tmp_path):
     """Weights of the other precision name the --precision to resume with; another model's weights, or a
     file that is not a checkpoint, name the file; the model is left as it was."""
@@ -276,22 +297,30 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(tmp_path):
                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(SystemExit, match=f"error: checkpoint {path} is unreadable or does not fit this model: RuntimeError: "):
         prerl.load_checkpoint(path, bigger, prerl.make_optimizer(bigger, cfg))
+    state = torch.load(path, weights_only=True)
+    del state["model"]["lm_head.weight"]                    # a checkpoint missing one of the model's weights
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match=f"error: checkpoint {path} is unreadable or does not fit this model: RuntimeError: "
+                       ".*Missing key.*lm_head.weight") as refusal:
+        prerl.load_checkpoint(path, tiny_model(torch.float32))
+    assert "\n" not in str(refusal.value)
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match=f"error: checkpoint {path} is unreadable or does not fit this model: "):
         prerl.load_checkpoint(path, tiny_model(torch.float32))
 
 
-def test_a_lora_checkpoint_holds_the_adapter_alone_and_loads_into_the_base_model(tmp_path):
+@pytest.mark.parametrize("rank", [1, 4])
+def test_a_lora_checkpoint_holds_the_adapter_alone_and_loads_into_the_base_model(rank, tmp_path):
     """With --lora the checkpoint holds only the adapter's tensors (and their moments); adapter_only loads
     them into a LoRA model whose base weights stay as loaded, and refuses a model without adapters."""
     pytest.importorskip("peft")
-    model, optimizer, cfg = updated_once(lora=4)
+    model, optimizer, cfg = updated_once(lora=rank)
     path = str(tmp_path / "checkpoint.pt")
     prerl.save_checkpoint(path, model, optimizer, 2, cfg)
     saved = torch.load(path, map_location="cpu", weights_only=True)["model"]
     adapter = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert saved.keys() == adapter.keys() and same(saved, adapter)
-    other, other_optimizer, _ = updated_once(lora=4, seed=1)
+    other, other_optimizer, _ = updated_once(lora=rank, seed=1)
     base = {k: v.clone() for k, v in other.state_dict().items() if "lora_" not in k}
     assert prerl.load_checkpoint(path, other, other_optimizer, adapter_only=True) == 2
     state = other.state_dict()
