@@ -188,11 +188,7 @@ def verifier_in_process_under_mutmut(request, monkeypatch):
     if request.node.name.startswith(("test_hostile_input", "test_time_bound", "test_second_opinion_is_time_bounded",
                                   "test_a_user_reward_that_times_out")):
         pytest.skip("needs the verifier's worker processes; not run under mutmut")
-    def in_process(job, timeout):   # the jobs _serve runs: a caller's function, math-verify's opinion, a comparison
-        if callable(job):
-            return job()
-        return verify._math_verify_reward(*job[1:]) if job[0] is None else verify._compare_normalized(*job)
-    monkeypatch.setattr(verify, "_run_in_worker", in_process)
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: verify._do_job(job))
     monkeypatch.setattr(verify, "warmup", lambda workers=None: None)   # no idle workers left behind per mutant
 
 

@@ -1879,8 +1879,8 @@ def refuse_bad_run(cfg):
 # --- One run per out-dir: OUT_DIR/run.lock, locked (a POSIX record lock, fcntl) for the run's whole life.
 # The kernel drops the lock when its process ends, however it ends (kill -9, OOM killer), so a lock left
 # by a dead run is free by construction, with no PID guessing; the file's text (PID, host, start time)
-# only names the holder in the error. A POSIX lock, not flock: it belongs to the process, so the
-# verifier workers forked during the run do not inherit it and cannot keep it held after the run.
+# only names the holder in the error. A POSIX lock, not flock: it belongs to the process, so no other
+# process (the verifier's workers among them) can keep it held after the run.
 
 
 def lock_holder_text(text):
@@ -1940,9 +1940,9 @@ def claim_out_dir(out_dir):
 
 
 # --- Ctrl-C and SIGTERM: the first stops the run after the current step (or evaluation) with a
-# checkpoint and the command to resume; the second raises KeyboardInterrupt at once. Verifier workers
-# forked from this process inherit the handler and ignore SIGINT (a Ctrl-C reaches the whole process
-# group), so the step being finished keeps its scores; SIGTERM still ends them.
+# checkpoint and the command to resume; the second raises KeyboardInterrupt at once. The verifier's
+# workers ignore SIGINT (a Ctrl-C reaches the whole process group), so the step being finished keeps its
+# scores; a process forked from this one would inherit the handler, which ignores SIGINT there too.
 
 
 @contextlib.contextmanager

@@ -399,18 +399,25 @@ def test_second_opinion_agrees_on_plain_answers_and_returns_the_disagreements():
     assert verify.second_opinion(["so \\boxed{4}"] * 3, ["4"] * 3, cut, sample=3) == (1.0, [])
 
 
-def test_second_opinion_is_time_bounded(monkeypatch):
+def test_second_opinion_is_time_bounded(monkeypatch, tmp_path):
+    """A math-verify that hangs (a stand-in module first on the path of a new fork server) costs the
+    time bound, and the sample counts as not graded."""
     pytest.importorskip("math_verify")
-    monkeypatch.setattr(verify, "_math_verify_reward", lambda completion, gold: time.sleep(60))  # a hang
-    monkeypatch.setattr(verify, "_idle_workers", [])  # workers forked from now on run the hanging grader
+    (tmp_path / "math_verify.py").write_text("import time\n\ndef parse(text, **kwargs):\n    return text\n\n"
+                                             "def verify(gold, answer, **kwargs):\n    time.sleep(60)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(verify, "_server", None)        # a new fork server, which imports the stand-in
+    monkeypatch.setattr(verify, "_idle_workers", [])
     try:
         start = time.perf_counter()
         result = verify.second_opinion(["\\boxed{4}", "\\boxed{5}"], ["4", "5"],
                                        verify.grades(["\\boxed{4}", "\\boxed{5}"], ["4", "5"]), timeout=0.5)
-        assert result == (None, []) and time.perf_counter() - start < 5
+        assert result == (None, []) and time.perf_counter() - start < 8
     finally:
         for process, _ in verify._idle_workers:
             process.kill()
+        if verify._server is not None:
+            verify._server[0].kill()
 
 
 # --- hostile inputs in the new formats stay bounded and never raise

@@ -125,7 +125,6 @@ under the same kind of hard time bound, and returns the agreement rate and the d
 """
 
 import math
-import multiprocessing
 import os
 import random
 import re
@@ -1162,7 +1161,8 @@ def _scalar(s):
 # ---------------------------------------------------------------------------
 # Comparison (inside the worker)
 
-_RNG = random.Random(1234)
+_SEED = 1234
+_RNG = random.Random(_SEED)   # sample points of _expressions_equal; reseeded before each comparison (_serve)
 _REL_TOL = 1e-8
 
 
@@ -1348,26 +1348,26 @@ def _compare_normalized(pred, gold, percent):
 # Worker processes: the hard time bound
 
 
-def _serve(conn, parent_ends, parent_pid):
-    # No orphans: a worker must exit when the process that started it dies, even by
-    # kill -9. It inherits, through fork, the parent's end of its own pipe and of every other
-    # worker's pipe; while any process holds a parent end open, recv() never sees EOF. So close
-    # them all here, and also watch the parent in case some other path leaked a copy.
-    for end in parent_ends:
-        try:
-            end.close()
-        except OSError:
-            pass
+def _serve(conn, parent_pid):
+    # No orphans: a worker exits when its pipe closes (the caller died, even by kill -9) and, in case
+    # some other path keeps the pipe open, when the process that forked it (the fork server) is gone.
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     while True:
         try:
             job = conn.recv()
         except (EOFError, OSError):
             return
-        if callable(job):                     # call_in_worker: a user's --reward
-            conn.send(job())
-        else:                                 # (None, completion, gold): math-verify's second opinion
-            conn.send(_math_verify_reward(*job[1:]) if job[0] is None else _compare_normalized(*job))
+        conn.send(_do_job(job))
+
+
+def _do_job(job):
+    """What a worker does with one job (conftest.py runs the same in the test's process under mutmut)."""
+    if callable(job):                         # call_in_worker: a user's --reward
+        return job()
+    if job[0] is None:                        # (None, completion, gold): math-verify's second opinion
+        return _math_verify_reward(*job[1:])
+    _RNG.seed(_SEED)                          # (pred, gold, percent): a comparison, at the same sample points
+    return _compare_normalized(*job)          # every time, whatever this worker compared before
 
 
 def _math_verify_reward(completion, gold):
@@ -1389,31 +1389,101 @@ def _watch_parent(parent_pid):
     os._exit(0)  # reparented: the process that started us is gone
 
 
+# Workers are forked from a small fork server, not from the caller. Forking a trainer that holds
+# gigabytes of weights, activations and optimizer state would share all of its memory copy-on-write:
+# each page the trainer then writes costs a page fault and a copy (measured: ~780k faults and ~20 s of
+# system time in the next training step of the 135M model, per fork). The fork server is a fresh
+# interpreter (started with exec, which shares nothing), imports this module and sympy once, warms
+# sympy up, and forks each worker in milliseconds with all of that already loaded.
+
+
+def _fork_server(control_fd):
+    """The fork server's loop: one byte in on the control socket, one worker out (its pid, and our end of
+    its pipe sent over as a file descriptor). Exits when the caller's end closes (the caller died)."""
+    import signal
+    import socket
+    from multiprocessing.connection import Connection
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a Ctrl-C reaches the whole process group: the caller decides
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # workers are reaped by the kernel
+    import sympy  # noqa: F401  (imported once here, inherited by every worker)
+    try:
+        import math_verify  # noqa: F401  (the optional second opinion: likewise)
+    except ImportError:
+        pass
+    for pred, gold in (("(x-2)(x+2)", "x^2-4"), ("-x>-1", "x<1"), ("y=2x+3", "2x-y+3=0"), ("\\sin 2x", "1.5")):
+        _compare_normalized(pred, gold, False)     # sympy's first evalf and solve: ~0.7 s of lazy set-up, paid once
+    control = socket.socket(fileno=control_fd)
+    while control.recv(1):
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:                                # the worker: it keeps only its own end of its own pipe
+            control.close()
+            ours.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            try:
+                _serve(Connection(theirs.detach()), os.getppid())
+            finally:
+                os._exit(0)
+        theirs.close()
+        socket.send_fds(control, [pid.to_bytes(8, "little")], [ours.fileno()])
+        ours.close()
+    os._exit(0)
+
+
+class _Worker:
+    """A worker forked by the fork server (not our child: the fork server reaps it)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def kill(self):
+        try:
+            os.kill(self.pid, 9)
+        except ProcessLookupError:
+            pass
+
+    def join(self, timeout=None):
+        pass
+
+
 _idle_workers = []
-_warmed = False
 _workers_lock = threading.Lock()
-_parent_ends = set()              # the parent's pipe end of every live worker
-_fork_lock = threading.Lock()     # so no worker forks while another pipe is not yet in _parent_ends
+_server = None                      # (Popen, our end of its control socket), started on first use
+_server_lock = threading.Lock()
+
+
+def _start_server():
+    import socket
+    import subprocess
+    ours, theirs = socket.socketpair()
+    module_dir = os.path.dirname(os.path.abspath(__file__))   # the caller's path: the server and its workers
+    code = (f"import sys; sys.path[:] = sys.argv[2:] + [{module_dir!r}]; import {__name__} as verify; "   # import
+            f"verify._fork_server(int(sys.argv[1]))")                                                    # as it does
+    process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno()), *sys.path],
+                               pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+    theirs.close()
+    return process, ours
 
 
 def _start_worker():
-    # fork, not spawn or forkserver: the child starts in milliseconds with sympy already imported and
-    # never re-runs the caller's main script. It only runs pure Python and sympy (no torch, no CUDA),
-    # which is what makes forking a multi-threaded trainer safe, as torch's own DataLoader does.
-    import sympy  # noqa: F401  (imported once here, inherited by every worker)
-    global _warmed
-    if not _warmed:  # sympy's first evalf and solve take ~0.7 s of lazy set-up: do it once here,
-        _warmed = True  # before forking, so that no worker (nor a restarted one) pays it per call
-        for pred, gold in (("(x-2)(x+2)", "x^2-4"), ("-x>-1", "x<1"), ("y=2x+3", "2x-y+3=0"), ("\\sin 2x", "1.5")):
-            _compare_normalized(pred, gold, False)
-    context = multiprocessing.get_context("fork")
-    with _fork_lock:
-        parent_end, child_end = context.Pipe()
-        _parent_ends.add(parent_end)
-        process = context.Process(target=_serve, args=(child_end, list(_parent_ends), os.getpid()), daemon=True)
-        process.start()
-        child_end.close()
-    return process, parent_end
+    """A new worker: (its _Worker, our end of its pipe), forked by the fork server (started now if need be)."""
+    import socket
+    from multiprocessing.connection import Connection
+    global _server
+    with _server_lock:
+        for attempt in range(2):                    # a fork server that died is started again, once
+            if _server is None or _server[0].poll() is not None:
+                _server = _start_server()
+            try:
+                _server[1].sendall(b"w")
+                message, fds, _, _ = socket.recv_fds(_server[1], 8, 1)
+                if message and fds:
+                    return _Worker(int.from_bytes(message, "little")), Connection(fds[0])
+            except OSError:
+                pass
+            _server[0].kill()
+            _server = None
+        raise RuntimeError("verify.py: the verifier's fork server could not start a worker")
 
 
 def _run_in_worker(job, timeout):
@@ -1437,14 +1507,12 @@ def _run_in_worker(job, timeout):
     finally:
         if worker is not None:
             process.kill()
-            process.join(timeout=1)
-            with _fork_lock:
-                _parent_ends.discard(conn)
             conn.close()
 
 
 def warmup(workers=None):
-    """Start the worker pool now (the first start takes about a second: sympy import)."""
+    """Start the worker pool now (the fork server's first start takes a second or two: sympy's import
+    and set-up; each worker after it, milliseconds)."""
     workers = workers or max(2, os.cpu_count() or 2)
     started = [_start_worker() for _ in range(workers)]
     with _workers_lock:
@@ -1584,7 +1652,7 @@ def second_opinion(completions, golds, verdicts, sample=16, timeout=5.0, seed=0)
     Unfinished traces are not sampled (verify.py scores them 0 by rule, not by grading), and cases
     math-verify could not grade in time are left out of the rate."""
     try:
-        import math_verify  # noqa: F401  (imported here so that the workers forked from now on have it)
+        import math_verify  # noqa: F401  (is it installed? The fork server imports it for the workers)
     except ImportError:
         return None
     finished = [i for i, v in enumerate(verdicts) if v.status != "unfinished"]  # math-verify cannot see a cut trace
@@ -1605,7 +1673,7 @@ def second_opinion(completions, golds, verdicts, sample=16, timeout=5.0, seed=0)
 # A caller's own reward function, run in the same worker processes under the same time bound
 
 
-_loaded_functions = {}   # per process: a worker forked after the first load inherits it
+_loaded_functions = {}   # per process: each worker loads a function once
 
 
 def load_function(spec):
@@ -1638,7 +1706,7 @@ class _Call:
 
     def __init__(self, spec, args):
         self.spec, self.args = spec, args
-        self.path = list(sys.path)   # a worker forked before the caller's sys.path grew finds module:function too
+        self.path = list(sys.path)   # a worker started before the caller's sys.path grew finds module:function too
 
     def __call__(self):
         import traceback
