@@ -37,6 +37,17 @@ def test_pretrain_logprobs_equal_hand_computation_and_differ_from_conditional(pa
     assert (got - conditional).abs().max() > 1e-3
 
 
+def test_log_probs_come_back_in_fp32_from_bf16_weights(path):
+    """A bf16 model's log-probs are computed from fp32 logits (a bf16 log-softmax keeps ~3 digits)."""
+    model = tiny_model(torch.bfloat16)
+    ids = torch.tensor([[10, 11, 12, 13, 2]])
+    with torch.no_grad():
+        got = prerl.pretrain_logprobs(model, 1, ids, torch.ones_like(ids))
+        logits = model(input_ids=torch.tensor([[1, 10, 11, 12, 13]])).logits.float()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[0], logits[0].log_softmax(-1).gather(-1, ids[0, :, None]).squeeze(-1), rtol=0, atol=1e-5)
+
+
 def test_padding_invariance():
     model = tiny_model(torch.float32)
     prompt_a, prompt_b = [20, 21], [20, 21, 22, 23, 24]

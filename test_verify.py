@@ -771,3 +771,404 @@ def test_boxes_skip_spaces_before_their_brace_and_a_box_at_the_very_end_is_none(
     assert verify._boxes("so \\boxed 7.") == [(3, 12, "7.")] and verify._boxes("\\boxed{ }") == []
     assert verify._boxes("\\boxed " + "7" * 300)[0][2] == "7" * 200          # a brace-less box reads 200 characters
     assert verify.extract_answer("#### 5\n\\boxed") == "5" and verify.extract_answer("#### 5\n\\boxed  ") == "5"
+
+
+# ---------------------------------------------------------------------------
+# Equivalence rules, case by case: structured answers (tuples, sets, intervals, equations),
+# expressions, numbers, repeating decimals
+
+LABELLED_ANSWERS = [
+    # one labelled value against another: the same label compares the values, another label compares
+    # the two as equations (the same line solved for another variable is the same answer)
+    ("x = 3", "y = 3", False),
+    ("y = 2x + 3", "x = \\frac{y - 3}{2}", True),
+    ("y = 2x + 3", "x = \\frac{y + 3}{2}", False),
+    ("(p, q) = (1/2, 3)", "(p, q) = (0.5, 3)", True),
+    ("(p, q) = (1/2, 3)", "(p, q) = (3, 0.5)", False),
+    ("x = 10\\%", "x = 0.1", True),
+    ("r = 0.1", "10\\%", True),
+    ("x = \\frac{1}{3}", "0.333", True),
+    ("x = \\frac{1}{3}", "0.33", False),
+    # labelled values in a set match by label in any order, also when a label is not algebra
+    ("\\{\\angle B = 60, a = 5\\}", "\\{a = 5, \\angle B = 60\\}", True),
+    ("\\{\\angle B = 60, a = 5\\}", "\\{a = 60, \\angle B = 5\\}", False),
+    # several labelled values: by label when both sides name the same labels, else by value
+    ("x_1 = 2, x_2 = 3", "x = 2 \\text{ or } x = 3", True),
+    ("x_1 = 2, x_2 = 4", "x = 2 \\text{ or } x = 3", False),
+    ("r = 5\\%, n = 10", "n = 10, r = 0.05", True),
+    ("r = 5\\%, n = 10", "0.05, 10", True),
+    ("r = 5\\%, n = 10", "10, 0.05", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", LABELLED_ANSWERS)
+def test_labelled_answers_compare_by_label_then_as_equations(pred, gold, expected):
+    """`x = 3` is its value against a value, and against another label an equation."""
+    assert verify.is_equiv(pred, gold) is expected
+    assert verify.is_equiv(gold, pred) is expected
+
+
+NONLINEAR_RELATIONS = [
+    ("x^2 < 4", "4 > x^2", True),
+    ("x^2 < 4", "2x^2 < 8", True),                    # both sides scaled by a positive number
+    ("x^2 < 4", "x^2 > 4", False),                    # scaled by a negative one: the other region
+    ("x^2 \\le 4", "-x^2 \\ge -4", True),
+    ("x^2 \\le 4", "x^2 < 4", False),
+    ("x^2 + y^2 < 1", "2x^2 + 2y^2 < 2", True),
+    ("x^2 + y^2 < 1", "x^2 + y^2 > 1", False),
+    ("x \\neq 3", "3 \\neq x", True),                 # `!=` has no direction
+    ("x \\neq 3", "x \\neq 4", False),
+    ("2^{10} > 10^3", "1024 > 1000", True),           # no variable: the two differences must be equal
+    ("2^{10} > 10^3", "2^{10} < 10^3", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", NONLINEAR_RELATIONS)
+def test_relations_that_are_not_intervals_compare_as_inequalities(pred, gold, expected):
+    """`x^2 < 4` == `2x^2 < 8`: the same relation up to a positive factor (any factor for `\\neq`)."""
+    assert verify.is_equiv(pred, gold) is expected
+    assert verify.is_equiv(gold, pred) is expected
+
+
+MIXED_UNORDERED = [
+    ("x \\le -1 \\text{ or } x = 3", "x = 3 \\text{ or } x \\le -1", True),
+    ("x \\le -1 \\text{ or } x = 3", "x = 4 \\text{ or } x \\le -1", False),
+    ("xyz = 6 \\text{ and } x + y = 5", "x + y = 5 \\text{ and } xyz = 6", True),      # a word as a side
+    ("xyz = 6 \\text{ and } x + y = 5", "x + y = 5 \\text{ and } xyz = 7", False),
+    ("a + b = \\text{even} \\text{ and } x + y = 5", "x + y = 5 \\text{ and } a + b = \\text{even}", True),
+    ("a + b = \\text{even} \\text{ and } x + y = 5", "x + y = 5 \\text{ and } a + b = \\text{odd}", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", MIXED_UNORDERED)
+def test_unordered_answers_of_different_kinds_match_in_any_order(pred, gold, expected):
+    """An interval and a point, or equations with and without a word, pair up whatever their order."""
+    assert verify.is_equiv(pred, gold) is expected
+    assert verify.is_equiv(gold, pred) is expected
+
+
+PERCENT_IN_STRUCTURES = [
+    ("(10\\%, 25\\%)", "0.1, 0.25", True),
+    ("(10\\%, 25\\%)", "0.25, 0.1", False),
+    ("[0, 10\\%) \\cup (90\\%, 100\\%]", "[0, 0.1) \\cup (0.9, 1]", True),
+    ("[0, 10\\%) \\cup (90\\%, 100\\%]", "[0, 0.1) \\cup (0.8, 1]", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", PERCENT_IN_STRUCTURES)
+def test_a_percent_answer_keeps_both_readings_inside_tuples_and_unions(pred, gold, expected):
+    """`10\\%` is 10 or 0.1 in every item of a tuple or a union, as it is alone."""
+    assert verify.is_equiv(pred, gold) is expected
+    assert verify.is_equiv(gold, pred) is expected
+
+
+def test_an_equation_with_a_percent_right_side_equals_that_number_as_a_reference():
+    """`(1+r)^2 = 121\\%` against 1.21 is its right side, one way only."""
+    assert verify.is_equiv("(1+r)^2 = 121\\%", "1.21") is True
+    assert verify.is_equiv("(1+r)^2 = 121\\%", "1.1") is False
+    assert verify.is_equiv("1.21", "(1+r)^2 = 121\\%") is False
+
+
+ROUNDED_ITEMS = [
+    ("(0.333, 0.5)", "(\\frac{1}{3}, \\frac{1}{2})", True),
+    ("(0.333, 0.5)", "(\\frac{1}{3}, \\frac{1}{4})", False),
+    ("0.667, 0.25", "\\left(\\frac{2}{3}, \\frac{1}{4}\\right)", True),
+    ("0.67, 0.25", "\\left(\\frac{2}{3}, \\frac{1}{4}\\right)", False),   # two digits prove too little
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", ROUNDED_ITEMS)
+def test_a_rounded_decimal_item_matches_its_fraction_either_way_round(pred, gold, expected):
+    """0.333 == 1/3 inside a tuple too, whichever side holds the decimal."""
+    assert verify.is_equiv(pred, gold) is expected
+    assert verify.is_equiv(gold, pred) is expected
+
+
+REPEATING_DECIMALS = [
+    (".\\overline{3}", "\\frac{1}{3}", True),          # no whole part written
+    ("0.\\overline{3}", "\\frac{1}{3}", True),         # no digits before the period
+    ("1.\\overline{3}", "\\frac{4}{3}", True),
+    ("1.\\overline{3}", "\\frac{1}{3}", False),
+    ("0.\\overline{36}", "\\frac{4}{11}", True),       # a two-digit period: 36/99
+    ("0.\\overline{36}", "\\frac{9}{25}", False),      # not 0.36
+    ("0.12\\overline{3}", "\\frac{37}{300}", True),    # two fixed digits: 0.12 + 3/900
+    ("0.12\\overline{3}", "\\frac{41}{333}", False),   # not 0.\overline{123}
+    ("0.\\overline{142857}", "\\frac{1}{7}", True),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", REPEATING_DECIMALS)
+def test_repeating_decimals_are_exact_fractions(pred, gold, expected):
+    """`0.12\\overline{3}` is 0.1233... = 37/300 exactly."""
+    assert verify.is_equiv(pred, gold) is expected
+    assert verify.is_equiv(gold, pred) is expected
+
+
+def test_expressions_too_large_to_evaluate_are_compared_symbolically():
+    """`2^{1000n}` overflows at every sample point; sympy then decides (1024^{100n} is the same)."""
+    assert verify.is_equiv("1024^{100n}", "2^{1000n}") is True
+    assert verify.is_equiv("2^{1000n}", "1024^{100n}") is True
+    assert verify.is_equiv("1024^{100n}", "2^{1001n}") is False
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("- 0.5", "-\\frac{1}{2}"),                          # a space inside the number
+    ("1.5\\times10^{3}", "1500"),                        # scientific notation
+    ("\\frac{12}{1}", "12"),                             # an integer fraction over 1
+    ("0." + "3" * 38, "\\frac{1}{3}"),                   # 40 characters: the longest plain number
+])
+def test_plain_numbers_up_to_40_characters_are_decided_without_a_worker(pred, gold, monkeypatch):
+    """Plain numbers, integer fractions and a \\times 10^k compare exactly in the calling process."""
+    jobs = []
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: jobs.append(job) or False)
+    assert verify.is_equiv(pred, gold) is True and verify.is_equiv(gold, pred) is True
+    assert jobs == []
+
+
+def test_a_number_over_40_characters_is_compared_in_a_worker(monkeypatch):
+    """A longer numeral goes to the worker, under its time bound, like any other answer."""
+    jobs = []
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: jobs.append(job) or verify._compare_normalized(*job))
+    assert verify.is_equiv("0." + "3" * 39, "\\frac{1}{3}") is True and len(jobs) == 1
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("1Z_{36}", "1Z", True), ("1Z", "1Z_{36}", True), ("1Z_{36}", "1Y", False), ("1Z_{36}", "71_{10}", True),
+])
+def test_base_36_is_the_largest_base(pred, gold, expected):
+    """Digits 0-9 then A-Z: `1Z_{36}` is 71, and a bare `1Z` against it is read in base 36."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+def test_only_the_last_k_boxes_need_one_answer_each():
+    """Boxes of earlier parts may hold lists; the last two boxes answer a two-answer reference."""
+    completion = ("Part (a): \\boxed{5}. Part (b): \\boxed{7}. Part (c): the roots are \\boxed{1, 4}. "
+                  "Part (d): \\boxed{2} and \\boxed{3}.")
+    assert verify.grade(completion, "2, 3") == verify.Verdict(1.0, "2, 3", "correct")
+    assert verify.grade(completion, "2, 4") == verify.Verdict(0.0, "3", "wrong")
+
+
+def test_a_choice_letter_in_bold_is_read():
+    """`option **C**` names C: markdown bold is unwrapped before the letter is looked for."""
+    completion = "The side length is 12, so it is option **C**: \\boxed{12}"
+    assert verify.grade(completion, "C") == verify.Verdict(1.0, "C", "correct")
+    assert verify.grade(completion, "B") == verify.Verdict(0.0, "C", "wrong")
+
+
+def test_against_a_value_reference_a_letter_named_in_prose_is_not_the_answer():
+    """Only a one-letter reference looks for a chosen letter: otherwise the verdict keeps the box."""
+    assert verify.grade("So the answer is option C: \\boxed{13}", "12") == verify.Verdict(0.0, "13", "wrong")
+    assert verify.grade("It cannot be A, so C.", "12") == verify.Verdict(0.0, None, "no_answer")
+
+
+def test_grade_hands_its_time_bound_to_the_boxes_read_together(monkeypatch):
+    seen = []
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: seen.append(timeout) or verify._compare_normalized(*job))
+    verdict = verify.grade("So $\\boxed{\\frac{4}{2}}$ and $\\boxed{3}$.", "2, 3", timeout=0.25)
+    assert verdict == verify.Verdict(1.0, "\\frac{4}{2}, 3", "correct") and seen and set(seen) == {0.25}
+
+
+def test_a_completion_marked_truncated_is_unfinished_whatever_it_is():
+    """truncated=True wins over everything, even a completion that is not a string."""
+    for completion in (None, 42, "\\boxed{42}"):
+        assert verify.grade(completion, "42", truncated=True) == verify.Verdict(0.0, None, "unfinished")
+
+
+GENERAL_SOLUTIONS = [
+    ("x = \\frac{\\pi}{4} + n\\pi,\\ (n \\in \\mathbb{Z})", True),
+    ("x = \\frac{\\pi}{4} + n\\pi,\\, n \\in \\mathbb{Z}", True),
+    ("x = \\frac{\\pi}{4} + n\\pi,\\; n \\in \\mathbb{Z}", True),
+    ("x = \\frac{\\pi}{4} + n\\pi,\\: n \\in \\mathbb{Z}", True),
+    ("x = \\frac{\\pi}{4} + n\\pi,\\! n \\in \\mathbb{Z}", True),
+    ("x = \\frac{\\pi}{4} + n\\pi,\\quad n \\in \\mathbb{Z}", True),
+    ("x = \\frac{\\pi}{4} + n\\pi,\\qquad n \\in \\mathbb{Z}", True),
+    ("x = \\frac{\\pi}{4} + n\\pi, n  \\in \\mathbb{Z}", True),           # a double space inside the declaration
+    ("x = \\frac{\\pi}{2} + n\\pi,\\quad n \\in \\mathbb{Z}", False),
+]
+
+
+@pytest.mark.parametrize("pred,expected", GENERAL_SOLUTIONS)
+def test_the_declaration_of_an_integer_parameter_is_dropped_after_any_latex_space(pred, expected):
+    """`, \\quad n \\in \\mathbb{Z}` goes, whatever space comes before it; n is renamed k."""
+    assert verify.is_equiv(pred, "x = \\frac{\\pi}{4} + k\\pi") is expected
+    assert verify.is_equiv("x = \\frac{\\pi}{4} + k\\pi", pred) is expected
+
+
+def test_renaming_the_integer_parameter_leaves_function_names_alone():
+    """n becomes k, but the n of `\\arctan` stays."""
+    assert verify.is_equiv("x = \\arctan 2 + n\\pi, n \\in \\mathbb{Z}", "x = \\arctan 2 + k\\pi")
+    assert not verify.is_equiv("x = \\arctan 3 + n\\pi, n \\in \\mathbb{Z}", "x = \\arctan 2 + k\\pi")
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("0101_2", "101_2", True), ("010_{36}", "10_{36}", True), ("0110_2", "101_2", False),   # leading zeros
+    ("1a", "1A_{16}", True), ("1b", "1A_{16}", False),                                     # lowercase digits
+])
+def test_numbers_in_the_same_base_compare_by_value(pred, gold, expected):
+    """`0101_2` is `101_2`; a bare `1a` against `1A_{16}` is read in base 16."""
+    assert verify.is_equiv(pred, gold) is expected
+    assert verify.is_equiv(gold, pred) is expected
+
+
+CLOCK_TIMES = [
+    ("2:30 p.m.", "2:30 a.m.", False),        # twelve hours apart
+    ("11:30 a.m.", "12:30 p.m.", False),
+    ("2:30 p.m.", "2:30 P.M.", True),
+    ("2:30 p.m.", "14:30", True),
+    ("2:30", "2:30 p.m.", True),              # a bare time is read on a 12-hour clock
+    ("9:15 a.m.", "9:15", True),
+    ("9:15 a.m.", "9:45", False),
+    ("10:15", "\\frac{2}{3}", True),          # not a time against a number: the ratio 10:15
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", CLOCK_TIMES)
+def test_clock_times_compare_with_and_without_am_pm(pred, gold, expected):
+    """a.m./p.m. on both sides compare exactly; a bare time matches either half of the day."""
+    assert verify.is_equiv(pred, gold) is expected
+    assert verify.is_equiv(gold, pred) is expected
+
+
+def test_a_choice_letter_before_an_equation_keeps_the_equation_the_answer():
+    """`(C) 2x = 14` against 14 is the equation `2x = 14`, which a number reference matches, one way only."""
+    assert verify.is_equiv("(C) 2x = 14", "14") is True
+    assert verify.is_equiv("2x = 14", "(C) 14") is True
+    assert verify.is_equiv("14", "(C) 2x = 14") is False
+    assert verify.is_equiv("(C) 14", "2x = 14") is False
+
+
+@pytest.mark.parametrize("pred,gold", [("A = 12", "12"), ("C = 10\\pi", "10\\pi"), ("E = 5", "5")])
+def test_a_capital_label_is_not_a_choice_letter(pred, gold):
+    """`A = 12` is the value 12 labelled A, not option A followed by `= 12`."""
+    assert verify.is_equiv(pred, gold) is True and verify.is_equiv(gold, pred) is True
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("-0,125", "-0.125", True), ("-0,125", "-125", False),       # a leading -0 is a decimal comma
+    ("3,1416", "3.1416", True), ("3,1416", "31416", False),      # a group of four digits is no thousands group
+])
+def test_a_decimal_comma_is_read_when_it_cannot_separate_thousands(pred, gold, expected):
+    assert verify.is_equiv(pred, gold) is expected
+    assert verify.is_equiv(gold, pred) is expected
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("\\frac{a}{b} + c", "\\frac{a}{b}+c"),
+    ("(B) x + 1", "x+1"),                              # the same once the choice letter is dropped
+    ("(B) x + 1", "(B) x+1"),
+    ("\\varnothing", "\\emptyset"),                    # every empty-set sign is \emptyset
+])
+def test_answers_equal_up_to_spaces_need_no_worker(pred, gold, monkeypatch):
+    jobs = []
+    monkeypatch.setattr(verify, "_run_in_worker", lambda job, timeout: jobs.append(job) or False)
+    assert verify.is_equiv(pred, gold) is True and verify.is_equiv(gold, pred) is True
+    assert jobs == []
+
+
+@pytest.mark.parametrize("fraction,decimal,expected", [
+    ("\\frac{1}{3}", "0.333", True), ("\\frac{2}{3}", "0.667", True), ("\\frac{2}{3}", "0.666", False),
+])
+def test_a_rounded_decimal_reference_matches_the_fraction_it_rounds(fraction, decimal, expected):
+    """The rounding rule holds whichever side, answer or reference, is the decimal."""
+    assert verify.is_equiv(fraction, decimal) is expected
+    assert verify.is_equiv(decimal, fraction) is expected
+
+
+def test_empty_and_non_string_answers_equal_nothing():
+    assert verify.is_equiv("", "0") is False and verify.is_equiv("0", "") is False
+    assert verify.is_equiv("\\text{}", "0") is False
+    assert verify.is_equiv(["5"], "5") is False and verify.is_equiv("5", ["5"]) is False
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("$5$", "5"), ("$\\boxed{5}$", "5"), ("\\(\\frac{1}{2}\\)", "0.5"), ("\\[x^2\\]", "x^2"),
+    ("12\u200b", "12"), ("\u200b12", "12"),            # a zero-width space, as tokenizers leave them
+])
+def test_math_delimiters_and_invisible_characters_around_an_answer_are_dropped(pred, gold):
+    assert verify.is_equiv(pred, gold) is True and verify.is_equiv(gold, pred) is True
+
+
+def test_an_answer_is_read_up_to_its_first_4000_characters():
+    """A bound on hostile input: what comes after 4000 characters is never read."""
+    assert verify.is_equiv("5" + " " * 3998 + "6", "5") is False      # 4000 characters: the 6 counts
+    assert verify.is_equiv("5" + " " * 3999 + "6", "5") is True       # 4001: the 6 is cut off
+
+
+WRITTEN_FORMS = [
+    # fraction commands, Python's power, root signs
+    ("\\cfrac{1}{2}", "0.5", True), ("\\\\frac{1}{2}", "0.5", True), ("\\cfrac{1}{3}", "0.5", False),
+    ("2**10", "1024", True), ("x**2", "x^2", True), ("2**10", "2^{11}", False),
+    ("√x", "\\sqrt{x}", True), ("√N", "\\sqrt{N}", True), ("√(x+1)", "\\sqrt{x+1}", True),
+    # brackets, the real line, unicode operators
+    ("\\langle 1, 2 \\rangle", "(1, 2)", True), ("\\lbrace 1, 2 \\rbrace", "\\{2, 1\\}", True),
+    ("\\mathbb{R}", "(-\\infty, \\infty)", True), ("\\mathbb{R}", "(0, \\infty)", False),
+    ("−3", "-3", True), ("3×4", "12", True), ("3·4", "12", True), ("\\varnothing", "\\emptyset", True),
+    # congruences: the residue; `\bmod` inside an equality chain is an operator
+    ("x \\equiv 3 \\bmod 5", "3", True), ("x \\equiv 3 \\mod 5", "3", True), ("x \\equiv 3 \\bmod 5", "5", False),
+    ("x \\equiv 3 (\\bmod 5)", "3", True), ("x \\equiv 3 ( \\bmod 5)", "3", True), ("2^{10} \\bmod 7 = 2", "2", True),
+    ("\\operatorname{lcm}(4, 6)", "12", True), ("\\text{gcd}(12, 18)", "6", True),
+    # approximations: the exact value before `\approx` counts, a bare variable's approximation after it
+    ("≈ 3.46", "3.46", True), ("x \\approx 3.46", "3.46", True), ("V \\approx 33.5", "33.5", True),
+    ("2\\sqrt{3} \\approx 3.5", "2\\sqrt{3}", True), ("\\sqrt{2} \\approx 1.414 \\approx 1.41", "\\sqrt{2}", True),
+    # units and spaces
+    ("5\\ \\text{cm}", "5", True), ("\\frac{1}{2}\\text{ m}^2", "0.5", True), ("12kg", "12", True), ("12kg", "13", False),
+    ("12kg.", "12", True),                                       # a glued unit before the full stop
+    ("\\text{10\\ 000}", "10000", True), ("10 000, 20 000", "10000, 20000", True), ("\\text{A\\ and\\ C}", "A, C", True),
+    ("\\{10 000, 20 000\\}", "\\{20000, 10000\\}", True),        # thousands groups inside a set
+    ("X \\in \\{0, 1, 2\\}", "\\{0, 1, 2\\}", True), ("x \\in [2, 5)", "[2, 5)", True),   # `X \in S` is S
+    # a trailing period or LaTeX line break
+    ("12.", "12", True), ("B.", "B", True), ("12 \\\\", "12", True), ("2 3/4 \\\\", "\\frac{11}{4}", True),
+    # a choice letter in brackets, with spaces, against the letter with its value
+    ("B (12)", "(B)", True), ("B (12)", "\\left( B \\right)", True), ("B (12)", "C", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", WRITTEN_FORMS)
+def test_written_forms_normalise_to_the_same_answer(pred, gold, expected):
+    """One row per normalisation rule: the form on the left means the answer on the right."""
+    assert verify.is_equiv(pred, gold) is expected
+    assert verify.is_equiv(gold, pred) is expected
+
+
+class _Points:
+    """A stand-in for verify._RNG that draws the given sample points, in turn."""
+
+    def __init__(self, *points):
+        self.points = list(points)
+
+    def uniform(self, low, high):
+        return self.points.pop(0) if len(self.points) > 1 else self.points[0]   # the last one repeats
+
+
+def test_a_sample_point_where_an_answer_overflows_is_skipped(monkeypatch):
+    """x^{600} is past the float range at x = 3.8: that point is skipped and the next three decide
+    (arctan x + arctan(1/x) = pi/2 for x > 0, which sympy does not simplify)."""
+    monkeypatch.setattr(verify, "_RNG", _Points(3.8, 1.5, 1.6, 1.7))
+    assert verify._compare_normalized("x^{600}(\\arctan x + \\arctan \\frac{1}{x})", "\\frac{\\pi}{2} x^{600}", False) is True
+
+
+def test_equations_and_relations_need_one_finite_sample_point_to_be_proportional(monkeypatch):
+    """`x^{600} = 1` is `2x^{600} = 2`, told from the only point where both are finite."""
+    monkeypatch.setattr(verify, "_RNG", _Points(1.5, 3.8))
+    assert verify._compare_normalized("x^{600} = 1", "2x^{600} = 2", False) is True
+    monkeypatch.setattr(verify, "_RNG", _Points(1.5, 3.8))
+    assert verify._compare_normalized("x^{600} < 1", "2x^{600} < 2", False) is True      # a positive factor
+
+
+def test_each_of_three_sample_points_must_agree(monkeypatch):
+    """`|x - 2|` and `x - 2` agree at 2.5 and 3 but not at 1.5: not equal."""
+    monkeypatch.setattr(verify, "_RNG", _Points(2.5, 3.0, 1.5))
+    assert verify._compare_normalized("|x-2|", "x-2", False) is False
+
+
+def test_three_sample_points_between_1_1_and_3_9_decide_an_equality(monkeypatch):
+    """Each variable is drawn from [1.1, 3.9] (positive, away from 0 and 1); three agreeing points decide."""
+    draws = []
+
+    class Recording(_Points):
+        def uniform(self, low, high):
+            draws.append((low, high))
+            return super().uniform(low, high)
+    monkeypatch.setattr(verify, "_RNG", Recording(1.5, 2.5, 3.5))
+    assert verify._compare_normalized("(x+1)^2", "x^2+2x+1", False) is True
+    assert draws == [(1.1, 3.9)] * 3
