@@ -51,6 +51,34 @@ def test_rounding_bits_are_uniform_and_independent_across_bits_and_neighbours():
     assert abs(torch.corrcoef(torch.stack([w[1:], w[:-1]]))[0, 1].item()) < 5 / math.sqrt(n)  # neighbours
 
 
+def test_rounding_key_wraps_to_int64_at_both_ends():
+    """rounding_key gives the unsigned hash as an int64 value: 2^63 - 1 stays, 2^63 wraps to -2^63. Each
+    mix64 is a bijection, so the tensor index that makes the hash hit a chosen value is found by inverting it."""
+    wrap = (1 << 64) - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * (machinery.MIX[0] & wrap)) & wrap
+        z = ((z ^ (z >> 27)) * (machinery.MIX[1] & wrap)) & wrap
+        return z ^ (z >> 31)
+
+    def unshift(y, s):                         # inverse of z ^ (z >> s)
+        z = y
+        for _ in range(64 // s + 1):
+            z = y ^ (z >> s)
+        return z
+
+    def unmix(z):
+        z = unshift(z, 31) * pow(machinery.MIX[1] & wrap, -1, 1 << 64) & wrap
+        z = unshift(z, 27) * pow(machinery.MIX[0] & wrap, -1, 1 << 64) & wrap
+        return unshift(z, 30)
+    seed, step = 7, 3
+    inner = mix(mix(seed) + step & wrap)
+    for hashed, expected in [((1 << 63) - 1, (1 << 63) - 1), (1 << 63, -(1 << 63)), (wrap, -1), (0, 0)]:
+        assert mix(unmix(hashed)) == hashed
+        index = (unmix(hashed) - inner) & wrap
+        assert machinery.rounding_key(seed, step, index) == expected
+
+
 def test_rounding_bits_differ_per_step_tensor_element_and_recompute_identically():
     n = 4096
     base = machinery.element_bits(machinery.rounding_key(0, 3, 5), 0, n)
@@ -179,7 +207,7 @@ def hand_steps(params, grads, steps, groups, seed):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_optimizer_keys_each_tensor_by_seed_step_and_place_and_uses_torch_adamw_scalars(fused):
-    """Two param groups (their own lr and weight decay), a tensor without a gradient in between, bf16 and
+    """Two param groups (their own lr and weight decay), a tensor without a gradient between two with, bf16 and
     fp32 tensors, three steps: every weight and moment bit-equal to the hand listing (hand_steps)."""
     shapes = [(300,), (50,), (7, 9), (20,)]
     generator = torch.Generator().manual_seed(4)
@@ -187,8 +215,8 @@ def test_optimizer_keys_each_tensor_by_seed_step_and_place_and_uses_torch_adamw_
     params[3] = torch.nn.Parameter(params[3].detach().float())                  # an fp32 tensor (LoRA's adapters)
     grads = {step: [(torch.randn(shape, generator=generator) * 1e-2).to(p.dtype) if i != 1 else None
                     for i, (shape, p) in enumerate(zip(shapes, params))] for step in (1, 2, 3)}
-    expected, moments = hand_steps(params, grads, 3, {0: (1e-3, 0.1), 1: (1e-3, 0.1), 2: (3e-3, 0.2), 3: (3e-3, 0.2)}, 7)
-    optimizer = machinery.StochasticRoundingAdamW([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3,
+    expected, moments = hand_steps(params, grads, 3, {0: (1e-3, 0.1), 1: (1e-3, 0.1), 2: (1e-3, 0.1), 3: (3e-3, 0.2)}, 7)
+    optimizer = machinery.StochasticRoundingAdamW([{"params": params[:3]}, {"params": params[3:], "lr": 3e-3,
                                                    "weight_decay": 0.2}], lr=1e-3, weight_decay=0.1, seed=7,
                                                   fused=fused, chunk=64)
     for step in (1, 2, 3):

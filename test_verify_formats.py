@@ -434,3 +434,482 @@ def test_hostile_new_formats_are_bounded(completion):
         assert verify.reward(completion, gold) in (0.0, 1.0)
         assert verify.grade(completion, gold).status in ("correct", "wrong", "no_answer", "unfinished")
         assert time.perf_counter() - start < 2.0, (completion[:30], gold)
+
+
+# ---------------------------------------------------------------------------
+# Extraction rules, case by case: answer phrases, bold, spans joined by "and", prose around a value, ...
+
+@pytest.mark.parametrize("completion,expected", [
+    ("Answer: Tom is 12 years old.", "12"),                                     # a sentence around the value: its number
+    ("Answer: 12 apples are left in the basket.", "12 apples are left in the basket"),  # the value first: the sentence
+    ("Final answer: vitamin B12", "vitamin B12"),                               # a sentence with no plain number stays whole
+    ("The answer is the Treaty of Versailles.", "the Treaty of Versailles"),    # four words and no number: an answer
+    ("The answer is XIX.", "XIX"),                                              # only the full stop is dropped
+    ("The answer is 42...", "42"),
+    ("The answer is \\text{A} and \\text{C}.", "\\text{A} and \\text{C}"),     # \text{...} is no word of prose
+    ("**The answer is 2*3 = 6**", "2*3 = 6"),                                   # a bold holding `*` still loses its `**`
+    ("Ответ = 12", "12"),                                                       # `=` after the phrase is dropped
+    ("The answer is, as we found above, 12 apples.\nShe gives 3 to each of her 4 friends.", "12"),  # `, as` first
+    ("Answer: Not 12. Recounting, the total is 14.", "14"),                     # `Not` after the phrase: look further
+])
+def test_the_text_after_an_answer_phrase_gives_the_answer(completion, expected):
+    """After an answer phrase: a value, a short text, or the last number of a sentence around it."""
+    assert verify.extract_answer(completion) == expected
+
+
+def test_an_answer_phrase_followed_by_prose_without_a_number_is_skipped():
+    """`Answer: Let's think step by step.` (five words, no number) is no answer: the later value is."""
+    completion = "Answer: Let's think step by step.\nShe has 3 bags of 4 apples, so 3 * 4 = 12."
+    assert verify.reward(completion, "12") == 1.0
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("The answer is $2$ and $3$.", "2, 3"),
+    ("The answer is $1$, $2$ and $3$.", "1, 2, 3"),
+    ("The answer is $x = 2$ or $x = -3$.", "x = 2 \\text{ or } x = -3"),
+    ("The answer is: the two real roots of the quadratic, $x = \\frac{-3 + \\sqrt{33}}{4}$ or "
+     "$x = \\frac{-3 - \\sqrt{33}}{4}$.", "x = \\frac{-3 + \\sqrt{33}}{4} \\text{ or } x = \\frac{-3 - \\sqrt{33}}{4}"),
+    ("The roots are $x=2$ and $x=3$.", "x=2, x=3"),
+    ("Subtracting, $2x = 4$ and $x = 2$.", "x = 2"),                 # steps, not values of one unknown
+    ("Solving for $t$, $t = 4$ hours.", "t = 4"),                    # the unknown named, then its value
+])
+def test_math_spans_joined_by_and_or_or_commas_are_read_together(completion, expected):
+    """`$2$ and $3$` are both answers, in order; `$x = 2$ or $x = -3$` keeps its `or`; steps are not joined."""
+    assert verify.extract_answer(completion) == expected
+
+
+def test_math_is_right_after_the_phrase_when_it_starts_within_60_characters():
+    """Math starting within 60 characters of the phrase is read with the spans joined to it; farther, the last span."""
+    near = "the two real roots of the quadratic equation above, namely "
+    far = "the two real roots of the quadratic equations above, namely "
+    assert (len(near), len(far)) == (59, 60)
+    assert verify.extract_answer(f"The answer is {near}$2$ and $3$.") == "2, 3"
+    assert verify.extract_answer(f"The answer is {far}$2$ and $3$.") == "3"
+    assert verify.extract_answer(f"The answer is {far}$2$.") == "2"
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("2 and 3", "2 and 3"),
+    ("x = 2 und x = 3", "x = 2 und x = 3"),
+    ("x=2\\text{ or }x=3", "x=2\\text{ or }x=3"),
+    ("Tom has 5 + 7 = 12 marbles.\nTOTAL = 12", "12"),               # a word in capitals is still a word
+])
+def test_a_short_answer_with_no_prose_but_and_is_taken_whole(completion, expected):
+    """A one-line answer is taken whole when its only words are `and`/`und` and \\text{...}; a last line with a word is not."""
+    assert verify.extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("So the number of apples Mary has left **is 14**.", "14"),     # `is` inside the bold is dropped
+    ("No integer $n$ satisfies $n^2 = 2$.", None),                   # a denial in the very first words counts
+    ("So $x = 35$, and $x = 36$ does not work", "x = 35"),           # a denial with no full stop after it counts
+    ("The mean of $Y$ is $7$, since $X$ has mean $4$.", "7"),        # a value after `since` only explains
+])
+def test_the_last_value_skips_what_is_denied_or_explains(completion, expected):
+    """Without a phrase or a box: the bold value, else the last value not in a denying or explaining clause."""
+    assert verify.extract_answer(completion) == expected
+
+
+def test_a_clause_is_read_at_most_300_characters_either_side_of_the_value():
+    """A denial counts when it starts at most 300 characters before the value or ends at most 300 after it."""
+    assert verify._sentence_denies(" " * 100 + "not" + " " * 297 + "5", 400)
+    assert not verify._sentence_denies(" " * 99 + "not" + " " * 298 + "5", 400)
+    assert verify._sentence_denies("5" + " " * 294 + "never", 0)
+    assert not verify._sentence_denies("5" + " " * 295 + "never", 0)
+    assert not verify._sentence_denies("5" + " " * 300 + "never.", 0)   # the full stop is out of reach too
+
+
+def test_a_checking_clause_is_found_also_right_after_the_first_character():
+    """A clause that starts after a comma at the very start of the text is read from there."""
+    assert verify._justifies(", since $7 > 5$", 8) and verify._justifies("Since $7 > 5$", 6)
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("$x \\neq 3$", "x \\neq 3"),                          # one span, the whole text: its content
+    ("$x \\neq 3$.", "x \\neq 3"),
+    ("East.", "East"),                                       # a word answer loses its full stop
+    ("XIX.", "XIX"),
+    ("2x = 4\nx = 2", "x = 2"),                               # two lines are never one answer
+    ("$x = 2$ or $x = 3$", "x = 2 \\text{ or } x = 3"),        # several spans: read as spans, never whole
+    ("\\(x = 2\\) or \\(x = 3\\)", "x = 2 \\text{ or } x = 3"),
+    ("\\[x = 2\\] or \\[x = 3\\]", "x = 2 \\text{ or } x = 3"),
+])
+def test_a_short_one_line_completion_is_its_own_answer(completion, expected):
+    """A one-line completion of one math span, a formula or a word or two is the answer; math spans are read as spans."""
+    assert verify.extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("Factoring the difference of squares:\n(x-2)(x+2)", "(x-2)(x+2)"),
+    ("We factor it.\nBoth factors are linear:\n(x-2)(x+2)\n", "(x-2)(x+2)"),
+    ("Factoring the difference of squares:\n= (x-2)(x+2).", "(x-2)(x+2)"),        # a leading `=` and the full stop dropped
+    ("Factoring the difference of squares:\n\\therefore (x-2)(x+2)", "(x-2)(x+2)"),
+    ("The regression line through the points is\nY = 2X", "Y = 2X"),
+    ("Simplifying the fraction:\n$\\frac{10}{9}$", "\\frac{10}{9}"),               # math on the last line: its span
+    ("Simplifying the fraction:\n\\(\\frac{10}{9}\\)", "\\frac{10}{9}"),
+])
+def test_the_last_line_is_the_answer_when_it_is_a_short_formula(completion, expected):
+    """After the reasoning, a last line that is a formula with no prose (and no math delimiters) is the answer."""
+    assert verify.extract_answer(completion) == expected
+
+
+def test_a_formula_is_taken_whole_up_to_100_characters_from_a_last_line_of_up_to_200():
+    """A one-line answer or a last line is read whole up to 100 characters; a last line over 200 is not looked at."""
+    line = "y = " + " + ".join(f"x^{{{k}}}" for k in range(12, 1, -1)) + " + x + 1"
+    longer = line.replace("+ x + 1", "+ 2x + 1")
+    assert (len(line), len(longer)) == (100, 101)
+    assert verify.extract_answer(line) == line and verify.extract_answer(longer) != longer
+    assert verify.extract_answer("Adding the terms:\n" + line) == line
+    assert verify.extract_answer("Adding the terms:\n" + longer) != longer
+    assert verify.extract_answer("Expanding the product:\n" + " " * 193 + "x^2 + 1") == "x^2 + 1"   # 200 characters
+    assert verify.extract_answer("Expanding the product:\n" + " " * 194 + "x^2 + 1") == "1"         # 201: the last value
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("The express route takes **27 minutes** in all: 9 + 8 + 10. That is the fastest way!", "27 minutes"),
+    ("The express route takes **27 minutes** in all: 9 + 8 + 10. That is Route X.", "27 minutes"),
+    ("The trips add up.\n**27 minutes** in all: 9 + 8 + 10", "27 minutes"),
+    ("She goes out twice. On Monday she picks **12** apples. On Tuesday she picks 5 more, so 17 in all.", "17"),
+    ("On Monday she picks **12** apples! On Tuesday she picks 5 more, so 17 in all.", "17"),
+    ("Were there **12** apples at first? Then 5 more make 17 in all.", "17"),
+    ("She picks **12** apples on Monday.\nOn Tuesday she picks 5 more, so 17 in all.", "17"),
+    ("On Monday she picks **12** apples and 9 pears. On Tuesday she picks 9 more apples, so 21 in all.", "21"),
+    ("她周一摘了 **12** 个苹果。周二又摘了 $5$ 个，一共 $17$ 个。", "17"),
+    ("**Step 2**: add the two parts, 5 + 7 = 12", "5 + 7 = 12"),     # a bold heading is no answer
+    ("**第 2 步：** $5 + 7 = 12$", "5 + 7 = 12"),
+])
+def test_a_bold_value_counts_only_in_the_last_sentence_with_a_number(completion, expected):
+    """The bold value of the sentence holding the last number is the answer; a bold in an earlier sentence is not."""
+    assert verify.extract_answer(completion) == expected
+
+
+def test_a_bold_value_is_looked_for_in_the_last_20000_characters():
+    """Only the last 20000 characters are searched for a bold value (bounded work on hostile text)."""
+    completion = "**27 minutes** in all: 9 + 8 + 10"
+    assert verify.extract_answer(completion.ljust(20_000)) == "27 minutes"
+    assert verify.extract_answer(completion.ljust(20_001)) == "9 + 8 + 10"
+
+
+@pytest.mark.parametrize("completion,gold,expected", [
+    ("Two options remain. We first guessed option B. The side length is \\boxed{12}, which is option (C).", "C", 1.0),
+    ("Two options remain. We first guessed option B. The side length is \\boxed{12}, which is option (C).", "B", 0.0),
+    ("We first guessed option B! The side length is \\boxed{12}, which is option (C).", "C", 1.0),
+    ("Was it option B? The side length is \\boxed{12}, which is option (C).", "C", 1.0),
+    ("我们先猜了选项 B。边长是 \\boxed{12}，即选项 (C)。", "C", 1.0),
+    ("We first guessed option B\nThe side length is \\boxed{12}, which is option (C).", "C", 1.0),
+    ("Hence the answer is option C: \\boxed{\n12\n}.", "C", 1.0),                 # a line break inside the box
+    ("Each option was checked above.\n(C) \\boxed{12}", "C", 1.0),
+    ("The side length is \\boxed{12}, which is option (C). Our first guess was option B. It was off by one.", "C", 1.0),
+    ("The side length is \\boxed{12}, which is option (C)! Our first guess, option B, was off by one.", "C", 1.0),
+    ("The side length is \\boxed{12}, so is it option (C)? Our first guess, option B, was off by one.", "C", 1.0),
+    ("边长是 \\boxed{12}，即选项 (C)。我们最初猜的是选项 B", "C", 1.0),
+    ("The side length is \\boxed{12}, which is option (C)\nOur first guess was option B", "C", 1.0),
+    ("The side length is \\boxed{12}, which is option (C)\nOur first guess was option B", "B", 0.0),
+])
+def test_the_letter_chosen_is_read_in_the_sentence_of_the_last_box(completion, gold, expected):
+    """With a box, only the letter in the box's own sentence (ended by . ! ? 。 or a new line) is the choice."""
+    assert verify.reward(completion, gold) == expected
+
+
+@pytest.mark.parametrize("completion,gold,expected", [
+    ("(B) because the slope is negative.", "B", 1.0),                         # a letter in brackets needs no cue
+    ("The slope is negative, so C fits the graph.", "C", 1.0),
+    ("The slope is negative, so A is correct.", "A", 1.0),
+    ("A quick check shows the slope is negative, so C.", "C", 1.0),          # the article `A` is no option
+    ("Option C is right: A quick check with x = 1 confirms it.", "C", 1.0),
+    ("Option C is right: A quick check with x = 1 confirms it.", "A", 0.0),
+    ("B looked right at first, but (C) fits the graph.", "C", 1.0),          # a cue after the letter does not count
+    ("Two candidates remain. We pick by value. D gives 14, while (C) gives 12.", "C", 1.0),
+    ("We pick by value. D gives 14, while (C) gives 12.", "C", 1.0),          # a cue in an earlier sentence does not count
+    ("Let us pick by value! D gives 14, while (C) gives 12.", "C", 1.0),
+    ("Which one do we pick? D gives 14, while (C) gives 12.", "C", 1.0),
+    ("We pick by value:\nD gives 14, while (C) gives 12.", "C", 1.0),
+    ("按数值来选。D 得 14，而 (C) 得 12。", "C", 1.0),
+    ("We pick by value. D gives 14, while (C) gives 12.", "D", 0.0),
+    ("Both (A) and (C) fit the data.", "A", 0.0),                            # two letters chosen: none is
+])
+def test_a_letter_chosen_in_prose_is_cued_in_its_own_sentence(completion, gold, expected):
+    """A letter counts when it is in brackets or a cue word comes before it in its own sentence; exactly one must count."""
+    assert verify.reward(completion, gold) == expected
+
+
+def test_a_letter_reference_against_a_completion_that_names_no_letter_is_wrong_with_its_own_answer():
+    """No letter chosen: the verdict keeps the completion's own answer."""
+    assert verify.grade("The side length is 12.", "C") == verify.Verdict(0.0, "12", "wrong")
+
+
+def test_a_letter_is_looked_for_within_bounds():
+    """The last 2000 characters hold the box; without a box, the last 300 the letter; a cue is at most 40 characters before it."""
+    boxed = "\\boxed{12}, which is option (C)."
+    assert verify.reward(boxed.ljust(2000), "C") == 1.0 and verify.reward(boxed.ljust(2001), "C") == 0.0
+    prose = "It cannot be A or C, so B"
+    assert verify.reward(prose + " " * 299, "B") == 1.0 and verify.reward(prose + " " * 300, "B") == 0.0
+    near, far = "So, after we compared the three values, C", "So, after we compared all of the values, C"
+    assert (near.index(" C") + 1, far.index(" C") + 1) == (40, 41)                   # where the letter stands
+    assert verify.reward(near, "C") == 1.0 and verify.reward(far, "C") == 0.0
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("The answer is 12\nShe checks it: 5 + 7 = 12.", "12"),                  # only the phrase's own line is read
+    ("The answer is\n42\nThat is 6 packs of 7.", "42"),                       # or the next line when the phrase ends its line
+    ("So 5 + 7 = 12.\nFinal answer:", "5 + 7 = 12"),                          # a phrase with nothing after it: look further
+    ("She sells 72 clips.\n#### 72 clips.", "72 clips"),                      # the `####` line read like a phrase's text
+    ("I tried.\n#### I could not find the count", "I could not find the count"),  # else taken as it stands
+])
+def test_an_answer_line_is_read_on_its_own(completion, expected):
+    """The text after an answer phrase or `####` is read up to the end of its line."""
+    assert verify.extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("<think>6 * 7 = 42.</think>Let me check once more.<think>Yes, 42.</think>\nThe answer is \\boxed{42}.", "42"),
+    ("</think>x^2 + 1", "x^2 + 1"),                                            # an empty reasoning closed at the start
+    ("<think>So the answer is 41? No, 6 * 7 = 42.</think>\nThe product is 42.", "42"),
+    ("<think>A bearing of 90 degrees points east.</think>\nEast", "East"),
+    ("<|channel|>analysis<|message|>6*7=42<|end|><|start|>assistant<|channel|>final<|message|>42", "42"),
+    ("<|channel|>final<|message|>The answer is 41.<|end|><|start|>assistant<|channel|>final<|message|>The answer is 42.",
+     "42"),                                                                     # the last final channel counts
+])
+def test_only_the_text_after_the_last_closed_reasoning_is_read(completion, expected):
+    """The answer is read after the last `</think>` (or gpt-oss's last final channel), never inside the reasoning."""
+    assert verify.extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("12 apples", "12"),                 # a number with a word is no word answer
+    ("Mount Everest", "Mount Everest"),  # two words are
+])
+def test_a_word_answer_is_one_or_two_words_without_digits(completion, expected):
+    """A short completion of one or two words with no digit is itself the answer."""
+    assert verify.extract_answer(completion) == expected
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("The total cost is $\\$12$.", "\\$12"),                                   # `\$` inside math is a dollar, not its end
+    ("The total is $\\$12$ and the tax is $\\$1$.", "\\$1"),
+    ("She paid $5 and $6 more, so $11 in all.", "11"),                        # `$` signs, not math
+    ("She pays $7.00 for shirts and $3 for socks, $10.00 in all.", "10.00"),
+    ("I paid $5.\n\nSo $x = 2$.", "x = 2"),                                   # math never spans a blank line
+    ("The cost is $5\\$$.", "5\\$"),                                          # `\$` right before the closing `$`
+    ("All prices are in $ $p = 12$.", "p = 12"),                              # `$ $` holds nothing: a dollar sign
+    ("The two prices are $\\$12$ and $\\$15$.", "\\$12, \\$15"),
+    ("The answer is $5 and $6.", "$5 and $6"),                                # no math: the amounts as written
+])
+def test_a_dollar_sign_is_math_only_around_math(completion, expected):
+    """`$...$` is math unless it holds prose, spans a paragraph or runs up to a digit; `\\$` inside it is a dollar."""
+    assert verify.extract_answer(completion) == expected
+
+
+def test_a_last_answer_line_a_is_read_up_to_400_characters():
+    """A last line `A: ...` is the answer when it is at most 400 characters long."""
+    assert verify.extract_answer("A:" + " " * 391 + "x^2 + 1") == "x^2 + 1"    # 400 characters
+    assert verify.extract_answer("A:" + " " * 392 + "x^2 + 1") == "1"          # 401: the last value
+
+
+def test_the_text_after_an_answer_phrase_or_a_gsm8k_line_is_read_for_at_most_400_characters():
+    """An answer line runs on for at most 400 characters (bounded work on hostile text)."""
+    for completion in ("#### " + "1 + " * 120, "Answer:" + "1 + " * 120, "#### " + "word " * 100):
+        assert 300 < len(verify.extract_answer(completion)) <= 400, completion[:20]
+
+
+# ---------------------------------------------------------------------------
+# Normalisation rules, case by case: math delimiters, LaTeX and Unicode spellings, brackets, congruences,
+# `\approx`, lcm/gcd, spaces and units, thousands spaces, trailing punctuation, general solutions
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("\\(\\frac{1}{2}\\)", "0.5", True),
+    ("0.5", "\\(\\frac{1}{2}\\)", True),
+    ("\\[\\frac{1}{2}\\]", "0.5", True),
+    ("\\(\\frac{1}{3}\\)", "0.5", False),
+    ("$x = \\frac{\\pi}{4} + n\\pi, n \\in \\mathbb{Z}$", "x = \\frac{\\pi}{4} + k\\pi", True),
+    ("x = \\frac{\\pi}{4} + k\\pi", "$x = \\frac{\\pi}{4} + n\\pi, n \\in \\mathbb{Z}$", True),
+    ("$x = \\frac{\\pi}{4} + n\\pi, n \\in \\mathbb{Z}$", "x = \\frac{\\pi}{2} + k\\pi", False),
+])
+def test_math_delimiters_around_a_whole_answer_are_dropped(pred, gold, expected):
+    """`\\(...\\)`, `\\[...\\]` and `$...$` around the whole answer are unwrapped before any other rule."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("\\cfrac{1}{2}", "0.5", True),
+    ("\\cfrac{1}{2}", "0.25", False),
+    ("\\\\frac{1}{2}", "0.5", True),                 # a backslash doubled, as in an escaped JSON string
+    ("2**10", "1024", True),
+    ("x**2 - 1", "(x-1)(x+1)", True),
+    ("x**2 - 1", "(x-1)^2", False),
+    ("√x", "\\sqrt{x}", True),
+    ("2√x", "2\\sqrt{x}", True),
+    ("√N", "\\sqrt{N}", True),
+    ("√(x+1)", "\\sqrt{x+1}", True),
+    ("√(x+1)", "\\sqrt{x-1}", False),
+    ("2√{3}", "2\\sqrt{3}", True),
+    ("2\\sqrt{3}", "2√{3}", True),
+])
+def test_fraction_power_and_root_spellings_are_read_alike(pred, gold, expected):
+    """`\\cfrac`, an escaped `\\\\frac`, Python's `**` and the `√` sign (before a letter, brackets or braces)."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("−5", "-5", True),                              # U+2212 MINUS SIGN
+    ("-5", "−5", True),
+    ("−5", "5", False),
+    ("x − 1", "x-1", True),
+    ("3 × 4", "12", True),
+    ("2 × 10^3", "2000", True),
+    ("3 × 4", "7", False),
+    ("3 · 4", "12", True),                           # U+00B7 MIDDLE DOT
+    ("3 · 4", "34", False),
+    ("x ≈ 2.5", "2.5", True),
+    ("\\sqrt{2} ≈ 1.414", "\\sqrt{2}", True),
+    ("12\u200b", "12", True),                        # a zero-width space pasted after the number
+    ("1\u00ad2", "12", True),                        # a soft hyphen inside it
+])
+def test_unicode_minus_times_dot_and_approx_signs_are_read_as_latex(pred, gold, expected):
+    """`−`, `×`, `·` and `≈` mean `-`, `\\times`, `\\cdot` and `\\approx`; invisible characters are dropped."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("\\langle 3, -1 \\rangle", "(3, -1)", True),
+    ("(3, -1)", "\\langle 3, -1 \\rangle", True),
+    ("\\langle 3, -1 \\rangle", "(-1, 3)", False),
+    ("\\lbrace 2, 3 \\rbrace", "\\{3, 2\\}", True),
+    ("\\lbrace 2, 3 \\rbrace", "\\{2, 4\\}", False),
+    ("\\mathbb{R}", "(-\\infty, \\infty)", True),
+    ("x \\in \\mathbb{R}", "(-\\infty,\\infty)", True),
+    ("\\mathbb{R}", "(0, \\infty)", False),
+])
+def test_angle_brackets_brace_commands_and_the_reals_are_rewritten(pred, gold, expected):
+    """`\\langle a, b \\rangle` is the tuple, `\\lbrace ... \\rbrace` the set, `\\mathbb{R}` the interval (-inf, inf)."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("n \\equiv 3 \\bmod{5}", "3", True),
+    ("x \\equiv 3 \\mod 5", "3", True),
+    ("x \\equiv 3 (\\bmod 5)", "3", True),
+    ("x \\equiv 3 ( \\bmod 5 )", "3", True),
+    ("y \\equiv 2X(\\bmod 7)", "2X", True),
+    ("x \\equiv 3 \\mod 5", "8", False),
+    ("2^{10} \\mod 7 = 2", "2", True),               # a modulus inside the chain is no trailing modulus
+    ("2^{10} \\bmod 7 = 2", "1024", False),
+    ("5^{3} \\mod 7 \\equiv 6 \\mod 7", "6", True),  # only the last modulus is dropped
+    ("5^{3} \\bmod 7 \\equiv 6 \\bmod 7", "6", True),
+    ("5^{3} \\bmod 7 \\equiv 6 \\bmod 7", "5", False),
+])
+def test_a_trailing_modulus_is_dropped_in_all_its_spellings(pred, gold, expected):
+    """A residue ends in `\\pmod`, `\\bmod` or `\\mod` (with or without brackets): the last one is dropped."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+def test_a_modulus_alone_is_no_answer():
+    """`\\pmod{5}` with nothing before it leaves no residue: it equals nothing, not even itself."""
+    assert not verify.is_equiv("\\pmod{5}", "\\pmod{5}") and not verify.is_equiv("\\pmod{5}", "5")
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("\\sqrt{2} \\approx 1.414 \\approx 1.41", "\\sqrt{2}", True),   # the value before the first `\approx`
+    ("\\frac{1}{3} \\approx 0.33", "\\frac{1}{3}", True),             # an exact value, never its rounding
+    ("\\frac{1}{3} \\approx 0.33", "0.33", False),
+    ("x \\approx 3.46", "3.46", True),                                 # a variable: its value
+    ("A \\approx 12.57", "12.57", True),
+    ("x \\approx 3.46", "3.47", False),
+])
+def test_approx_compares_the_exact_value_or_the_value_of_a_variable(pred, gold, expected):
+    """`a \\approx b`: b when a is one letter (lower or upper case), else a; a chain of `\\approx` keeps its first side."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("\\operatorname{lcm}(4, 6)", "12", True),
+    ("\\text{gcd}(12, 18)", "6", True),
+    ("\\mathrm{lcm}(4,6)", "24", False),
+])
+def test_lcm_and_gcd_written_as_text_are_the_functions(pred, gold, expected):
+    """`\\operatorname{lcm}`, `\\text{gcd}`, `\\mathrm{lcm}` are evaluated like `\\lcm` and `\\gcd`."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("5\\ \\text{cm}", "5", True),                     # `\ ` before the unit
+    ("5\\ cm", "5", True),
+    ("5\\ cm", "6", False),
+    ("\\frac{1}{2}\\text{ cm}", "0.5", True),          # a unit after a brace, not after a digit
+    ("2\\sqrt{3}\\text{ cm}^2", "2\\sqrt{3}", True),
+    ("2\\sqrt{3}\\text{ cm}^2", "3\\sqrt{2}", False),
+    ("x = 1 \\, 000", "1000", True),                  # a thin space between digit groups
+    ("x = 10 000", "10000", True),
+    ("10 \\, 000 \\text{ and } 2", "10000, 2", True),
+    ("10 000 \\text{ and } 2", "10000, 2", True),
+    ("10 000 \\text{ and } 2", "10, 2", False),
+])
+def test_units_after_spaces_and_braces_and_spaced_thousands_are_read(pred, gold, expected):
+    """A unit after `\\ ` or after a closing brace is dropped; digit groups split by spaces or `\\,` are one number."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("12.", "12", True),
+    ("12.", "1", False),
+    ("x.", "x", True),
+    ("\\frac{1}{2}.", "0.5", True),
+    ("C.", "C", True),
+    ("C.", "D", False),
+    ("x = 5 \\\\", "5", True),                         # a matrix/aligned row break left at the end
+    ("12\\\\", "12", True),
+    ("3 1/2 .", "3.5", True),                          # a full stop after a space, then a mixed number
+    ("12kg.", "12", True),                             # a glued unit before the full stop
+    ("45mph.", "45", True),
+    ("12kg.", "13", False),
+])
+def test_a_trailing_full_stop_or_row_break_is_dropped_before_the_last_rules(pred, gold, expected):
+    """Trailing `.` and `\\\\` are dropped one at a time (with the space before them), then mixed numbers and glued units."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("x = 2n\\pi, n  \\in \\mathbb{Z}", "x = 2k\\pi", True),          # two spaces before the declaration
+    ("x = 2n\\pi, n  is an integer", "x = 2k\\pi", True),
+    ("x = 2n\\pi, n  \\in \\mathbb{Z}", "x = k\\pi", False),
+    ("x = \\arctan 2 + n\\pi, n \\in \\mathbb{Z}", "x = \\arctan 2 + k\\pi", True),  # the `n` of \arctan stays
+    ("x = \\arctan 2 + n\\pi, n \\in \\mathbb{Z}", "x = \\arctan 2 + 2k\\pi", False),
+    ("x = 2X\\pi, X \\in \\mathbb{Z}", "x = 2k\\pi", True),            # a capital parameter
+    ("x = 2n\\pi + X, n \\in \\mathbb{Z}", "x = 2k\\pi + X", True),     # a capital letter ending the solution stays
+    ("x = 2n\\pi + X, n \\in \\mathbb{Z}", "x = k\\pi + X", False),
+])
+def test_an_integer_parameter_is_renamed_only_where_it_stands_alone(pred, gold, expected):
+    """The declared parameter is renamed k wherever it is a letter of its own, never inside a command like \\arctan."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+def test_an_answer_is_read_only_up_to_four_times_max_answer_chars():
+    """Whatever comes after the first 4 * MAX_ANSWER_CHARS characters of an answer is never looked at."""
+    limit = 4 * verify.MAX_ANSWER_CHARS
+    assert verify.is_equiv("5" + " " * (limit - 1) + "0", "5")        # the `0` is character limit + 1: cut off
+    assert not verify.is_equiv("5" + " " * (limit - 2) + "0", "5")    # character limit: read, `5 0` is not 5
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("S \\in [0, 1]", "[0, 1]", True),
+    ("T \\in (2, 5)", "(2, 5)", True),
+    ("T \\in (2, 5)", "[2, 5]", False),
+])
+def test_a_capital_letter_in_an_interval_is_the_interval(pred, gold, expected):
+    """`S \\in [0, 1]` is the interval, as `x \\in [0, 1]` is: the one letter before `\\in` may be upper case."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+def test_dropping_trailing_punctuation_never_empties_an_answer():
+    """A lone `.` or `\\\\` is kept (so it equals itself); only what follows a first character is dropped."""
+    assert verify.is_equiv(".", ".") and verify.is_equiv("\\\\", "\\\\") and verify.is_equiv("..", ".")
+
+
+@pytest.mark.parametrize("completion,gold,expected", [
+    ("The slope is negative, so C fits the graph.", "\\left( C \\right)", 1.0),
+    ("The slope is negative, so C fits the graph.", "( C )", 1.0),
+    ("The slope is negative, so C fits the graph.", "\\left( B \\right)", 0.0),
+])
+def test_a_letter_reference_with_spaced_or_sized_brackets_is_a_letter(completion, gold, expected):
+    """`( C )` and `\\left( C \\right)` are the letter C, so a letter chosen in prose is read against them."""
+    assert verify.reward(completion, gold) == expected
