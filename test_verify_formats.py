@@ -913,3 +913,69 @@ def test_dropping_trailing_punctuation_never_empties_an_answer():
 def test_a_letter_reference_with_spaced_or_sized_brackets_is_a_letter(completion, gold, expected):
     """`( C )` and `\\left( C \\right)` are the letter C, so a letter chosen in prose is read against them."""
     assert verify.reward(completion, gold) == expected
+
+
+# ---------------------------------------------------------------------------
+# Details that decide a reward: the half of the day, emphasis stars, a power, two unknowns named
+# after an answer phrase, prose in scripts without Latin letters, spacing before a set or a parameter
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("2:30 PM", "2:30 AM", False),          # 12 hours apart, however the half is spelled
+    ("2:30 pm", "2:30 am", False),
+    ("9 PM", "9 AM", False),
+    ("2:30 PM", "2:30 p.m.", True),
+    ("2:30 PM", "14:30", True),
+])
+def test_am_and_pm_without_dots_are_the_half_of_the_day_not_a_unit(pred, gold, expected):
+    """`PM` after a time is read as the afternoon, never dropped like a unit word (`45 min`)."""
+    assert verify.is_equiv(pred, gold) is expected
+
+
+@pytest.mark.parametrize("completion,gold,expected", [
+    ("The answer is *42*.", "42", 1.0),                    # italic
+    ("Answer: ***42***", "42", 1.0),                       # bold italic
+    ("The answer is **42** apples.", "42", 1.0),
+    ("The answer is 2**10.", "1024", 1.0),                 # Python's power, not emphasis
+    ("The answer is 2**10.", "210", 0.0),
+    ("The answer is 2 * 3 = 6.", "6", 1.0),                # a product, not emphasis
+])
+def test_emphasis_stars_around_a_value_are_dropped_and_a_power_is_kept(completion, gold, expected):
+    """Stars that open or close a word are Markdown; stars between two characters are arithmetic."""
+    assert verify.reward(completion, gold) == expected
+
+
+@pytest.mark.parametrize("completion,gold,expected", [
+    ("The solution is $x = 2$ and $y = 3$.", "(2, 3)", 1.0),     # two unknowns: both values
+    ("The solution is $x = 2$ and $y = 3$.", "(3, 2)", 0.0),
+    ("The answer is $2x = 4$ and $x = 2$.", "2", 1.0),           # a step, then the value: the value alone
+    ("The answer is $x = 2$ or $y = 3$.", "3", 1.0),             # `or` between two unknowns joins nothing
+    ("The answer is $A = 2$ and $B = 3$.", "(2, 3)", 1.0),       # capital unknowns alike
+])
+def test_values_of_two_unknowns_after_an_answer_phrase_are_read_together(completion, gold, expected):
+    assert verify.reward(completion, gold) == expected
+
+
+@pytest.mark.parametrize("completion", [
+    "她有 5 个苹果，又买了 7 个，一共 12 个。",
+    "У Маши 5 яблок, она купила ещё 7, всего 12.",
+])
+def test_a_short_sentence_in_a_script_without_latin_letters_is_prose_not_an_answer(completion):
+    """A one-line completion in Chinese or Russian is read like an English sentence: its last value."""
+    assert verify.extract_answer(completion) == "12"
+    assert verify.reward(completion, "12") == 1.0
+
+
+def test_greek_letters_and_a_single_unit_character_still_make_a_whole_answer():
+    """θ and π are math, and `12 元` is a value with its unit: both are read whole."""
+    assert verify.extract_answer("θ = π/3") == "θ = π/3"
+    assert verify.reward("12 元", "12") == 1.0
+
+
+@pytest.mark.parametrize("pred,gold", [
+    ("\\displaystyle \\{x \\mid x > 2\\}", "x > 2"),
+    ("x = \\frac{\\pi}{4} + n\\pi,\\ n \\in \\mathbb{Z}", "x = \\frac{\\pi}{4} + k\\pi"),
+    ("x = \\frac{\\pi}{4} + n\\pi,\\ \\text{where } n \\text{ is an integer}", "x = \\frac{\\pi}{4} + k\\pi"),
+])
+def test_a_latex_space_or_display_style_before_a_set_or_a_parameter_changes_nothing(pred, gold):
+    """`\\displaystyle` before a set-builder set, or `,\\ ` before the integer parameter's declaration."""
+    assert verify.is_equiv(pred, gold)

@@ -61,7 +61,7 @@ Conventions of is_equiv(pred, gold) (where graders disagree, the choice and why)
     two digits, or a leading 0); `1,222` stays 1222. Against a list `1, 22` it stays a list.
   - Repeating decimals `0.1\\overline{6}` == 1/6. Ratios `3:2` == 3/2 against a number; times `2:30`
     compare as clock times, `14:30` == `2:30 p.m.`, and `2:30` == `2:30 p.m.` (a bare time is read
-    on a 12-hour clock, as questions that ask "what time" mean).
+    on a 12-hour clock, as questions that ask "what time" mean); `2:30 PM` != `2:30 AM`.
   - Bases: `10110_2` == `22_{10}` (values); a bare `10110` against `10110_2` is read in the
     reference's base (models often drop the subscript the question asked for).
   - Mixed numbers `918\\frac12` == 918.5 (an integer written right before an integer \\frac).
@@ -236,6 +236,12 @@ def _strip_turn(text):
 
 
 _BOLD_RE = re.compile(r"(?<![\w*])\*\*(?=\S)([^*\n]{1,200}?)(?<=\S)\*\*(?![\w*])")
+# Markdown emphasis around a value (`*42*`, `**42**`, `***42***`): stars that open a word or close one,
+# never those between two characters (`2**10` is a power, `2 * 3` a product)
+_EMPHASIS_RE = re.compile(r"(?:(?<=\s)|^)\*+(?=\S)|(?<=\S)\*+(?=[\s.,;:!?)]|$)")
+# A word in a script without Latin letters (Chinese, Cyrillic, Arabic, ...): prose, never a formula.
+# Greek stays out: θ and π are math.
+_NON_LATIN_WORD_RE = re.compile(r"[^\W\d_a-zA-Z\u00c0-\u024f\u0370-\u03ff]{2,}")
 _MATH_OPEN_RE = re.compile(r"\$\$|(?<!\\)\$|\\\[|\\\(")
 _PROSE_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}[,.]?\s+[a-zA-Z]{2,}\s+[a-zA-Z]{2,}")
 _TEXT_ARG_RE = re.compile(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}")
@@ -308,7 +314,7 @@ _CLAUSE_RE = re.compile(r"[.!?。](?:\s|$)|[\n,;，；]|\b(?:so|hence|thus|there
 
 def _answer_in_segment(segment):
     """The answer inside the text right after an answer phrase."""
-    segment = segment.replace("**", "").strip()
+    segment = _EMPHASIS_RE.sub("", segment).strip()
     segment = re.sub(r"^(?:is|es|est|ist|[:：=])\s*", "", segment).strip()
     if re.match(r"not\b", segment, re.IGNORECASE):
         return None  # `the answer is not 5; ...`: look further
@@ -365,7 +371,7 @@ def _set_aside(text, pos):
 
 def _is_prose_free(text):
     words = re.findall(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", _TEXT_ARG_RE.sub(" ", text))
-    return all(w.lower() in ("and", "or", "und", "et", "y") for w in words)
+    return all(w.lower() in ("and", "or", "und", "et", "y") for w in words) and not _NON_LATIN_WORD_RE.search(text)
 
 
 def _whole_answer(text):
@@ -412,8 +418,10 @@ def _joined_spans(text, spans, k):
         between = text[spans[k - 1][1]:spans[k][0]]
         m = re.fullmatch(r"\s*(,|,?\s*and|,?\s*or)\s*", between)
         left, right = spans[k - 1][2].split("=")[0].strip(), spans[k][2].split("=")[0].strip()
-        if not m or ("=" in spans[k - 1][2]) != ("=" in spans[k][2]) or ("=" in spans[k][2] and left != right):
-            break  # only values, or values of one unknown (`$x = 2$ or $x = 3$`), never steps
+        unknowns = left != right and re.fullmatch(r"[a-zA-Z]", left) and re.fullmatch(r"[a-zA-Z]", right)
+        if not m or ("=" in spans[k - 1][2]) != ("=" in spans[k][2]) or ("=" in spans[k][2] and left != right
+                                                                         and not (unknowns and "and" in between)):
+            break  # values, values of one unknown (`$x = 2$ or $x = 3$`), of two (`$x = 2$ and $y = 3$`), never steps
         joiner = joiner or (" \\text{ or } " if m.group(1).endswith("or") else ", ")
         inner.insert(0, spans[k - 1][2])
         k -= 1
@@ -567,7 +575,7 @@ _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|textup|tex
                           r"mathsf|mathtt|mbox|hbox|operatorname|emph|num)\s*\{([^{}]*)\}")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
 _THOUSANDS_RE = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])|(?<![\d.])[1-9]\d{0,2}(?:\\? \d{3})+(?![\d.])")
-_UNIT_WORD = (r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+[^\W\d_]{2,}\.?|\s+[a-zA-Z]+/[a-zA-Z]+"
+_UNIT_WORD = (r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+(?![AaPp][Mm]\b)[^\W\d_]{2,}\.?|\s+[a-zA-Z]+/[a-zA-Z]+"
               r"|\s*[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]+|\s+m(?=\s*\^)|\s*[€£¥₹₩]"  # `12 元`, `3,50 €`
               r"|\s*(?:kg|mg|km|cm|mm|ml|mL|min|mins|hrs?|secs?|mph|kph|km/h|m/s|ft|yd|lbs?|oz|kcal|kW|kWh)(?![a-zA-Z]))"
               r"(?:\s*\^\s*\{?\d\}?)?")
@@ -577,7 +585,7 @@ _MOD_RE = re.compile(r"\\[pb]?mod ?\{? ?\w+ ?\}? ?\)? ?")
 _EMPTY_SET_RE = re.compile(r"\\varnothing|\\\{\s*\\\}|∅")
 _TRIG_DEGREES_RE = re.compile(r"(\\(?:sin|cos|tan|sec|csc|cot))\s*(\(?)\s*(\d+(?:\.\d+)?)\s*\^\s*\{?\s*\\circ\s*\}?")
 _REPEATING_RE = re.compile(r"(\d*)\.(\d*)\\(?:overline|bar|dot)\{(\d+)\}")
-_SET_BUILDER_RE = re.compile(r"^\\\{\s*[a-zA-Z]\s*(?:\\mid|\||:)\s*(.+?)\s*\\\}$")
+_SET_BUILDER_RE = re.compile(r"^\s*\\\{\s*[a-zA-Z]\s*(?:\\mid|\||:)\s*(.+?)\s*\\\}$")
 
 
 def _repeating_to_fraction(m):
@@ -594,7 +602,7 @@ _FULL_WIDTH = str.maketrans({"（": "(", "）": ")", "：": ":", "；": ";", "�
                              "²": "^2", "³": "^3", "π": "\\pi ", "∞": "\\infty ", "∈": "\\in ", "ℤ": "\\mathbb{Z}",
                              "÷": "\\div ", "⋅": "\\cdot ", "€": " €"})
 _INTEGER_PARAMETER_RE = re.compile(  # `, k \in \mathbb{Z}`, `(n \in \mathbb Z)`, `where k is an integer`
-    r"\(?\s?(?:(?:\\text\{\s?)?(?:where|for|with)\b\s?\}?\s?)?(?<![a-zA-Z\\])([a-zA-Z])\s?"
+    r"\(?(?:(?<!\\)\s)?(?:(?:\\text\{\s?)?(?:where|for|with)\b\s?\}?\s?)?(?<![a-zA-Z\\])([a-zA-Z])\s?"
     r"(?:\\in\s?(?:\\mathbb|\\Bbb|\\mathbf)?\s?\{?\s?Z\s?\}?|(?:\\text\{\s?)?(?:is\s)?(?:an?\s|any\s)?integers?\s?\}?)"
     r"\s?\)?\s?\.?\s?$")
 _GLUED_UNIT_RE = re.compile(r"(-?\d[\d,]*(?:\.\d+)?)(?:kg|mg|km|cm|mm|ml|mL|min|hrs?|secs?|mph|kph|ft|lbs?|oz)"
