@@ -1172,3 +1172,42 @@ def test_three_sample_points_between_1_1_and_3_9_decide_an_equality(monkeypatch)
     monkeypatch.setattr(verify, "_RNG", Recording(1.5, 2.5, 3.5))
     assert verify._compare_normalized("(x+1)^2", "x^2+2x+1", False) is True
     assert draws == [(1.1, 3.9)] * 3
+
+
+# ---------------------------------------------------------------------------
+# Windows and small rules of extraction and normalisation: how far back a clause starts, when a bold
+# is a heading, what follows an answer colon, which letters an integer parameter may be
+def test_a_clause_start_is_looked_for_at_most_300_characters_back():
+    """A separator 300 characters before a value starts its clause; one 301 back is out of reach, and
+    then the check reads from the start of the text (here a checking `Since`)."""
+    head = "Since it is odd, "                              # its comma at index 15
+    far = head + "x" * (15 + 301 - len(head)) + "5"         # the value 301 characters after the comma
+    near = head + "x" * (15 + 300 - len(head)) + "5"        # 300 after it
+    assert far[15 + 301] == "5" and near[15 + 300] == "5"
+    assert verify._justifies(far, 15 + 301)
+    assert not verify._justifies(near, 15 + 300)
+
+
+def test_a_bold_followed_by_a_colon_within_two_spaces_is_a_heading():
+    """`**Step 2**  :` is a heading (up to two spaces before the colon); with three the bold is a value."""
+    assert verify._last_bold("Then **Step 2**  : add them") is None
+    assert verify._last_bold("Then **Step 2**   : add them") == "2"
+
+
+def test_an_integer_parameter_named_e_or_i_is_left_alone():
+    """e and i name Euler's number and the imaginary unit, never the integer parameter to rename."""
+    for s in (r"x = e^{2} + e, e \in \mathbb{Z}", r"x = 2i\pi, i \in \mathbb{Z}"):
+        assert verify._general_solution(s) == s
+
+
+def test_the_parameter_is_never_a_letter_inside_a_word():
+    """Neither a capital nor a small letter on either side: `\\text{Ln}`, `\\text{nA}`, `\\text{nm}` stay whole."""
+    assert verify._general_solution(r"x = \text{Ln}\,2 + 2n\pi, n \in \mathbb{Z}") == r"x = \text{Ln}\,2 + 2k\pi"
+    assert verify._general_solution(r"I = 2n\,\text{nA}, n \in \mathbb{Z}") == r"I = 2k\,\text{nA}"
+    assert verify._general_solution(r"d = 500n\,\text{nm}, n \in \mathbb{Z}") == r"d = 500k\,\text{nm}"
+
+
+def test_a_bold_value_right_after_an_answer_colon():
+    """`Answer:**5**`: the stars right after the colon are bold, not part of the answer."""
+    assert verify.extract_answer("Answer:**5**") == "5"
+    assert verify.extract_answer("The final answer is:*12*") == "12"
