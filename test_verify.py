@@ -1211,3 +1211,56 @@ def test_a_bold_value_right_after_an_answer_colon():
     """`Answer:**5**`: the stars right after the colon are bold, not part of the answer."""
     assert verify.extract_answer("Answer:**5**") == "5"
     assert verify.extract_answer("The final answer is:*12*") == "12"
+
+
+# ---------------------------------------------------------------------------
+# Sample points that cannot be evaluated, a relation's positive factor, a percent past the float range,
+# text commands beside a formula or a mixed number, a p.m. on a 24-hour hour
+def test_a_sample_point_where_an_answer_cannot_be_evaluated_is_skipped(monkeypatch):
+    """max(sqrt(x - 2), 1) has no value at x = 1.5 (sympy cannot order a non-real number): that point is
+    skipped and the next three decide; sympy cannot simplify the difference to 0 itself."""
+    monkeypatch.setattr(verify, "_RNG", _Points(1.5, 2.5, 3.0, 3.5))
+    assert verify._compare_normalized("\\max(\\sqrt{x-2}, 1)^2", "\\max(x-2, 1)", False) is True
+
+
+def test_at_most_six_sample_points_are_drawn_then_sympy_decides(monkeypatch):
+    """When none of six points can be evaluated, no seventh is drawn: sympy's simplify decides."""
+    draws = []
+
+    class Recording(_Points):
+        def uniform(self, low, high):
+            draws.append((low, high))
+            return super().uniform(low, high)
+    monkeypatch.setattr(verify, "_RNG", Recording(1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 2.5))
+    assert verify._compare_normalized("\\max(\\sqrt{x-2}, 1)^2", "\\max(x-2, 1) + 1", False) is False
+    assert draws == [(1.1, 3.9)] * 6
+
+
+def test_an_inequality_times_i_is_not_the_same_inequality():
+    """Two inequalities agree only up to a positive factor; i is not positive (complex numbers have no order)."""
+    assert verify.is_equiv("ix + iy - i < 0", "x + y - 1 < 0") is False
+    assert verify.is_equiv("2x + 2y - 2 < 0", "x + y - 1 < 0") is True
+
+
+def test_a_percent_reading_is_tried_when_the_plain_value_is_past_the_float_range():
+    """10^{309} pi is past the float range, but as a percent it is 10^{307} pi, which is within it."""
+    assert verify.is_equiv("10^{309}\\pi\\%", "10^{307}\\pi") is True
+
+
+def test_a_formula_with_text_commands_beside_its_letters_is_math_not_prose():
+    """A `\\text{}` argument is read as a gap, never as words: `mx\\text{ where } m\\text{ is the slope}` is math."""
+    text = "so $y = mx\\text{ where } m\\text{ is the slope}$"
+    assert verify._math_spans(text) == [(3, len(text), "y = mx\\text{ where } m\\text{ is the slope}")]
+
+
+def test_a_mixed_number_with_a_text_space_between_its_parts():
+    """`2\\text{ } 3/4` is the mixed number 2 3/4: the spaces the unwrapped text command leaves collapse."""
+    assert verify._normalize("2\\text{ } 3/4") == ("\\frac{11}{4}", False)
+    assert verify.is_equiv("2\\text{ } 3/4", "\\frac{11}{4}") is True
+
+
+def test_a_24_hour_time_with_a_redundant_pm_is_that_time():
+    """`13:30 p.m.` (a 24-hour hour with p.m.) is 13:30, i.e. 1:30 p.m., never 12:30 p.m."""
+    assert verify.is_equiv("13:30 p.m.", "1:30 p.m.") is True
+    assert verify.is_equiv("13:30 p.m.", "13:30") is True
+    assert verify.is_equiv("13:30 p.m.", "12:30 p.m.") is False
