@@ -979,3 +979,13 @@ def test_greek_letters_and_a_single_unit_character_still_make_a_whole_answer():
 def test_a_latex_space_or_display_style_before_a_set_or_a_parameter_changes_nothing(pred, gold):
     """`\\displaystyle` before a set-builder set, or `,\\ ` before the integer parameter's declaration."""
     assert verify.is_equiv(pred, gold)
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("n \\equiv 1 \\pmod{4} \\text{ or } n \\equiv 3 \\pmod{8}", "n \\equiv 1 \\pmod{4} \\text{ or } n \\equiv 3 \\pmod{4}", False),
+    ("n \\equiv 1 \\pmod{4} \\text{ or } n \\equiv 3 \\pmod{8}", "n \\equiv 1 \\pmod{4} \\text{ or } n \\equiv 3 \\pmod{8}", True),
+    ("x \\equiv 3 \\pmod{5}", "3", True),
+])
+def test_a_modulus_is_dropped_only_when_it_is_the_answers_only_one(pred, gold, expected):
+    """With two congruences the last modulus is part of the answer: 3 mod 8 is not 3 mod 4."""
+    assert verify.is_equiv(pred, gold) is expected

@@ -582,6 +582,7 @@ _UNIT_WORD = (r"(?:\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\s+(?![AaPp][Mm]\b)[^\
 _UNIT_TAIL_RE = re.compile(r"^(.*?\d)\s*(?:" + _UNIT_WORD + r")+\s*$")
 _TEXT_TAIL_RE = re.compile(r"^(.+?[\d})])\s*\\(?:text\w*|mbox|mathrm)\s*\{\s*[a-zA-Z][^{}]*\}(?:\s*\^\s*\{?\d\}?)?\s*$")
 _MOD_RE = re.compile(r"\\[pb]?mod ?\{? ?\w+ ?\}? ?\)? ?")
+_MODULUS_RE = re.compile(r"\\[pb]?mod ?\{? ?(\w+)")
 _EMPTY_SET_RE = re.compile(r"\\varnothing|\\\{\s*\\\}|∅")
 _TRIG_DEGREES_RE = re.compile(r"(\\(?:sin|cos|tan|sec|csc|cot))\s*(\(?)\s*(\d+(?:\.\d+)?)\s*\^\s*\{?\s*\\circ\s*\}?")
 _REPEATING_RE = re.compile(r"(\d*)\.(\d*)\\(?:overline|bar|dot)\{(\d+)\}")
@@ -655,7 +656,9 @@ def _normalize(s):
         s = pattern.sub(replacement, s)
     s = _EMPTY_SET_RE.sub(r"\\emptyset", s)
     mod = max(s.rfind("\\pmod"), s.rfind("\\bmod"), s.rfind("\\mod"))
-    if mod >= 0 and _MOD_RE.fullmatch(s, mod):  # `x \equiv 3 \pmod{5}` is the residue 3
+    if mod >= 0 and _MOD_RE.fullmatch(s, mod) and len(set(_MODULUS_RE.findall(s))) == 1:
+        # `x \equiv 3 \pmod{5}` is the residue 3; with two moduli (`n \equiv 1 \pmod{4} \text{ or } n \equiv 3
+        # \pmod{8}`) the last is part of the answer
         s = s[:mod].rstrip().rstrip("(").rstrip()
     s = s.replace("\\equiv", "=")
     s = _REPEATING_RE.sub(_repeating_to_fraction, s)  # 0.1\overline{6} == 1/6
