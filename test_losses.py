@@ -529,3 +529,28 @@ def test_sample_marks_responses_that_ended_and_the_rest_were_cut_at_max_new_toke
     ended = torch.isin(out["response_ids"], eos).any(1)
     assert torch.equal(out["ended"], ended)                  # --mask-truncated drops the others
     assert (out["response_mask"][~out["ended"]].sum(1) == 5).all()
+
+
+def test_batch_std_under_torchrun_pools_every_ranks_count_sum_and_squares(monkeypatch):
+    """--scale-rewards batch under torchrun: each rank sends (count, sum, sum of squares) and the unbiased
+    std of all ranks' rewards comes back, equal to the std of the rewards put together (collectives stood in)."""
+    import machinery
+    mine = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    theirs = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])   # another rank, 12 rewards
+    sent = []
+
+    def all_reduce(sums):
+        sent.append(sums.clone())
+        return sums + torch.tensor([theirs.numel(), theirs.sum(), (theirs ** 2).sum()], dtype=sums.dtype)
+    monkeypatch.setattr(prerl, "DIST", machinery.Distributed(0, 2, "gloo", None, None))
+    monkeypatch.setattr(machinery, "all_reduce", all_reduce)
+    got = prerl.batch_std(mine)
+    assert sent[0].dtype == torch.float64 and sent[0].tolist() == [8.0, 4.0, 4.0]
+    assert got.shape == (1, 1) and got.dtype == mine.dtype
+    torch.testing.assert_close(got, torch.cat([mine.flatten(), theirs.flatten()]).std().reshape(1, 1))
+    monkeypatch.setattr(machinery, "all_reduce", lambda sums: sums)       # one rank alone: its own std
+    torch.testing.assert_close(prerl.batch_std(mine), mine.std().reshape(1, 1))
+    same = torch.ones(1, 4)                                              # all equal: 0, never the root of a negative
+    assert prerl.batch_std(same).item() == 0.0
+    monkeypatch.setattr(prerl, "DIST", None)                             # one process: torch's std
+    torch.testing.assert_close(prerl.batch_std(mine), mine.std().reshape(1, 1))
