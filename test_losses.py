@@ -554,3 +554,35 @@ def test_batch_std_under_torchrun_pools_every_ranks_count_sum_and_squares(monkey
     assert prerl.batch_std(same).item() == 0.0
     monkeypatch.setattr(prerl, "DIST", None)                             # one process: torch's std
     torch.testing.assert_close(prerl.batch_std(mine), mine.std().reshape(1, 1))
+
+
+def test_clipped_tokens_counts_rho_past_the_range_on_the_side_its_advantage_pushes():
+    """The clip-fraction metric, counted by hand: rho below 1 - eps_low counts for a negative advantage, above
+    1 + eps_high for a positive one, never at the bounds themselves, never for A = 0 or a masked token."""
+    cfg = prerl.Config(clip_eps_low=0.2, clip_eps_high=0.28)
+    rho = torch.tensor([[0.7, 0.8, 1.5, 0.1],      # A = -1: 0.7 counts; 0.8 is the bound; 1.5 is the other side;
+                        [1.5, 1.28, 0.5, 1.0],     # A = +1: 1.5 counts; 1.28 is the bound; 0.5 the other side  0.1 masked
+                        [0.5, 1.5, 1.0, 1.0],      # A = 0: nothing counts
+                        [0.5, 1.5, 1.0, 1.0]],     # A = +0.5: 1.5 counts, 0.5 does not
+                       dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.float64)
+    advantages = torch.tensor([-1.0, 1.0, 0.0, 0.5], dtype=torch.float64)
+    old = torch.zeros_like(rho)
+    assert prerl.clipped_tokens(rho.log(), old, advantages, mask, cfg) == 3
+    assert prerl.clipped_tokens(old, old, advantages, mask, cfg) == 0          # rho = 1 everywhere
+
+
+def test_a_group_is_mixed_only_with_a_reward_below_one_half_and_one_above():
+    """A reward of exactly 0.5 (partial credit) is on neither side: it makes no group mixed by itself."""
+    rewards = torch.tensor([[0.0, 1.0], [0.5, 1.0], [0.0, 0.5], [0.5, 0.5], [0.4, 0.6]])
+    assert prerl.mixed_groups(rewards).tolist() == [True, False, False, False, True]
+
+
+def test_a_one_token_overlong_buffer_still_penalises_the_last_token():
+    """--overlong-buffer 1: a response of exactly --max-new-tokens pays the whole penalty, one token shorter
+    pays nothing; the shaped rewards keep the rewards' dtype."""
+    cfg = prerl.Config(max_new_tokens=8, overlong_buffer=1, overlong_penalty=1.0)
+    batch = {"response_mask": torch.tensor([[1] * 8, [1] * 7 + [0]])}
+    rewards = torch.tensor([[1.0, 1.0]])
+    shaped = prerl.shaped_rewards(rewards, batch, cfg)
+    assert shaped.dtype == rewards.dtype and shaped.tolist() == [[0.0, 1.0]]
