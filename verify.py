@@ -418,7 +418,7 @@ def _joined_spans(text, spans, k):
         between = text[spans[k - 1][1]:spans[k][0]]
         m = re.fullmatch(r"\s*(,|,?\s*and|,?\s*or)\s*", between)
         left, right = spans[k - 1][2].split("=")[0].strip(), spans[k][2].split("=")[0].strip()
-        unknowns = left != right and re.fullmatch(r"[a-zA-Z]", left) and re.fullmatch(r"[a-zA-Z]", right)
+        unknowns = re.fullmatch(r"[a-zA-Z]", left) and re.fullmatch(r"[a-zA-Z]", right)
         if not m or ("=" in spans[k - 1][2]) != ("=" in spans[k][2]) or ("=" in spans[k][2] and left != right
                                                                          and not (unknowns and "and" in between)):
             break  # values, values of one unknown (`$x = 2$ or $x = 3$`), of two (`$x = 2$ and $y = 3$`), never steps
@@ -1452,9 +1452,6 @@ class _Worker:
             os.kill(self.pid, 9)
         except ProcessLookupError:
             pass
-
-    def join(self, timeout=None):
-        pass
 
 
 _idle_workers = []
