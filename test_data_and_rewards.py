@@ -68,6 +68,17 @@ def test_verl_rows_from_jsonl_parquet_and_a_datasets_folder(tmp_path):
         prerl.load_problems(dict_folder, split="test")
 
 
+def test_held_out_problems_come_from_their_split_and_columns(tmp_path):
+    """--eval-data read with --eval-split and the --problem-key / --answer-key columns, cut at --eval-size."""
+    datasets = pytest.importorskip("datasets")
+    rows = lambda n: [{"q": f"what is {i}+{n}?", "a": str(i + n)} for i in range(3)]
+    folder = str(tmp_path / "splits")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(10)), "test": datasets.Dataset.from_list(rows(20))}).save_to_disk(folder)
+    cfg = prerl.parse_config(["--eval-data", folder, "--eval-split", "test", "--problem-key", "q", "--answer-key", "a",
+                              "--eval-size", "2", "--out-dir", str(tmp_path / "out")])
+    assert [(p["problem"], p["answer"]) for p in prerl.eval_problems(cfg)] == [("what is 0+20?", "20"), ("what is 1+20?", "21")]
+
+
 def test_math_and_gsm8k_jsonl_and_other_column_names(tmp_path):
     path = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "so... #### 1,234"}, {"problem": "p", "solution": "$\\boxed{7}$"}])
     assert [(p["problem"], p["answer"], p["source"]) for p in prerl.load_problems(path)] == [
@@ -139,6 +150,12 @@ def test_a_verl_prompt_goes_through_the_chat_template_as_given():
     assert prerl.format_prompt(tokenizer, problem) == "<system>sys<user>what is 0+1?<assistant>"     # no system prompt added
     problem = prerl.problem_from_row({"problem": "2+2?", "answer": "4"}, "row 0")
     assert prerl.format_prompt(tokenizer, problem) == f"<system>{prerl.SYSTEM_PROMPT}<user>2+2?<assistant>"
+    tokenizer.chat_template = None                   # plain text: every message but the last, then the problem
+    alone = {"problem": "q", "answer": "1", "messages": [{"role": "user", "content": "what is 2+3?"}]}
+    assert prerl.format_prompt(tokenizer, alone) == "Problem: what is 2+3?\nSolution:"
+    shot = {"problem": "q", "answer": "1", "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "1+1?"},
+                                                        {"role": "assistant", "content": "2"}, {"role": "user", "content": "2+3?"}]}
+    assert prerl.format_prompt(tokenizer, shot) == "sys\n\n1+1?\n\n2\n\nProblem: 2+3?\nSolution:"
 
 
 # ---------------------------------------------------------------------------

@@ -362,6 +362,58 @@ def test_trl_soft_overlong_punishment_and_group_scaling_equal_ours():
     torch.testing.assert_close(prerl.grpo_advantages(rewards, 1e-4, "batch"), centred / (nanstd(rewards) + 1e-4))
 
 
+def test_an_update_scores_only_its_rows_in_micro_batches_sized_by_what_each_space_reads():
+    """loss_plan: a mini-batch's rows (less, with --mask-truncated, those cut at the limit) are the only ones
+    that count and are scored; a micro-batch's size counts prompt + response tokens in the conditional space
+    and start token + response in the pre-train space (lengths written out by hand below)."""
+    batch = batch_with_truncation()                          # responses [3, 6, 4, 5, 3, 6, 6, 5]; prompts 3 and 4
+    rewards = torch.tensor(REWARDS)
+    responses = batch["response_mask"].sum(1).tolist()
+    prompts = [len(real_prompt(batch, i)) for i in range(8)]
+    for stage, budget, lengths in [("grpo", 16, [r + p for r, p in zip(responses, prompts)]),
+                                   ("nsr-prerl", 10, [r + 1 for r in responses])]:
+        cfg = variant_cfg(micro_batch_tokens=budget)
+        advantages = prerl.advantages_for(stage, rewards, cfg)[0].reshape(-1)
+        for rows, mask_truncated in [(None, False), ([4, 5, 6, 7], False), ([1, 2, 3, 4], True)]:
+            cfg.mask_truncated = mask_truncated
+            present = [(rows is None or i in rows) and (not mask_truncated or bool(batch["ended"][i])) for i in range(8)]
+            counted = [p and (stage == "grpo" or advantages[i] != 0) for i, p in enumerate(present)]
+            scored = [i for i in range(8) if counted[i] and advantages[i] != 0]
+            _, _, _, got_counted, chunks = prerl.loss_plan(batch, rewards, stage, cfg, False, rows)
+            assert got_counted.tolist() == counted, (stage, rows)
+            assert chunks == prerl.micro_batches(scored, lengths, budget), (stage, rows)
+            if rows is None:
+                assert len(chunks) > 1 and any(len(chunk) > 1 for chunk in chunks)   # the budget cuts, and packs
+
+
+def test_micro_batching_changes_neither_an_updates_loss_nor_its_kept_or_clipped_tokens():
+    """accumulate_gradients on a mini-batch's rows, in one micro-batch and in many: the same total loss,
+    gradient, kept tokens (those rows' tokens) and clipped tokens (summed over the micro-batches)."""
+    model, batch, rewards = tiny_model(), batch_with_truncation(), torch.tensor(REWARDS)
+    old = perturbed_old_logprobs(model, batch, "conditional")
+    rows = [0, 1, 2, 3, 5]                                   # every grpo advantage here is non-zero
+    results = {}
+    for budget in (10_000, 12):
+        cfg = variant_cfg(micro_batch_tokens=budget)
+        chunks = prerl.loss_plan(batch, rewards, "grpo", cfg, False, rows)[4]
+        model.zero_grad()
+        counts = {"clipped": 0}
+        loss, kept = prerl.accumulate_gradients(model, batch, rewards, "grpo", cfg, 1, rows=rows, old_lp=old, counts=counts)
+        results[budget] = (len(chunks), loss, kept, counts["clipped"], flat_grad(model))
+    (one, *whole), (many, *cut) = results[10_000], results[12]
+    assert one == 1 and many == len(rows)
+    cfg = variant_cfg()                                      # the loss of the rows in one call of policy_loss
+    advantages, space, coef, counted, _ = prerl.loss_plan(batch, rewards, "grpo", cfg, False, rows)
+    denominator = prerl.aggregation(cfg.loss_agg, batch["response_mask"].sum(1), counted, cfg.max_new_tokens)[1]
+    token_lp, mask = prerl.scored_logprobs(model, space, batch, rows, 1)
+    expected = prerl.policy_loss(token_lp, mask.float(), advantages[rows], denominator, cfg, coef, None, old[rows, :mask.shape[1]])
+    torch.testing.assert_close(whole[0], expected.item(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cut[0], whole[0], rtol=1e-10, atol=1e-12)
+    assert cut[1] == whole[1] == int(batch["response_mask"][rows].sum())
+    assert cut[2] == whole[2] > 0
+    torch.testing.assert_close(cut[3], whole[3], rtol=1e-9, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # Several updates per batch; K = M = 1 is the one-update step exactly
 
@@ -425,6 +477,62 @@ def test_several_updates_clip_and_the_first_update_has_ratio_one(epochs, shares,
     assert 0 < clip_fraction < 1, clip_fraction
 
 
+def stand_in_updates(monkeypatch, losses, grad_norms, kept, clipped):
+    """policy_updates with its parts stood in: update i returns losses[i], grad_norms[i], kept[i] and adds
+    clipped[i] to the clip count. Returns the calls each part saw."""
+    calls = {"old": [], "accumulate": [], "step": []}
+    old_lp = torch.zeros(1)
+
+    def sampling_policy_logprobs(model, batch, rewards, stage, cfg, start_id, shares, has_reference):
+        calls["old"].append((shares, has_reference))
+        return old_lp
+
+    def accumulate_gradients(model, batch, rewards, stage, cfg, start_id, ref_model, rows, old, counts):
+        i = len(calls["accumulate"])
+        calls["accumulate"].append((ref_model, rows, old is old_lp))
+        counts["clipped"] += clipped[i]
+        return losses[i], kept[i]
+
+    def optimizer_step(model, optimizer, cfg, loss):
+        calls["step"].append(loss)
+        return grad_norms[len(calls["step"]) - 1]
+    monkeypatch.setattr(prerl, "sampling_policy_logprobs", sampling_policy_logprobs)
+    monkeypatch.setattr(prerl, "accumulate_gradients", accumulate_gradients)
+    monkeypatch.setattr(prerl, "optimizer_step", optimizer_step)
+    return calls
+
+
+def test_updates_cover_whole_groups_and_report_the_first_update_or_the_non_finite_one(monkeypatch):
+    """The bookkeeping of K epochs x M mini-batches, its parts stood in: each mini-batch is whole groups and
+    together they are every row once; pi_old is scored once, only when there is more than one update, and
+    with the KL rows when a reference model is on; each update's own loss decides its skip; the returned
+    loss and grad norm are the first update's, or the first non-finite one's; the clip fraction is every
+    update's clipped tokens over every update's scored tokens."""
+    rewards, reference = torch.zeros(3, 2), object()           # 3 groups of 2: rows 0-5
+    cfg = prerl.Config(ppo_epochs=2, mini_batches=2, group_size=2, prompts_per_step=3)
+    calls = stand_in_updates(monkeypatch, [1.0, 2.0, 3.0, 4.0], [0.1, 0.2, 0.3, 0.4], [5, 3, 5, 3], [0, 1, 2, 1])
+    got = prerl.policy_updates(None, None, None, rewards, "grpo", cfg, 1, reference)
+    shares = [[0, 1, 2, 3], [4, 5]]                            # group g goes to mini-batch g * M // groups
+    assert calls["old"] == [(shares, True)]
+    assert calls["accumulate"] == [(reference, rows, True) for rows in shares * 2]
+    assert calls["step"] == [1.0, 2.0, 3.0, 4.0]
+    assert got == (1.0, 0.1, 5, 4 / 16)
+
+    calls = stand_in_updates(monkeypatch, [1.0, 2.0, math.nan, 4.0], [0.1, 0.2, 0.3, 0.4], [5, 3, 5, 3], [0] * 4)
+    loss, grad_norm, kept, _ = prerl.policy_updates(None, None, None, rewards, "grpo", cfg, 1)
+    assert calls["old"] == [(shares, False)] and math.isnan(loss) and (grad_norm, kept) == (0.3, 5)
+    stand_in_updates(monkeypatch, [1.0, 2.0, 3.0, 4.0], [0.1, math.inf, 0.3, 0.4], [5, 3, 5, 3], [0] * 4)
+    assert prerl.policy_updates(None, None, None, rewards, "grpo", cfg, 1)[:3] == (2.0, math.inf, 5)
+
+    for epochs, mini_batches, old_passes in [(1, 1, 0), (2, 1, 1), (1, 2, 1)]:
+        calls = stand_in_updates(monkeypatch, [1.0] * 2, [0.1] * 2, [0, 1], [0, 1])
+        cfg = prerl.Config(ppo_epochs=epochs, mini_batches=mini_batches, group_size=2, prompts_per_step=3)
+        got = prerl.policy_updates(None, None, None, rewards, "grpo", cfg, 1)
+        assert len(calls["old"]) == old_passes                 # K = M = 1: rho = 1, no pi_old pass
+        assert all(old is (old_passes == 1) for _, _, old in calls["accumulate"])
+        assert got[3] == (0.0 if old_passes == 0 else 1.0)     # one scored token, clipped: all of them
+
+
 # ---------------------------------------------------------------------------
 # Dynamic sampling: bounded, and exactly --prompts-per-step mixed groups when it finds them
 
@@ -461,6 +569,30 @@ def test_dynamic_sampling_keeps_mixed_groups_and_stops_at_the_bound(monkeypatch,
     assert batch["response_ids"].shape == (8, 6) and (batch["response_ids"][4:, 5:] == 3).all()   # draw 2 padded
     assert torch.equal(batch["response_mask"][4:, :5], toy_batch(seed=3)["response_mask"][:4, :5])
     assert capsys.readouterr().out == ""                        # enough mixed groups: nothing to say
+
+
+def test_dynamic_sampling_draws_the_steps_further_batches_and_stops_once_it_has_enough(monkeypatch, capsys):
+    """A further draw d of step s is batch_for_step(pool, s, cfg, draw=d), not the step's first batch nor
+    another step's; a first draw with exactly --prompts-per-step mixed groups draws nothing more; too few
+    after the bound: it says so and trains on the ones it has."""
+    cfg = prerl.Config(prompts_per_step=2, group_size=4, dynamic_sampling=True, dynamic_sampling_draws=3)
+    pool = [{"problem": f"p{i}", "answer": "1"} for i in range(20)]
+    mixed, right = [1., 0., 0., 0.], [1.] * 4
+    rollout, draws = fake_rollout([[right, right], [right, mixed], [right, right]], [6, 6, 6])
+    monkeypatch.setattr(prerl, "rollout", rollout)
+    first, first_rewards = rollout(None, None, prerl.batch_for_step(pool, 5, cfg), cfg, None)
+    batch, rewards, n = prerl.draw_mixed_groups(None, Tokenizer(), pool, first, first_rewards, step=5, cfg=cfg)
+    expected = [[p["problem"] for p in prerl.batch_for_step(pool, 5, cfg, draw=d)] for d in range(3)]
+    assert draws == expected and len({tuple(d) for d in draws}) == 3
+    assert n == 3 and rewards.tolist() == [mixed] and batch["texts"] == [f"draw 1 row {i}" for i in range(4, 8)]
+    assert capsys.readouterr().out.strip() == ("dynamic sampling, step 5: 1 of 2 groups with mixed rewards after 3 draws "
+                                               "(--dynamic-sampling-draws); training on those")
+
+    rollout, draws = fake_rollout([[mixed, mixed]], [6])
+    monkeypatch.setattr(prerl, "rollout", rollout)
+    first, first_rewards = rollout(None, None, pool[:2], cfg, None)
+    batch, rewards, n = prerl.draw_mixed_groups(None, Tokenizer(), pool, first, first_rewards, step=5, cfg=cfg)
+    assert n == 1 and len(draws) == 1 and batch["texts"] == first["texts"]
 
 
 def test_dynamic_sampling_with_a_model_that_always_answers_right_is_bounded(tiny_model_folder, tmp_path, monkeypatch, capsys):
@@ -552,6 +684,11 @@ def test_batch_std_under_torchrun_pools_every_ranks_count_sum_and_squares(monkey
     torch.testing.assert_close(prerl.batch_std(mine), mine.std().reshape(1, 1))
     same = torch.ones(1, 4)                                              # all equal: 0, never the root of a negative
     assert prerl.batch_std(same).item() == 0.0
+    shaped = torch.tensor([[0.25]], dtype=torch.float64)                # shaped rewards, two in all, float64
+    monkeypatch.setattr(machinery, "all_reduce", lambda sums: sums + torch.tensor([1.0, -0.5, 0.25], dtype=sums.dtype))
+    got = prerl.batch_std(shaped)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor([[0.25, -0.5]], dtype=torch.float64).std().reshape(1, 1))
     monkeypatch.setattr(prerl, "DIST", None)                             # one process: torch's std
     torch.testing.assert_close(prerl.batch_std(mine), mine.std().reshape(1, 1))
 
@@ -586,3 +723,34 @@ def test_a_one_token_overlong_buffer_still_penalises_the_last_token():
     rewards = torch.tensor([[1.0, 1.0]])
     shaped = prerl.shaped_rewards(rewards, batch, cfg)
     assert shaped.dtype == rewards.dtype and shaped.tolist() == [[0.0, 1.0]]
+
+
+def test_a_count_as_a_denominator_is_at_least_one_and_under_torchrun_every_ranks_over_the_world_size(monkeypatch):
+    """global_count: one process, the count itself (0 becomes 1, 1 stays 1); under torchrun the sum over ranks
+    divided by the world size, FSDP averaging the ranks' gradients (collective stood in: another rank has 10)."""
+    import machinery
+    assert prerl.global_count(torch.tensor(0.0)).item() == 1.0 and prerl.global_count(torch.tensor(1.0)).item() == 1.0
+    assert prerl.global_count(torch.tensor(7.0)).item() == 7.0
+    monkeypatch.setattr(prerl, "DIST", machinery.Distributed(0, 2, "gloo", None, None))
+    monkeypatch.setattr(machinery, "all_reduce", lambda count: count + 10)
+    assert prerl.global_count(torch.tensor(6.0)).item() == 8.0
+
+
+def test_the_sequence_ratio_of_a_one_token_response_is_that_tokens_ratio():
+    """GSPO's per-response ratio is the mean log ratio over the response's own tokens: one token, its own."""
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, 0.0, 0.0]])
+    old = torch.tensor([[-1.5, -1.0, -3.5], [-1.25, -9.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    got, low, high = prerl.log_ratio("sequence", logprobs, old, mask, prerl.Config(seq_clip_eps_low=3e-4, seq_clip_eps_high=4e-4))
+    assert got.tolist() == [[(0.5 - 1.0 + 0.5) / 3], [0.75]] and (low, high) == (3e-4, 4e-4)
+
+
+def test_a_per_response_scale_leaves_the_loss_in_the_log_probs_dtype():
+    """seq-mean-token-mean's 1/|y_i| comes in float64; an fp32 model's loss stays fp32 (its value by hand:
+    rho = 1, so each token gives -A_i, weighted 1/3, over D = 6)."""
+    token_lp = torch.randn(2, 3, requires_grad=True)
+    scale = torch.tensor([1 / 3, 1 / 3], dtype=torch.float64)
+    loss = prerl.policy_loss(token_lp, torch.ones(2, 3), torch.tensor([1.0, 0.5]), torch.tensor(6.0), prerl.Config(), 1.0,
+                             row_scale=scale)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, torch.tensor(-(3 * 1.0 / 3 + 3 * 0.5 / 3) / 6))
