@@ -356,8 +356,9 @@ def sample(model, tokenizer, problems, cfg, group_size, keys, temperature=None):
     eos_ids = eos_token_ids(model, tokenizer)
     uniforms = sampling_uniforms(keys, group_size, cfg.max_new_tokens).to(device)
     model.eval()
-    response_ids = generate(model, encoded["input_ids"], encoded["attention_mask"], group_size, cfg.max_new_tokens,
-                            temperature, cfg.top_p, eos_ids, tokenizer.pad_token_id, uniforms)
+    with contextlib.nullcontext() if PLAIN else machinery.packed_bf16_linears(model):  # machinery: bf16 weights packed once
+        response_ids = generate(model, encoded["input_ids"], encoded["attention_mask"], group_size, cfg.max_new_tokens,
+                                temperature, cfg.top_p, eos_ids, tokenizer.pad_token_id, uniforms)
     response_mask = response_mask_from_positions(response_ids, eos_ids)
     texts = tokenizer.batch_decode(torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
@@ -400,6 +401,9 @@ def token_logprobs(model, input_ids, attention_mask, targets, first_target_pos):
 
 def conditional_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask):
     """log P(y_t | x, y_<t): what standard RL trains."""
+    if not PLAIN:  # machinery: each distinct prompt's forward once, its KV cache shared by its responses
+        return machinery.shared_prompt_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, DIST,
+                                                autocast(prompt_ids.device), token_logprobs)
     input_ids = torch.cat([prompt_ids, response_ids], 1)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     return token_logprobs(model, input_ids, attention_mask, response_ids, prompt_ids.shape[1])

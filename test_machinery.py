@@ -38,6 +38,37 @@ def test_kv_cache_plain_and_machinery_decode_the_same_tokens(monkeypatch):
     assert torch.equal(outputs[True], outputs[False])
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 matmul")
+def test_bf16_weights_packed_for_a_rollout_sample_the_same_tokens_and_are_unpacked_after(monkeypatch):
+    """prerl.sample on bf16 weights, at a temperature: with each Linear's weight packed once
+    (machinery.packed_bf16_linears) and plainly (--plain), the same responses token for token; inside the
+    block the packed product is what runs (and equals F.linear bit for bit); after it, the modules are
+    plain again; fp32 models, and a CPU whose packed product differs from F.linear, are never packed."""
+    import functools
+    model, tokenizer = tiny_model(torch.bfloat16, seed=2), tiny_tokenizer()
+    model.lm_head.bias = torch.nn.Parameter(torch.randn(model.lm_head.out_features, dtype=torch.bfloat16))
+    problems = [{"problem": "what is 1+2?", "answer": "3"}, {"problem": "what is 12+30?", "answer": "42"}]
+    cfg = prerl.Config(max_new_tokens=12, temperature=1.0)
+    outputs = {}
+    for plain in (True, False):
+        monkeypatch.setattr(prerl, "PLAIN", plain)
+        outputs[plain] = prerl.sample(model, tokenizer, problems, cfg, 3, ["a", "b"])
+    assert torch.equal(outputs[True]["response_ids"], outputs[False]["response_ids"])
+    assert len(set(outputs[True]["texts"])) > 1                     # a real draw, not one repeated row
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    with machinery.packed_bf16_linears(model):
+        assert all(isinstance(m.forward, functools.partial) for m in linears)
+        assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, model.lm_head.weight, model.lm_head.bias))
+    assert all("forward" not in vars(m) for m in linears)
+    fp32 = tiny_model(torch.float32)
+    with machinery.packed_bf16_linears(fp32):
+        assert all("forward" not in vars(m) for m in fp32.modules())
+    monkeypatch.setattr(machinery, "packed_linear", lambda weight, bias, x: torch.zeros(1))   # a CPU where it differs
+    with machinery.packed_bf16_linears(model):
+        assert all("forward" not in vars(m) for m in linears)
+
+
 @pytest.mark.parametrize("head", ["untied", "tied", "bias"])
 def test_lm_head_logprobs_plain_and_machinery_agree_in_value_and_gradient(head, monkeypatch):
     """token_logprobs through the plain log_softmax and through machinery.lm_head_logprobs (chunks of
@@ -66,6 +97,50 @@ def test_lm_head_logprobs_plain_and_machinery_agree_in_value_and_gradient(head, 
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["repeated prompts", "few rows", "few repeats", "activation checkpointing"])
+def test_shared_prompt_scoring_and_the_plain_forward_agree_in_value_and_gradient(case, monkeypatch):
+    """conditional_logprobs with each distinct prompt run once and its KV cache picked per response
+    (machinery.shared_prompt_logprobs) against the plain forward of prompt + response for every row: the
+    same log-probs, with and without gradients, and the same gradient for every parameter. The groups'
+    rows are interleaved and their prompts left-padded to two lengths. Below SHARE_MIN_ROWS rows, with
+    fewer than two rows per prompt, or under activation checkpointing, it takes the plain forward itself."""
+    model = tiny_model()
+    batch = toy_batch(n_groups=3, group=3, seed=4)
+    order = torch.tensor([4, 0, 8, 1, 5, 2, 6, 3, 7])             # rows of one prompt apart, not side by side
+    batch = {name: value[order] for name, value in batch.items()}
+    if case == "few rows":                                        # 3 rows, 3 prompts
+        batch = {name: value[[0, 1, 2]] for name, value in batch.items()}
+    if case == "few repeats":                                     # 8 rows, 5 prompts
+        batch = {name: value[[0, 1, 2, 3, 4, 5, 6, 8]] for name, value in toy_batch(n_groups=5, group=2, seed=4).items()}
+    if case == "activation checkpointing":
+        prerl.enable_gradient_checkpointing(model)
+    model.train()
+    weights = torch.randn(batch["response_ids"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    shapes, results = [], {}
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                          with_kwargs=True)
+    for plain in (True, False):
+        monkeypatch.setattr(prerl, "PLAIN", plain)
+        shapes.clear()
+        model.zero_grad()
+        lp = prerl.conditional_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                                        batch["response_mask"])
+        (lp * weights * batch["response_mask"]).sum().backward()
+        results[plain] = (lp.detach() * batch["response_mask"], flat_grad(model), list(shapes))
+        with torch.no_grad():
+            again = prerl.conditional_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                                               batch["response_mask"])
+        torch.testing.assert_close(again * batch["response_mask"], results[plain][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-9, atol=1e-12)
+    rows, width = batch["prompt_ids"].shape[0], batch["prompt_ids"].shape[1] + batch["response_ids"].shape[1]
+    assert results[True][2] == [(rows, width)]
+    if case == "repeated prompts":                               # one pass of the 3 prompts, one of the 9 responses
+        assert results[False][2] == [(3, batch["prompt_ids"].shape[1]), (rows, batch["response_ids"].shape[1])]
+    else:
+        assert results[False][2] == [(rows, width)]
+
+
 def test_plain_run_never_reaches_the_machinery(tiny_model_folder, tmp_path, monkeypatch):
     """Every machinery entry point is counted: a default run reaches each one, a --plain run none."""
     calls = {}
@@ -75,11 +150,12 @@ def test_plain_run_never_reaches_the_machinery(tiny_model_folder, tmp_path, monk
             calls[name] = calls.get(name, 0) + 1
             return function(*args, **kwargs)
         return wrapper
-    entry_points = ("preallocate", "lm_head_logprobs", "reuse_freed_memory")
+    entry_points = ("packed_bf16_linears", "preallocate", "shared_prompt_logprobs", "lm_head_logprobs", "reuse_freed_memory")
     for name in entry_points:
         monkeypatch.setattr(machinery, name, counted(name, getattr(machinery, name)))
     monkeypatch.setattr(prerl, "PLAIN", False)
-    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "fast", "--steps", "2")))
+    prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "fast", "--steps", "2", "--switch-step", "1",
+                                            "--kl-coef", "0.01")))   # step 1 scores conditional rows
     assert all(calls.get(name, 0) > 0 for name in entry_points), calls
     calls.clear()
     result = prerl.train(prerl.parse_config(run_args(tiny_model_folder, tmp_path / "plain", "--steps", "2", "--plain")))
