@@ -331,6 +331,8 @@ EQUIVALENT = {
     "prerl.x_sample__mutmut_104": "the EOS ids on device None: the CPU, as above",
     "prerl.x_sample__mutmut_106": "the EOS ids without device: as mutmut_104",
     "prerl.x_sample__mutmut_27": "bf16 weights packed on the plain path too: the plain path trains fp32, which is never packed (test_machinery.py's plain-run test, outside a --files prerl.py run, counts the call)",
+    "prerl.x_conditional_logprobs__mutmut_1": "shared prompts on the plain path and the plain forward on the machinery's: the same log-probs and gradients either way (test_machinery.py's agreement and plain-run tests, outside a --files prerl.py run, tell them apart)",
+    "prerl.x_conditional_logprobs__mutmut_7": "torchrun only: dist None is what one process passes",
     "prerl.x_sample__mutmut_28": "weights never packed: the packed product is bit-equal to F.linear, so the same tokens (the point of it; test_machinery.py checks both)",
     # prerl.py: a reference model exists only with --kl-coef > 0 (train loads it then, and only then)
     "prerl.x_accumulate_gradients__mutmut_2": "`or` for `and` in use_kl: the reference model is loaded exactly when kl_coef > 0, so both are true or both false",
