@@ -275,8 +275,9 @@ def reuse_freed_memory(device):
 # bf16 too (4 bytes/param of state), rounded the same way so their running averages stay unbiased
 # (beta2 = 0.999 moves v by 0.1% a step, below half a bf16 step, so nearest rounding would freeze it).
 # Weights 2 + gradients 2 + moments 4 = 8 bytes per parameter, against 16 for fp32 AdamW.
-# The rounding's random bits are counter-based: a hash (splitmix64's finaliser) of the run's seed, the
-# parameter's step, its index in the optimizer and each element's index. Nothing is drawn from a
+# The rounding's random bits are counter-based: a hash of the run's seed, the parameter's step and its
+# index in the optimizer (splitmix64's finaliser, once per tensor), then per element a 32-bit hash
+# (lowbias32) of that key and the element's index. Nothing is drawn from a
 # generator, so there is no generator state to save and a resumed run rounds exactly as an
 # uninterrupted one by construction; and the bits are a pure function of the element, so they are
 # computed beside the arithmetic, on every core. On the CPU the update is one pass over each tensor
@@ -290,26 +291,32 @@ def reuse_freed_memory(device):
 # The plain path of prerl.py trains in fp32 only (plain torch AdamW on bf16 weights is the silent
 # failure above); the tests hold this optimizer against fp32 torch AdamW.
 
-WEYL = -7046029254386353131                        # 0x9E3779B97F4A7C15 as int64: splitmix64's increment
-MIX = (-4658895280553007687, -7723592293110705685)  # 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+MIX = (-4658895280553007687, -7723592293110705685)  # splitmix64's multipliers 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
-def mix64(z):
-    """splitmix64's finaliser (Steele, Lea & Flood 2014), a bijection of 64-bit integers whose outputs on
-    consecutive inputs pass BigCrush, on int64 tensors: torch's >> is arithmetic, so each logical shift
-    is masked; products wrap modulo 2^64 as unsigned ones do."""
-    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * MIX[0]
-    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * MIX[1]
-    return z ^ ((z >> 31) & ((1 << 33) - 1))
+M32 = (1 << 32) - 1
+WEYL32 = 0x9E3779B9                                  # 2^32 / golden ratio: consecutive elements far apart
+LOWBIAS32 = (0x7FEB352D, 0x846CA68B)                 # lowbias32's multipliers (C. Wellons, hash-prospector)
+
+
+def hash32(x):
+    """lowbias32, a bijection of 32-bit integers with low bias (every input bit flips each output bit with
+    probability ~1/2), on int64 tensors holding values in [0, 2^32): products are masked back to 32 bits.
+    Half the cost of a 64-bit hash in the kernel: its multiplies are 32-bit lanes."""
+    x = x ^ (x >> 16)
+    x = (x * LOWBIAS32[0]) & M32
+    x = x ^ (x >> 15)
+    x = (x * LOWBIAS32[1]) & M32
+    return x ^ (x >> 16)
 
 
 def rounding_key(seed, step, index):
     """The key (an int64 value, as a Python int) of one parameter tensor's update: seed, optimizer step and
-    the tensor's index hashed in turn, in Python integers (no tensor ops per parameter); each mix64 is a
-    bijection, so another step or tensor gives another key."""
+    the tensor's index hashed in turn with splitmix64's finaliser (Steele, Lea & Flood 2014), in Python
+    integers (no tensor ops per parameter); it is a bijection, so another step or tensor gives another key."""
     wrap = (1 << 64) - 1
 
-    def mix(z):                                   # mix64 on unsigned Python integers
+    def mix(z):                                   # on unsigned 64-bit values
         z = ((z ^ (z >> 30)) * (MIX[0] & wrap)) & wrap
         z = ((z ^ (z >> 27)) * (MIX[1] & wrap)) & wrap
         return z ^ (z >> 31)
@@ -318,9 +325,13 @@ def rounding_key(seed, step, index):
 
 
 def element_bits(key, offset, count, device="cpu"):
-    """64 random bits (int64) for elements offset .. offset+count-1 of the tensor keyed `key`: splitmix64's
-    output at those positions of the stream that starts at key. Any chunking gives the same bits."""
-    return mix64((torch.arange(count, dtype=torch.int64, device=device) + offset) * WEYL + key)
+    """48 random bits (in int64) for elements offset .. offset+count-1 of the tensor keyed `key`: bits 0-31
+    are hash32 of the element's place in a Weyl sequence started at the key's low half, bits 32-47 hash32
+    of those 32 bits xor the key's high half. Any chunking gives the same bits."""
+    index = torch.arange(count, dtype=torch.int64, device=device) + offset
+    low = hash32((index * WEYL32 + (key & M32)) & M32)
+    high = hash32(low ^ ((key >> 32) & M32))
+    return low | ((high & 0xFFFF) << 32)
 
 
 def stochastic_round_to_bf16(x, bits):
@@ -354,11 +365,9 @@ ADAMW_BF16_CPP = r"""
 #include <cmath>
 #include <cstring>
 // adamw_update in one pass for CPU bf16 tensors: the same fp32 operations in the same order (built with
-// -ffp-contract=off, so no fused multiply-adds), the same splitmix64 bits. gcc vectorises the loop.
-static inline uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
+// -ffp-contract=off, so no fused multiply-adds), the same hash32 bits. gcc vectorises the loop.
+static inline uint32_t hash32(uint32_t x) {                                 // lowbias32, as hash32
+    x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; return x ^ (x >> 16);
 }
 static inline float widen(uint16_t bf16) { uint32_t i = (uint32_t)bf16 << 16; float f; std::memcpy(&f, &i, 4); return f; }
 static inline uint16_t round_up_if_carry(float x, uint32_t bits16) {        // stochastic_round_to_bf16
@@ -370,7 +379,7 @@ void adamw_bf16(torch::Tensor weight, torch::Tensor grad, torch::Tensor exp_avg,
     uint16_t* m = (uint16_t*)exp_avg.data_ptr(); uint16_t* v = (uint16_t*)exp_avg_sq.data_ptr();
     const float d = decay, s = step_size, r = root_correction2, b1 = beta1, b2 = beta2, e = eps;
     const float c1 = 1 - beta1, c2 = 1 - beta2;
-    const uint64_t k = (uint64_t)key;
+    const uint32_t k_low = (uint32_t)((uint64_t)key & 0xFFFFFFFFull), k_high = (uint32_t)((uint64_t)key >> 32);
     at::parallel_for(0, weight.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
         #pragma omp simd
         for (int64_t i = begin; i < end; i++) {
@@ -378,10 +387,10 @@ void adamw_bf16(torch::Tensor weight, torch::Tensor grad, torch::Tensor exp_avg,
             float mi = widen(m[i]) * b1 + gi * c1;
             float vi = widen(v[i]) * b2 + (gi * gi) * c2;
             float wi = widen(w[i]) * d - s * (mi / ((std::sqrt(vi) / r) + e));
-            uint64_t bits = mix64(k + (uint64_t)i * 0x9E3779B97F4A7C15ull);
-            w[i] = round_up_if_carry(wi, bits & 0xFFFF);
-            m[i] = round_up_if_carry(mi, (bits >> 16) & 0xFFFF);
-            v[i] = round_up_if_carry(vi, (bits >> 32) & 0xFFFF);
+            uint32_t low = hash32(k_low + (uint32_t)i * 0x9E3779B9u), high = hash32(low ^ k_high);   // element_bits
+            w[i] = round_up_if_carry(wi, low & 0xFFFF);
+            m[i] = round_up_if_carry(mi, low >> 16);
+            v[i] = round_up_if_carry(vi, high & 0xFFFF);
         }
     });
 }

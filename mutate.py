@@ -70,7 +70,7 @@ SCORED = {
     "machinery.py": [
         # precision: the rounding bits and the rounding, the AdamW update's reference, the optimizer's bookkeeping,
         # the precision decision from the step probe's figures (not the timing itself) and on --resume
-        "mix64", "rounding_key", "element_bits", "stochastic_round_to_bf16", "adamw_update",
+        "hash32", "rounding_key", "element_bits", "stochastic_round_to_bf16", "adamw_update",
         "StochasticRoundingAdamW.__init__", "StochasticRoundingAdamW.step", "StochasticRoundingAdamW.load_state_dict",
         "probe_step_seconds", "decide_precision", "run_precision",
         # LoRA (adapters, the merge with alpha / rank, the merged export) and the model export helpers
@@ -364,10 +364,10 @@ EQUIVALENT = {
     "prerl.x_overlong_penalties__mutmut_4": "no lower clamp for -1: a response is at most --max-new-tokens long, so (L_max - L - buffer) / buffer >= -1 already",
     "prerl.x_overlong_penalties__mutmut_17": "clamp at -2 for -1: as mutmut_4, the value never goes below -1",
     # machinery.py: the tests run on a CPU, where device None (or no device) is the CPU, and torch's defaults are these dtypes
-    "machinery.x_element_bits__mutmut_8": "arange(dtype=None): an integer arange is int64 anyway",
-    "machinery.x_element_bits__mutmut_9": "arange on device None: the CPU, where the tests run",
-    "machinery.x_element_bits__mutmut_11": "arange without dtype: int64 anyway",
-    "machinery.x_element_bits__mutmut_12": "arange without device: the CPU, where the tests run",
+    "machinery.x_element_bits__mutmut_6": "arange(dtype=None): an integer arange is int64 anyway",
+    "machinery.x_element_bits__mutmut_7": "arange on device None: the CPU, where the tests run",
+    "machinery.x_element_bits__mutmut_9": "arange without dtype: int64 anyway",
+    "machinery.x_element_bits__mutmut_10": "arange without device: the CPU, where the tests run",
     "machinery.x_stochastic_round_to_bf16__mutmut_5": "randint(dtype=None): int64 draws of the same values (a test compares), cast to int32 before use",
     "machinery.x_stochastic_round_to_bf16__mutmut_6": "randint on device None: the CPU, where the tests run",
     "machinery.x_stochastic_round_to_bf16__mutmut_11": "randint without dtype: as mutmut_5",

@@ -18,21 +18,33 @@ from test_run_safety import CRASH_ARGS, children_of, kill_all, launch, lines_of,
 # Counter-based rounding bits
 
 
-def test_mix64_is_splitmix64_on_known_values():
-    """The int64 tensor form against an independent Python-integer splitmix64 (logical shifts, mod 2^64)."""
-    def reference(z):
-        z &= (1 << 64) - 1
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+def test_the_key_is_splitmix64_and_the_element_hash_is_lowbias32_on_known_values():
+    """rounding_key against an independent Python splitmix64 (its first output from seed 0 as published), and
+    hash32 against an independent Python lowbias32 over the whole 32-bit range's edges."""
+    wrap = (1 << 64) - 1
+
+    def splitmix(z):
+        z &= wrap
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & wrap
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & wrap
         return z ^ (z >> 31)
-    inputs = [0, 1, 2, 12345, 0x9E3779B97F4A7C15, (1 << 63) + 7, (1 << 64) - 1]
-    signed = torch.tensor([x - (1 << 64) if x >= 1 << 63 else x for x in inputs], dtype=torch.int64)
-    got = [int(v) & ((1 << 64) - 1) for v in machinery.mix64(signed)]
-    assert got == [reference(x) for x in inputs]
-    assert reference(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF   # splitmix64(seed 0)'s first output
-    for seed, step, index in ((0, 1, 0), (7, 123456, 271), (2 ** 40, 3, 9)):     # the key, in Python integers
-        z = machinery.mix64(machinery.mix64(machinery.mix64(torch.tensor(seed)) + step) + index)
-        assert machinery.rounding_key(seed, step, index) == int(z)
+    assert splitmix(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF   # splitmix64(seed 0)'s first output
+    for seed, step, index in ((0, 1, 0), (7, 123456, 271), (2 ** 40, 3, 9)):
+        z = splitmix(splitmix(splitmix(seed) + step) + index)
+        assert machinery.rounding_key(seed, step, index) == (z - (1 << 64) if z >= 1 << 63 else z)
+
+    def lowbias32(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    inputs = [0, 1, 2, 12345, 0x9E3779B9, (1 << 31) + 7, (1 << 32) - 1]
+    assert machinery.hash32(torch.tensor(inputs)).tolist() == [lowbias32(x) for x in inputs]
+    key = machinery.rounding_key(3, 2, 1)
+    low = [lowbias32((i * 0x9E3779B9 + (key & 0xFFFFFFFF)) & 0xFFFFFFFF) for i in range(5, 9)]
+    high = [lowbias32(x ^ ((key >> 32) & 0xFFFFFFFF)) & 0xFFFF for x in low]
+    assert machinery.element_bits(key, 5, 4).tolist() == [a | (b << 32) for a, b in zip(low, high)]
 
 
 def test_rounding_bits_are_uniform_and_independent_across_bits_and_neighbours():
@@ -46,14 +58,15 @@ def test_rounding_bits_are_uniform_and_independent_across_bits_and_neighbours():
         counts = torch.bincount((field >> 12), minlength=16).double()
         chi2 = ((counts - n / 16) ** 2 / (n / 16)).sum().item()
         assert chi2 < 45, (shift, chi2)                         # 15 degrees of freedom: p < 1e-4
-    w, m = (bits & 0xFFFF).double(), ((bits >> 16) & 0xFFFF).double()
-    assert abs(torch.corrcoef(torch.stack([w, m]))[0, 1].item()) < 5 / math.sqrt(n)          # across fields
+    w, m, v = (bits & 0xFFFF).double(), ((bits >> 16) & 0xFFFF).double(), ((bits >> 32) & 0xFFFF).double()
+    for a, b in ((w, m), (w, v), (m, v)):                                                    # across fields
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 5 / math.sqrt(n)
     assert abs(torch.corrcoef(torch.stack([w[1:], w[:-1]]))[0, 1].item()) < 5 / math.sqrt(n)  # neighbours
 
 
 def test_rounding_key_wraps_to_int64_at_both_ends():
     """rounding_key gives the unsigned hash as an int64 value: 2^63 - 1 stays, 2^63 wraps to -2^63. Each
-    mix64 is a bijection, so the tensor index that makes the hash hit a chosen value is found by inverting it."""
+    splitmix64 is a bijection, so the tensor index that makes the hash hit a chosen value is found by inverting it."""
     wrap = (1 << 64) - 1
 
     def mix(z):
