@@ -117,20 +117,18 @@ def packed_bf16_linears(model):
         yield
         return
     with torch.no_grad():
+        packed = [torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None) for module in linears]
         first = linears[0]                       # a CPU whose packed product is not F.linear's keeps F.linear
         x = torch.randn(5, first.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(first.weight.detach(), None)
-        if not torch.equal(packed_linear(packed, first.bias, x), torch.nn.functional.linear(x, first.weight, first.bias)):
+        if not torch.equal(packed_linear(packed[0], first.bias, x), torch.nn.functional.linear(x, first.weight, first.bias)):
             linears = []
-        for module in linears:
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
-            module.forward = functools.partial(packed_linear, packed, module.bias)   # shadows the class's forward
-    try:
-        with torch.no_grad():
+        for module, weight in zip(linears, packed):
+            module.forward = functools.partial(packed_linear, weight, module.bias)   # shadows the class's forward
+        try:
             yield
-    finally:
-        for module in linears:
-            del module.forward
+        finally:
+            for module in linears:
+                del module.forward
 
 
 # -----------------------------------------------------------------------------
@@ -149,26 +147,29 @@ def packed_bf16_linears(model):
 SHARE_MIN_ROWS = 8
 
 
-def shared_prompt_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, dist, autocast, token_logprobs):
+def shared_prompt_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, dist, autocast, cache_name,
+                           token_logprobs):
     """log P(response_t | prompt, response_<t) [B, T] in fp32, as token_logprobs(model, prompt + response, ...)
-    computes it (and calls it where sharing does not apply): each distinct left-padded prompt run once."""
+    computes it (and calls it where sharing does not apply): each distinct left-padded prompt run once.
+    cache_name: the forward's keyword for the KV cache (prerl.cache_keyword)."""
     length = prompt_ids.shape[1]
-    prompts, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
-    base = model.base_model
-    keyword = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
-    if dist is not None or checkpointing or len(prompt_ids) < SHARE_MIN_ROWS or 2 * len(prompts) > len(prompt_ids):
+    prompts = inverse = None
+    if dist is None and len(prompt_ids) >= SHARE_MIN_ROWS and not any(
+            getattr(module, "gradient_checkpointing", False) for module in model.modules()):
+        prompts, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+    if prompts is None or 2 * len(prompts) > len(prompt_ids):
         return token_logprobs(model, torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
                              response_ids, length)
+    base = model.base_model
     ids, mask = prompts[:, :length], prompts[:, length:]
     both_mask = torch.cat([prompt_mask, response_mask], 1)
     positions = (both_mask.cumsum(-1) - 1).clamp(min=0)          # as prerl.last_hidden_states numbers them
     with autocast:
         prompt_out = base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-        cache = getattr(prompt_out, keyword)
+        cache = getattr(prompt_out, cache_name)
         cache.batch_select_indices(inverse)                      # each response's row of its prompt's cache
         hidden = base(input_ids=response_ids, attention_mask=both_mask, position_ids=positions[:, length:],
-                      use_cache=True, **{keyword: cache}).last_hidden_state
+                      use_cache=True, **{cache_name: cache}).last_hidden_state
     # the prompt's last position predicts the response's first token; response position t, token t + 1
     hidden = torch.cat([prompt_out.last_hidden_state[inverse, -1:], hidden[:, :-1]], 1)
     return lm_head_logprobs(hidden, model.get_output_embeddings(), response_ids, autocast)

@@ -403,7 +403,7 @@ def conditional_logprobs(model, prompt_ids, prompt_mask, response_ids, response_
     """log P(y_t | x, y_<t): what standard RL trains."""
     if not PLAIN:  # machinery: each distinct prompt's forward once, its KV cache shared by its responses
         return machinery.shared_prompt_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, DIST,
-                                                autocast(prompt_ids.device), token_logprobs)
+                                                autocast(prompt_ids.device), cache_keyword(model), token_logprobs)
     input_ids = torch.cat([prompt_ids, response_ids], 1)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     return token_logprobs(model, input_ids, attention_mask, response_ids, prompt_ids.shape[1])
